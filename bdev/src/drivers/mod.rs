@@ -1,0 +1,9 @@
+//! Block device drivers, each behind the [`crate::Bdev`] trait.
+
+pub mod malloc;
+pub mod null;
+pub mod uring;
+
+pub use malloc::MallocBdev;
+pub use null::NullBdev;
+pub use uring::{UringBdev, UringOptions};

@@ -1,0 +1,583 @@
+//! The per-reactor I/O executor.
+//!
+//! One `IoEngine` belongs to one reactor thread. It owns that reactor's
+//! io_uring, a preallocated table of request slots and of operation slots,
+//! the merge stage and a pool of aligned bounce buffers.
+//!
+//! A cycle: producers call [`IoEngine::submit`] for each request; the reactor
+//! calls [`IoEngine::flush`], which plans the batch (merge stage), starts the
+//! operations and enters the kernel once; then [`IoEngine::reap`], which reads
+//! completions off the completion ring (no syscall), splits each operation's
+//! result back to its requests and re-runs a failed fused operation piece by
+//! piece so that only the requests touching the bad range fail.
+//!
+//! Ordering: operations that the planner marks `drain` wait in `pending`
+//! until everything started before them has completed (including the
+//! piecewise retries of a failed fused operation), so merging and retries
+//! never reorder conflicting requests.
+
+use std::alloc::{self, Layout};
+use std::collections::VecDeque;
+use std::os::fd::RawFd;
+
+use io_uring::IoUring;
+
+use crate::merge::{MergeConfig, MergeInput, MergePlanner, MergeStats, MergedGroup};
+use crate::types::{validate, BdevChannel, BdevError, BdevInfo, BdevRef, IoKind, IoResult, Op, Submitter, IOV_MAX};
+
+const NONE: u32 = u32::MAX;
+
+/// Sizing of one engine.
+#[derive(Clone, Copy, Debug)]
+pub struct EngineConfig {
+    /// Requests that may be in flight at once on this reactor.
+    pub max_requests: usize,
+    /// Segments one request may carry.
+    pub max_request_segments: usize,
+    /// io_uring submission queue entries.
+    pub ring_entries: u32,
+    /// Aligned bounce buffers for O_DIRECT requests whose guest buffers are
+    /// not aligned; each is `max(merge.max_bytes, 128 KiB)` bytes.
+    pub bounce_buffers: usize,
+    pub merge: MergeConfig,
+}
+
+impl Default for EngineConfig {
+    fn default() -> Self {
+        EngineConfig {
+            max_requests: 1024,
+            max_request_segments: 256,
+            ring_entries: 512,
+            bounce_buffers: 8,
+            merge: MergeConfig::default(),
+        }
+    }
+}
+
+/// One request as a producer hands it in. `iov` is copied into the slot; the
+/// buffers it points to must stay valid until the request completes.
+#[derive(Debug)]
+pub struct IoRequest<'a> {
+    pub dev: u16,
+    pub kind: IoKind,
+    pub offset: u64,
+    /// Bytes; for reads and writes it must equal the iovecs' total.
+    pub len: u64,
+    pub iov: &'a [libc::iovec],
+    pub fua: bool,
+    /// Returned with the completion; the engine does not interpret it.
+    pub cookie: u64,
+}
+
+/// Counters since start.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct EngineStats {
+    pub requests_submitted: u64,
+    pub requests_completed: u64,
+    pub requests_failed: u64,
+    pub ops_started: u64,
+    pub bounced_ops: u64,
+    pub split_retries: u64,
+    pub ring_enters: u64,
+}
+
+struct ReqSlot {
+    cookie: u64,
+    dev: u16,
+    kind: IoKind,
+    offset: u64,
+    len: u64,
+    fua: bool,
+    iov: Vec<libc::iovec>,
+    /// Next request of the same operation.
+    next: u32,
+}
+
+struct OpSlot {
+    first_req: u32,
+    count: u32,
+    dev: u16,
+    kind: IoKind,
+    offset: u64,
+    len: u64,
+    fua: bool,
+    drain: bool,
+    iov: Vec<libc::iovec>,
+    bounce: u32,
+    /// The one iovec naming the bounce buffer while `bounce` is set; it lives
+    /// here because the kernel reads it after `start_op` returns.
+    bounce_iov: [libc::iovec; 1],
+}
+
+struct BounceBuf {
+    ptr: *mut u8,
+    len: usize,
+    layout: Layout,
+}
+
+impl Drop for BounceBuf {
+    fn drop(&mut self) {
+        // SAFETY: ptr was allocated with this layout in `BounceBuf::new`.
+        unsafe { alloc::dealloc(self.ptr, self.layout) }
+    }
+}
+
+impl BounceBuf {
+    fn new(len: usize) -> Self {
+        let layout = Layout::from_size_align(len, 4096).expect("bounce layout");
+        // SAFETY: layout has a non-zero size.
+        let ptr = unsafe { alloc::alloc_zeroed(layout) };
+        assert!(!ptr.is_null(), "bounce buffer allocation of {len} bytes failed");
+        BounceBuf { ptr, len, layout }
+    }
+}
+
+struct Device {
+    info: BdevInfo,
+    chan: Box<dyn BdevChannel>,
+    _bdev: BdevRef,
+}
+
+/// The per-reactor executor. See the module documentation.
+pub struct IoEngine {
+    ring: IoUring,
+    cfg: EngineConfig,
+    devs: Vec<Option<Device>>,
+    reqs: Vec<ReqSlot>,
+    free_reqs: Vec<u32>,
+    ops: Vec<OpSlot>,
+    free_ops: Vec<u32>,
+    batch: Vec<u32>,
+    batch_inputs: Vec<MergeInput>,
+    planner: MergePlanner,
+    /// Operations planned but not yet started, in order.
+    pending: VecDeque<u32>,
+    /// Operations started and not yet reaped.
+    inflight_ops: usize,
+    bounce: Vec<BounceBuf>,
+    free_bounce: Vec<u32>,
+    done: Vec<(u64, i32)>,
+    sq_dirty: bool,
+    stats: EngineStats,
+}
+
+/// Registered-file table size of each ring: the most devices one engine holds.
+pub const MAX_DEVICES: u32 = 256;
+
+impl IoEngine {
+    pub fn new(cfg: EngineConfig) -> std::io::Result<Self> {
+        let ring = IoUring::builder().build(cfg.ring_entries)?;
+        ring.submitter().register_files_sparse(MAX_DEVICES)?;
+        let seg = cfg.max_request_segments.clamp(1, IOV_MAX);
+        let op_seg = cfg.merge.max_segments.clamp(seg, IOV_MAX);
+        let n = cfg.max_requests.max(1);
+        let reqs = (0..n)
+            .map(|_| ReqSlot {
+                cookie: 0,
+                dev: 0,
+                kind: IoKind::Read,
+                offset: 0,
+                len: 0,
+                fua: false,
+                iov: Vec::with_capacity(seg),
+                next: NONE,
+            })
+            .collect();
+        let ops = (0..n)
+            .map(|_| OpSlot {
+                first_req: NONE,
+                count: 0,
+                dev: 0,
+                kind: IoKind::Read,
+                offset: 0,
+                len: 0,
+                fua: false,
+                drain: false,
+                iov: Vec::with_capacity(op_seg),
+                bounce: NONE,
+                bounce_iov: [libc::iovec { iov_base: std::ptr::null_mut(), iov_len: 0 }],
+            })
+            .collect();
+        let bounce_len = (cfg.merge.max_bytes as usize).max(128 << 10);
+        let bounce: Vec<BounceBuf> = (0..cfg.bounce_buffers).map(|_| BounceBuf::new(bounce_len)).collect();
+        Ok(IoEngine {
+            ring,
+            planner: MergePlanner::new(cfg.merge, n),
+            devs: Vec::new(),
+            free_reqs: (0..n as u32).rev().collect(),
+            free_ops: (0..n as u32).rev().collect(),
+            reqs,
+            ops,
+            batch: Vec::with_capacity(n),
+            batch_inputs: Vec::with_capacity(n),
+            pending: VecDeque::with_capacity(n),
+            inflight_ops: 0,
+            free_bounce: (0..bounce.len() as u32).rev().collect(),
+            bounce,
+            done: Vec::with_capacity(n),
+            sq_dirty: false,
+            stats: EngineStats::default(),
+            cfg,
+        })
+    }
+
+    /// Attach a device; returns its handle on this engine.
+    pub fn add_device(&mut self, bdev: BdevRef) -> std::io::Result<u16> {
+        let slot = match self.devs.iter().position(Option::is_none) {
+            Some(s) => s,
+            None if self.devs.len() < MAX_DEVICES as usize => {
+                self.devs.push(None);
+                self.devs.len() - 1
+            }
+            None => return Err(std::io::Error::other("too many devices on one reactor")),
+        };
+        let chan = bdev.open_channel(&self.ring, slot as u32)?;
+        self.devs[slot] = Some(Device { info: bdev.info().clone(), chan, _bdev: bdev });
+        Ok(slot as u16)
+    }
+
+    /// Detach a device. The caller guarantees none of its requests is in flight.
+    pub fn remove_device(&mut self, dev: u16) {
+        if let Some(d) = self.devs.get_mut(dev as usize) {
+            *d = None;
+            let _ = self.ring.submitter().register_files_update(u32::from(dev), &[-1]);
+        }
+    }
+
+    /// The device behind a handle.
+    pub fn device_arc(&self, dev: u16) -> BdevRef {
+        self.devs[dev as usize].as_ref().expect("device handle in use")._bdev.clone()
+    }
+
+    pub fn device_info(&self, dev: u16) -> Option<&BdevInfo> {
+        self.devs.get(dev as usize)?.as_ref().map(|d| &d.info)
+    }
+
+    /// The eventfd-capable ring, for reactors that register a wake-up eventfd.
+    pub fn ring(&self) -> &IoUring {
+        &self.ring
+    }
+
+    /// Fds of devices with their own completion source.
+    pub fn device_wake_fds(&self) -> impl Iterator<Item = RawFd> + '_ {
+        self.devs.iter().flatten().filter_map(|d| d.chan.wake_fd())
+    }
+
+    pub fn free_slots(&self) -> usize {
+        self.free_reqs.len()
+    }
+
+    /// Requests accepted and not yet completed.
+    pub fn in_flight(&self) -> usize {
+        self.reqs.len() - self.free_reqs.len()
+    }
+
+    pub fn stats(&self) -> EngineStats {
+        self.stats
+    }
+
+    pub fn merge_stats(&self) -> MergeStats {
+        self.planner.stats()
+    }
+
+    pub fn merge_config(&self) -> MergeConfig {
+        self.planner.config()
+    }
+
+    /// Accept one request into this cycle's batch, or refuse it at once.
+    pub fn submit(&mut self, r: &IoRequest<'_>) -> Result<(), BdevError> {
+        let info = &self.devs.get(r.dev as usize).and_then(Option::as_ref).ok_or(BdevError::NoDevice(r.dev))?.info;
+        validate(info, r.kind, r.offset, r.len)?;
+        if r.kind.has_data() {
+            let max = self.cfg.max_request_segments.min(IOV_MAX);
+            if r.iov.len() > max {
+                return Err(BdevError::TooManySegments { segments: r.iov.len(), max });
+            }
+            let total: u64 = r.iov.iter().map(|v| v.iov_len as u64).sum();
+            if total != r.len {
+                return Err(BdevError::Short { done: total, len: r.len });
+            }
+        }
+        let ix = self.free_reqs.pop().ok_or(BdevError::Busy)?;
+        let s = &mut self.reqs[ix as usize];
+        s.cookie = r.cookie;
+        s.dev = r.dev;
+        s.kind = r.kind;
+        s.offset = r.offset;
+        s.len = r.len;
+        s.fua = r.fua;
+        s.next = NONE;
+        s.iov.clear();
+        if r.kind.has_data() {
+            s.iov.extend_from_slice(r.iov);
+        }
+        self.batch.push(ix);
+        self.stats.requests_submitted += 1;
+        Ok(())
+    }
+
+    /// End of a poll cycle: merge the batch, start what may start, and enter
+    /// the kernel once if anything was queued.
+    pub fn flush(&mut self) {
+        if !self.batch.is_empty() {
+            self.plan_batch();
+        }
+        self.kick();
+        self.submit_ring();
+    }
+
+    fn plan_batch(&mut self) {
+        self.batch_inputs.clear();
+        for &ix in &self.batch {
+            let s = &self.reqs[ix as usize];
+            self.batch_inputs.push(MergeInput {
+                dev: s.dev,
+                kind: s.kind,
+                offset: s.offset,
+                len: s.len,
+                segments: s.iov.len() as u32,
+                fua: s.fua,
+            });
+        }
+        let (order, groups) = self.planner.plan(&self.batch_inputs);
+        for g in groups {
+            let op = self.free_ops.pop().expect("op slots match request slots");
+            build_op(&mut self.ops[op as usize], &mut self.reqs, &self.batch, order, g);
+            self.pending.push_back(op);
+        }
+        self.batch.clear();
+    }
+
+    /// Start pending operations in order, stopping at a drain point while
+    /// earlier operations are in flight, or when the ring or pool is full.
+    fn kick(&mut self) {
+        while let Some(&op) = self.pending.front() {
+            if self.ops[op as usize].drain && self.inflight_ops > 0 {
+                break;
+            }
+            if !self.start_op(op) {
+                break;
+            }
+            self.pending.pop_front();
+        }
+    }
+
+    fn start_op(&mut self, op_ix: u32) -> bool {
+        let op = &mut self.ops[op_ix as usize];
+        let Some(dev) = self.devs.get_mut(op.dev as usize).and_then(Option::as_mut) else {
+            // the device went away under its requests: fail them
+            self.done.push((u64::from(op_ix), -libc::ENODEV));
+            self.inflight_ops += 1;
+            return true;
+        };
+        let align = dev.info.buf_align.max(1) as usize;
+        if op.kind.has_data() && op.bounce == NONE && !iov_aligned(&op.iov, align) {
+            let Some(b) = self.free_bounce.pop() else { return false };
+            if op.len as usize > self.bounce[b as usize].len {
+                // a misaligned request larger than a bounce buffer: rare enough
+                // to replace the pool buffer with a larger one for good
+                self.bounce[b as usize] = BounceBuf::new(op.len as usize);
+            }
+            let buf = &self.bounce[b as usize];
+            if op.kind == IoKind::Write {
+                gather(&op.iov, buf.ptr);
+            }
+            op.bounce = b;
+            op.bounce_iov[0] = libc::iovec { iov_base: buf.ptr.cast(), iov_len: op.len as usize };
+            self.stats.bounced_ops += 1;
+        }
+        let iov: &[libc::iovec] = if op.bounce != NONE { &op.bounce_iov } else { &op.iov };
+        let o = Op { kind: op.kind, offset: op.offset, len: op.len, iov, fua: op.fua, drain: op.drain };
+        let mut sub = Submitter { sq: self.ring.submission(), done: &mut self.done };
+        let before = sub.sq.len();
+        let ok = dev.chan.submit(&o, u64::from(op_ix), &mut sub);
+        let pushed = sub.sq.len() != before;
+        drop(sub);
+        if pushed {
+            self.sq_dirty = true;
+        }
+        if ok {
+            self.inflight_ops += 1;
+            self.stats.ops_started += 1;
+        } else if op.bounce != NONE {
+            self.free_bounce.push(op.bounce);
+            op.bounce = NONE;
+        }
+        ok
+    }
+
+    fn submit_ring(&mut self) {
+        if self.sq_dirty {
+            self.sq_dirty = false;
+            self.stats.ring_enters += 1;
+            if let Err(e) = self.ring.submit() {
+                // EBUSY/EAGAIN: the kernel could not take them now; the SQEs
+                // stay queued and the next cycle submits again
+                self.sq_dirty = true;
+                tracing::debug!("io_uring submit: {e}");
+            }
+        }
+    }
+
+    /// Collect completions and hand each finished request to `on_done`.
+    /// Returns the number of requests completed.
+    pub fn reap(&mut self, mut on_done: impl FnMut(u64, IoResult)) -> usize {
+        let mut completed = 0;
+        loop {
+            // CQEs are read straight from the shared ring: no syscall.
+            let mut cq = self.ring.completion();
+            cq.sync();
+            for cqe in &mut cq {
+                self.done.push((cqe.user_data(), cqe.result()));
+            }
+            drop(cq);
+            for d in self.devs.iter_mut().flatten() {
+                d.chan.poll(&mut self.done);
+            }
+            if self.done.is_empty() {
+                return completed;
+            }
+            // index loop: finishing an op may queue retries but never grows `done`
+            let mut i = 0;
+            while i < self.done.len() {
+                let (tag, res) = self.done[i];
+                completed += self.finish_op(tag as u32, res, &mut on_done);
+                i += 1;
+            }
+            self.done.clear();
+            // drained operations may start now; synchronous drivers complete
+            // inside kick, which sends us round again
+            self.kick();
+        }
+    }
+
+    fn finish_op(&mut self, op_ix: u32, res: i32, on_done: &mut impl FnMut(u64, IoResult)) -> usize {
+        self.inflight_ops -= 1;
+        let op = &mut self.ops[op_ix as usize];
+        let ok = res >= 0 && (!op.kind.has_data() || i64::from(res) == op.len as i64);
+        if op.bounce != NONE {
+            if ok && op.kind == IoKind::Read {
+                scatter(self.bounce[op.bounce as usize].ptr, &op.iov);
+            }
+            self.free_bounce.push(op.bounce);
+            op.bounce = NONE;
+        }
+        if !ok && op.count > 1 {
+            self.split_retry(op_ix);
+            return 0;
+        }
+        let result: IoResult = if ok {
+            Ok(0)
+        } else if res < 0 {
+            Err(BdevError::Io(-res))
+        } else {
+            Err(BdevError::Short { done: res as u64, len: op.len })
+        };
+        let mut r = std::mem::replace(&mut op.first_req, NONE);
+        self.free_ops.push(op_ix);
+        let mut n = 0;
+        while r != NONE {
+            let s = &self.reqs[r as usize];
+            let next = s.next;
+            let out = result.map(|_| if s.kind.has_data() { s.len as u32 } else { 0 });
+            if out.is_err() {
+                self.stats.requests_failed += 1;
+            }
+            on_done(s.cookie, out);
+            self.free_reqs.push(r);
+            r = next;
+            n += 1;
+        }
+        self.stats.requests_completed += n as u64;
+        n
+    }
+
+    /// A fused operation failed: run each of its requests on its own, ahead
+    /// of anything still pending, so that only the bad ones fail.
+    fn split_retry(&mut self, op_ix: u32) {
+        self.stats.split_retries += 1;
+        let op = &self.ops[op_ix as usize];
+        let (mut r, drain) = (op.first_req, op.drain);
+        self.free_ops.push(op_ix);
+        let mut pieces = 0;
+        while r != NONE {
+            let next = self.reqs[r as usize].next;
+            self.reqs[r as usize].next = NONE;
+            let p = self.free_ops.pop().expect("one op slot per request");
+            let s = &self.reqs[r as usize];
+            let o = &mut self.ops[p as usize];
+            o.first_req = r;
+            o.count = 1;
+            o.dev = s.dev;
+            o.kind = s.kind;
+            o.offset = s.offset;
+            o.len = s.len;
+            o.fua = s.fua;
+            o.drain = drain && pieces == 0;
+            o.bounce = NONE;
+            o.iov.clear();
+            o.iov.extend_from_slice(&s.iov);
+            // keep the pieces' order among themselves, ahead of later work
+            self.pending.insert(pieces, p);
+            pieces += 1;
+            r = next;
+        }
+    }
+
+    /// Drive the engine until nothing is pending or in flight (tests and
+    /// shutdown). Blocks in the kernel while waiting for completions.
+    pub fn run_until_idle(&mut self, mut on_done: impl FnMut(u64, IoResult)) {
+        loop {
+            self.flush();
+            self.reap(&mut on_done);
+            if self.pending.is_empty() && self.inflight_ops == 0 && self.batch.is_empty() {
+                return;
+            }
+            if self.inflight_ops > 0 {
+                let _ = self.ring.submit_and_wait(1);
+            }
+        }
+    }
+}
+
+fn build_op(op: &mut OpSlot, reqs: &mut [ReqSlot], batch: &[u32], order: &[u32], g: &MergedGroup) {
+    op.count = g.count;
+    op.dev = g.dev;
+    op.kind = g.kind;
+    op.offset = g.offset;
+    op.len = g.len;
+    op.fua = g.fua;
+    op.drain = g.drain;
+    op.bounce = NONE;
+    op.iov.clear();
+    let members = &order[g.start as usize..(g.start + g.count) as usize];
+    op.first_req = batch[members[0] as usize];
+    for (k, &m) in members.iter().enumerate() {
+        let r = batch[m as usize];
+        reqs[r as usize].next = members.get(k + 1).map_or(NONE, |&n| batch[n as usize]);
+        op.iov.extend_from_slice(&reqs[r as usize].iov);
+    }
+}
+
+fn iov_aligned(iov: &[libc::iovec], align: usize) -> bool {
+    align <= 1 || iov.iter().all(|v| (v.iov_base as usize) % align == 0 && v.iov_len % align == 0)
+}
+
+fn gather(iov: &[libc::iovec], dst: *mut u8) {
+    let mut off = 0;
+    for v in iov {
+        // SAFETY: the bounce buffer holds at least the op's length and every
+        // iovec is valid for reads until the request completes.
+        unsafe { std::ptr::copy_nonoverlapping(v.iov_base as *const u8, dst.add(off), v.iov_len) };
+        off += v.iov_len;
+    }
+}
+
+fn scatter(src: *const u8, iov: &[libc::iovec]) {
+    let mut off = 0;
+    for v in iov {
+        // SAFETY: as in `gather`, with the iovecs valid for writes.
+        unsafe { std::ptr::copy_nonoverlapping(src.add(off), v.iov_base as *mut u8, v.iov_len) };
+        off += v.iov_len;
+    }
+}
