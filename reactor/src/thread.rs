@@ -1,0 +1,336 @@
+//! The reactor thread and its poll loop.
+
+use std::os::fd::RawFd;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::{Receiver, Sender};
+use quern_bdev::IoEngine;
+
+use crate::mailbox::{self, Doorbell, Inbox, Mailbox, Msg};
+use crate::{PollMode, Poller, ReactorConfig, ReactorStats, COOKIE_BITS, COOKIE_MASK};
+
+/// A reactor's state as messages see it.
+pub struct ReactorCtx {
+    pub id: usize,
+    pub io: IoEngine,
+    pollers: Vec<Option<Box<dyn Poller>>>,
+    epoll_dirty: bool,
+}
+
+impl ReactorCtx {
+    /// Register a poller; returns its slot (the high bits of its cookies).
+    pub fn add_poller(&mut self, p: Box<dyn Poller>) -> usize {
+        self.epoll_dirty = true;
+        if let Some(i) = self.pollers.iter().position(Option::is_none) {
+            self.pollers[i] = Some(p);
+            i
+        } else {
+            self.pollers.push(Some(p));
+            self.pollers.len() - 1
+        }
+    }
+
+    /// Unregister a poller. The caller must first let its requests drain
+    /// (see [`Poller::in_flight`]).
+    pub fn remove_poller(&mut self, slot: usize) -> Option<Box<dyn Poller>> {
+        self.epoll_dirty = true;
+        self.pollers.get_mut(slot)?.take()
+    }
+
+    pub fn poller_in_flight(&self, slot: usize) -> usize {
+        self.pollers.get(slot).and_then(|p| p.as_ref()).map_or(0, |p| p.in_flight())
+    }
+}
+
+/// The control plane's handle on a running reactor.
+pub struct ReactorHandle {
+    pub id: usize,
+    pub core: Option<usize>,
+    pub stats: Arc<ReactorStats>,
+    bell: Arc<Doorbell>,
+    new_inbox: Sender<Inbox>,
+    mailbox: Mutex<Mailbox>,
+    stop: Arc<AtomicBool>,
+    thread: Mutex<Option<std::thread::JoinHandle<()>>>,
+}
+
+impl ReactorHandle {
+    /// A new SPSC ring to this reactor, for a sender of its own.
+    pub fn mailbox(&self) -> Mailbox {
+        let (mb, inbox) = Mailbox::new(self.bell.clone());
+        let _ = self.new_inbox.send(inbox);
+        self.bell.ring();
+        mb
+    }
+
+    /// Send a message through the handle's shared mailbox (control plane).
+    pub fn send(&self, msg: Msg) {
+        self.mailbox.lock().unwrap_or_else(|e| e.into_inner()).send(msg);
+    }
+
+    /// Run `f` on the reactor and wait for its answer (control plane only).
+    pub fn call<R: Send + 'static>(&self, f: impl FnOnce(&mut ReactorCtx) -> R + Send + 'static) -> R {
+        let (tx, rx) = crossbeam_channel::bounded(1);
+        self.send(Box::new(move |ctx| {
+            let _ = tx.send(f(ctx));
+        }));
+        rx.recv().expect("reactor thread ended")
+    }
+
+    /// Ask the reactor to finish its in-flight I/O and exit, and wait for it.
+    pub fn stop(&self) {
+        self.stop.store(true, Ordering::Release);
+        self.bell.ring();
+        if let Some(t) = self.thread.lock().unwrap_or_else(|e| e.into_inner()).take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// Start a reactor thread. Fails if its io_uring cannot be created.
+pub fn spawn_reactor(cfg: ReactorConfig) -> std::io::Result<Arc<ReactorHandle>> {
+    let bell = Arc::new(Doorbell::new()?);
+    let (new_inbox_tx, new_inbox_rx) = crossbeam_channel::unbounded();
+    let stats = Arc::new(ReactorStats::default());
+    let stop = Arc::new(AtomicBool::new(false));
+    let (mb, first_inbox) = Mailbox::new(bell.clone());
+    let (ready_tx, ready_rx) = crossbeam_channel::bounded(1);
+    let thread = {
+        let (bell, stats, stop, cfg) = (bell.clone(), stats.clone(), stop.clone(), cfg.clone());
+        std::thread::Builder::new().name(format!("reactor{}", cfg.id)).spawn(move || {
+            if let Some(core) = cfg.core {
+                if !core_affinity::set_for_current(core_affinity::CoreId { id: core }) {
+                    tracing::warn!(reactor = cfg.id, core, "could not pin reactor to its core");
+                }
+            }
+            let io = match IoEngine::new(cfg.engine) {
+                Ok(io) => io,
+                Err(e) => {
+                    let _ = ready_tx.send(Err(e));
+                    return;
+                }
+            };
+            let mut r = match Reactor::new(cfg, io, bell, stats, stop, new_inbox_rx, first_inbox) {
+                Ok(r) => r,
+                Err(e) => {
+                    let _ = ready_tx.send(Err(e));
+                    return;
+                }
+            };
+            let _ = ready_tx.send(Ok(()));
+            r.run();
+        })?
+    };
+    ready_rx.recv().map_err(|_| std::io::Error::other("reactor thread died at start"))??;
+    tracing::info!(reactor = cfg.id, core = ?cfg.core, mode = %cfg.mode, "reactor started");
+    Ok(Arc::new(ReactorHandle {
+        id: cfg.id,
+        core: cfg.core,
+        stats,
+        bell,
+        new_inbox: new_inbox_tx,
+        mailbox: Mutex::new(mb),
+        stop,
+        thread: Mutex::new(Some(thread)),
+    }))
+}
+
+struct Reactor {
+    cfg: ReactorConfig,
+    ctx: ReactorCtx,
+    bell: Arc<Doorbell>,
+    ring_efd: Doorbell,
+    stats: Arc<ReactorStats>,
+    stop: Arc<AtomicBool>,
+    new_inbox: Receiver<Inbox>,
+    inboxes: Vec<Inbox>,
+    epfd: RawFd,
+    watched: Vec<RawFd>,
+}
+
+impl Drop for Reactor {
+    fn drop(&mut self) {
+        // SAFETY: epfd is ours.
+        unsafe { libc::close(self.epfd) };
+    }
+}
+
+impl Reactor {
+    fn new(
+        cfg: ReactorConfig,
+        io: IoEngine,
+        bell: Arc<Doorbell>,
+        stats: Arc<ReactorStats>,
+        stop: Arc<AtomicBool>,
+        new_inbox: Receiver<Inbox>,
+        first: Inbox,
+    ) -> std::io::Result<Self> {
+        let ring_efd = Doorbell::new()?;
+        io.ring().submitter().register_eventfd(ring_efd.fd())?;
+        // SAFETY: creates a new epoll instance.
+        let epfd = unsafe { libc::epoll_create1(libc::EPOLL_CLOEXEC) };
+        if epfd < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        let r = Reactor {
+            ctx: ReactorCtx { id: cfg.id, io, pollers: Vec::new(), epoll_dirty: true },
+            cfg,
+            bell,
+            ring_efd,
+            stats,
+            stop,
+            new_inbox,
+            inboxes: vec![first],
+            epfd,
+            watched: Vec::new(),
+        };
+        Ok(r)
+    }
+
+    fn run(&mut self) {
+        let mut last_work = Instant::now();
+        let mut cycle_start = Instant::now();
+        let mut stopping = false;
+        loop {
+            let work = self.cycle();
+            let now = Instant::now();
+            let spent = now.duration_since(cycle_start).as_nanos() as u64;
+            cycle_start = now;
+            let st = &self.stats;
+            st.cycles.fetch_add(1, Ordering::Relaxed);
+            if work > 0 {
+                st.busy_ns.fetch_add(spent, Ordering::Relaxed);
+                last_work = now;
+            } else {
+                st.idle_ns.fetch_add(spent, Ordering::Relaxed);
+            }
+            if !stopping && self.stop.load(Ordering::Acquire) {
+                stopping = true;
+            }
+            if stopping && self.ctx.io.in_flight() == 0 {
+                break;
+            }
+            if work == 0 && !stopping {
+                let idle_for = now.duration_since(last_work);
+                let sleep = match self.cfg.mode {
+                    PollMode::Busy => false,
+                    PollMode::Adaptive => idle_for >= self.cfg.idle_spin,
+                    PollMode::Interrupt => true,
+                };
+                if sleep {
+                    self.sleep();
+                    let woke = Instant::now();
+                    self.stats.idle_ns.fetch_add(woke.duration_since(now).as_nanos() as u64, Ordering::Relaxed);
+                    cycle_start = woke;
+                }
+            }
+        }
+        tracing::info!(reactor = self.cfg.id, "reactor stopped");
+    }
+
+    /// One poll cycle; returns the amount of work it found.
+    fn cycle(&mut self) -> usize {
+        let mut work = 0;
+        while let Ok(inbox) = self.new_inbox.try_recv() {
+            self.inboxes.push(inbox);
+        }
+        for inbox in &mut self.inboxes {
+            work += mailbox::drain(inbox, &mut self.ctx);
+        }
+        let ReactorCtx { io, pollers, .. } = &mut self.ctx;
+        for (slot, p) in pollers.iter_mut().enumerate() {
+            if let Some(p) = p {
+                work += p.poll(io, (slot as u64) << COOKIE_BITS);
+            }
+        }
+        let before = io.stats();
+        io.flush();
+        let done = io.reap(|cookie, res| {
+            if let Some(Some(p)) = pollers.get_mut((cookie >> COOKIE_BITS) as usize) {
+                p.on_complete(cookie & COOKIE_MASK, res);
+            }
+        });
+        for p in pollers.iter_mut().flatten() {
+            p.end_cycle();
+        }
+        work += done;
+        let after = io.stats();
+        let st = &self.stats;
+        if after.requests_submitted != before.requests_submitted || done > 0 {
+            st.ios_submitted.store(after.requests_submitted, Ordering::Relaxed);
+            st.ios_completed.store(after.requests_completed, Ordering::Relaxed);
+            let m = io.merge_stats();
+            st.merge_requests_in.store(m.requests_in, Ordering::Relaxed);
+            st.merge_requests_out.store(m.requests_out, Ordering::Relaxed);
+            st.merge_bytes.store(m.bytes, Ordering::Relaxed);
+        }
+        // in-flight I/O counts as work for the spin decision
+        work + usize::from(io.in_flight() > 0)
+    }
+
+    fn sync_epoll(&mut self) {
+        if !self.ctx.epoll_dirty {
+            return;
+        }
+        self.ctx.epoll_dirty = false;
+        for fd in self.watched.drain(..) {
+            // SAFETY: removing an fd we added; errors (closed fd) are harmless.
+            unsafe { libc::epoll_ctl(self.epfd, libc::EPOLL_CTL_DEL, fd, std::ptr::null_mut()) };
+        }
+        let mut fds = vec![self.bell.fd(), self.ring_efd.fd()];
+        fds.extend(self.ctx.pollers.iter().flatten().filter_map(|p| p.wake_fd()));
+        fds.extend(self.ctx.io.device_wake_fds());
+        for fd in fds {
+            let mut ev = libc::epoll_event { events: libc::EPOLLIN as u32, u64: fd as u64 };
+            // SAFETY: valid epoll fd and event struct.
+            if unsafe { libc::epoll_ctl(self.epfd, libc::EPOLL_CTL_ADD, fd, &mut ev) } == 0 {
+                self.watched.push(fd);
+            }
+        }
+    }
+
+    fn sleep(&mut self) {
+        self.sync_epoll();
+        let mut ready = true;
+        for p in self.ctx.pollers.iter_mut().flatten() {
+            ready &= p.prepare_sleep();
+        }
+        if ready && !self.stop.load(Ordering::Acquire) {
+            self.stats.sleeps.fetch_add(1, Ordering::Relaxed);
+            let mut evs = [libc::epoll_event { events: 0, u64: 0 }; 16];
+            // a timeout bounds any missed wake-up to one second
+            // SAFETY: evs is a valid buffer of 16 events.
+            let n = unsafe { libc::epoll_wait(self.epfd, evs.as_mut_ptr(), evs.len() as i32, 1000) };
+            for ev in evs.iter().take(n.max(0) as usize) {
+                let fd = ev.u64 as RawFd;
+                let mut v: u64 = 0;
+                // SAFETY: all watched fds are eventfds opened non-blocking.
+                unsafe { libc::read(fd, (&mut v as *mut u64).cast(), 8) };
+            }
+        }
+        self.bell.clear();
+        for p in self.ctx.pollers.iter_mut().flatten() {
+            p.after_sleep();
+        }
+    }
+}
+
+/// Wait for a poller's in-flight requests to finish, then remove it.
+pub fn remove_when_idle(handle: &ReactorHandle, slot: usize) -> Option<Box<dyn Poller>> {
+    loop {
+        let (inflight, p) = handle.call(move |ctx| {
+            let n = ctx.poller_in_flight(slot);
+            if n == 0 {
+                (0, ctx.remove_poller(slot))
+            } else {
+                (n, None)
+            }
+        });
+        if inflight == 0 {
+            return p;
+        }
+        std::thread::sleep(Duration::from_micros(200));
+    }
+}
