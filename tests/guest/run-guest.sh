@@ -15,6 +15,7 @@
 #                        backend after it restarts (crash-restart tests)
 #   -g, --guest DIR      build-guest.sh output dir (default: target/guest, or
 #                        $QUERN_GUEST_DIR)
+#   -i, --initrd FILE    initramfs to boot (default: GUEST/initrd-fio.gz)
 #   -m, --mem MIB        guest RAM (default 512), shared with the backend
 #       --smp N          guest CPUs (default 2)
 #       --qemu-arg ARG   one extra argument for qemu-system-x86_64 (repeatable)
@@ -44,6 +45,7 @@ LOG=""
 QUIET=0
 RECONNECT=0
 GUEST="${QUERN_GUEST_DIR:-$REPO/target/guest}"
+INITRD=""
 MEM=512
 SMP=2
 EXTRA=()
@@ -59,6 +61,7 @@ while [ $# -gt 0 ]; do
     --quiet)        QUIET=1; shift ;;
     -r|--reconnect) RECONNECT=1; shift ;;
     -g|--guest)     GUEST="$2"; shift 2 ;;
+    -i|--initrd)    INITRD="$2"; shift 2 ;;
     -m|--mem)       MEM="$2"; shift 2 ;;
     --smp)          SMP="$2"; shift 2 ;;
     --qemu-arg)     EXTRA+=("$2"); shift 2 ;;
@@ -70,8 +73,9 @@ while [ $# -gt 0 ]; do
 done
 [ -n "$SOCKET" ] || usage
 [ -S "$SOCKET" ] || die "$SOCKET is not a unix socket (is the backend running?)"
-for f in vmlinuz initrd-fio.gz; do
-  [ -f "$GUEST/$f" ] || die "$GUEST/$f missing: run tests/guest/build-guest.sh $GUEST"
+INITRD="${INITRD:-$GUEST/initrd-fio.gz}"
+for f in "$GUEST/vmlinuz" "$INITRD"; do
+  [ -f "$f" ] || die "$f missing: run tests/guest/build-guest.sh $GUEST"
 done
 command -v qemu-system-x86_64 >/dev/null || die "qemu-system-x86_64 not found"
 
@@ -97,7 +101,7 @@ QEMU=(
   -m "$MEM" -smp "$SMP"
   -nodefaults -no-user-config -display none -no-reboot
   -serial stdio -monitor none
-  -kernel "$GUEST/vmlinuz" -initrd "$GUEST/initrd-fio.gz"
+  -kernel "$GUEST/vmlinuz" -initrd "$INITRD"
   -append "console=ttyS0 quiet panic=-1$APPEND"
   -object "memory-backend-memfd,id=mem,size=${MEM}M,share=on"
   -numa node,memdev=mem

@@ -1,0 +1,218 @@
+//! The TOML configuration file.
+//!
+//! Parsing is strict: unknown keys and wrong types are refused by serde with
+//! the key's name and line; [`Config::validate`] then checks what types
+//! cannot express (cores that exist, unique names, references, limits), and
+//! names the offending key in every message. Nothing starts until the whole
+//! file is valid.
+
+use std::collections::HashSet;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read {path}: {source}")]
+    Read { path: PathBuf, source: std::io::Error },
+    #[error("{path}: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("{key}: {reason}")]
+    Invalid { key: String, reason: String },
+}
+
+fn invalid(key: impl Into<String>, reason: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid { key: key.into(), reason: reason.into() }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    pub reactor: ReactorSection,
+    #[serde(default)]
+    pub merge: MergeSection,
+    #[serde(default, rename = "bdev")]
+    pub bdevs: Vec<BdevSection>,
+    /// Where Quern keeps its state and, by default, created backing files.
+    #[serde(default = "default_state_dir")]
+    pub state_dir: PathBuf,
+}
+
+fn default_state_dir() -> PathBuf {
+    std::env::temp_dir().join("quern")
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ReactorSection {
+    pub cores: Vec<usize>,
+    #[serde(default = "default_poll_mode")]
+    pub poll_mode: String,
+    #[serde(default = "default_idle_spin")]
+    pub idle_spin_us: u64,
+    /// Requests one reactor keeps in flight at most.
+    #[serde(default = "default_max_requests")]
+    pub max_requests: usize,
+}
+
+fn default_poll_mode() -> String {
+    "adaptive".into()
+}
+fn default_idle_spin() -> u64 {
+    200
+}
+fn default_max_requests() -> usize {
+    1024
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MergeSection {
+    #[serde(default = "yes")]
+    pub enabled: bool,
+    #[serde(default = "default_max_bytes")]
+    pub max_bytes: u64,
+    #[serde(default = "default_max_segments")]
+    pub max_segments: usize,
+}
+
+fn yes() -> bool {
+    true
+}
+fn default_max_bytes() -> u64 {
+    1 << 20
+}
+fn default_max_segments() -> usize {
+    256
+}
+
+impl Default for MergeSection {
+    fn default() -> Self {
+        MergeSection { enabled: true, max_bytes: default_max_bytes(), max_segments: default_max_segments() }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BdevSection {
+    pub name: String,
+    pub driver: String,
+    /// uring: the file or block device (relative paths are under state_dir).
+    pub path: Option<PathBuf>,
+    /// Size: malloc/null capacity; uring: size of the file created when missing.
+    pub size: Option<String>,
+    #[serde(default = "yes")]
+    pub direct: bool,
+    #[serde(default)]
+    pub read_only: bool,
+    pub block_size: Option<u32>,
+}
+
+impl Config {
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.into(), source })?;
+        let cfg = Self::parse(&text).map_err(|e| match e {
+            ConfigError::Parse { message, .. } => ConfigError::Parse { path: path.into(), message },
+            other => other,
+        })?;
+        Ok(cfg)
+    }
+
+    /// Parse and validate a configuration text.
+    pub fn parse(text: &str) -> Result<Config, ConfigError> {
+        let cfg: Config =
+            toml::from_str(text).map_err(|e| ConfigError::Parse { path: "<config>".into(), message: e.to_string() })?;
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let r = &self.reactor;
+        if r.cores.is_empty() {
+            return Err(invalid("reactor.cores", "must list at least one core"));
+        }
+        let avail = quern_reactor::available_cores();
+        let mut seen = HashSet::new();
+        for &c in &r.cores {
+            if !avail.contains(&c) {
+                return Err(invalid("reactor.cores", format!("core {c} does not exist (this machine has cores {avail:?})")));
+            }
+            if !seen.insert(c) {
+                return Err(invalid("reactor.cores", format!("core {c} is listed twice")));
+            }
+        }
+        r.poll_mode.parse::<quern_reactor::PollMode>().map_err(|e| invalid("reactor.poll_mode", e))?;
+        if r.max_requests == 0 || r.max_requests > 65536 {
+            return Err(invalid("reactor.max_requests", format!("{} is outside 1..=65536", r.max_requests)));
+        }
+        let m = &self.merge;
+        if m.max_segments == 0 || m.max_segments > quern_bdev::IOV_MAX {
+            return Err(invalid(
+                "merge.max_segments",
+                format!("{} is outside 1..={} (IOV_MAX)", m.max_segments, quern_bdev::IOV_MAX),
+            ));
+        }
+        if m.max_bytes < 4096 || m.max_bytes > 64 << 20 {
+            return Err(invalid("merge.max_bytes", format!("{} is outside 4096..=64 MiB", m.max_bytes)));
+        }
+        let mut names = HashSet::new();
+        for (i, b) in self.bdevs.iter().enumerate() {
+            let key = |k: &str| format!("bdev[{i}].{k}");
+            if b.name.is_empty() {
+                return Err(invalid(key("name"), "must not be empty"));
+            }
+            if !names.insert(b.name.as_str()) {
+                return Err(invalid(key("name"), format!("`{}` is used by another bdev", b.name)));
+            }
+            let size = match &b.size {
+                Some(s) => Some(quern_bdev::parse_size(s).map_err(|e| invalid(key("size"), e))?),
+                None => None,
+            };
+            if let Some(bs) = b.block_size {
+                if !bs.is_power_of_two() || !(512..=65536).contains(&bs) {
+                    return Err(invalid(key("block_size"), format!("{bs} is not a power of two in 512..=65536")));
+                }
+            }
+            match b.driver.as_str() {
+                "malloc" | "null" => {
+                    if b.path.is_some() {
+                        return Err(invalid(key("path"), format!("the {} driver takes no path", b.driver)));
+                    }
+                    match size {
+                        None => return Err(invalid(key("size"), format!("the {} driver needs a size", b.driver))),
+                        Some(s) if s < u64::from(b.block_size.unwrap_or(512)) => {
+                            return Err(invalid(key("size"), "must be at least one block"))
+                        }
+                        _ => {}
+                    }
+                }
+                "uring" => {
+                    let Some(p) = &b.path else { return Err(invalid(key("path"), "the uring driver needs a path")) };
+                    let full = self.resolve(p);
+                    if !full.exists() && size.is_none() {
+                        return Err(invalid(
+                            key("path"),
+                            format!("{} does not exist (give `size` to have it created)", full.display()),
+                        ));
+                    }
+                    if !full.exists() && b.read_only {
+                        return Err(invalid(key("path"), format!("{} does not exist and the bdev is read-only", full.display())));
+                    }
+                }
+                other => {
+                    return Err(invalid(key("driver"), format!("unknown driver `{other}` (expected uring, malloc or null)")))
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// A path from the file, relative ones taken under `state_dir`.
+    pub fn resolve(&self, p: &Path) -> PathBuf {
+        if p.is_absolute() {
+            p.to_path_buf()
+        } else {
+            self.state_dir.join(p)
+        }
+    }
+}

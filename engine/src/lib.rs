@@ -1,0 +1,4 @@
+//! The `quern` program's library half: configuration and start-up.
+
+pub mod config;
+pub mod startup;

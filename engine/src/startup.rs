@@ -1,0 +1,103 @@
+//! Start-up and shutdown: bdevs are opened first (a failure stops start-up
+//! before any reactor runs), then reactors are started and every bdev is
+//! attached to every reactor's engine.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use quern_bdev::drivers::{MallocBdev, NullBdev, UringBdev, UringOptions};
+use quern_bdev::{BdevRef, EngineConfig, MergeConfig};
+use quern_reactor::{spawn_reactor, ReactorConfig, ReactorHandle};
+
+use crate::config::{BdevSection, Config};
+
+/// A running engine.
+pub struct Engine {
+    pub reactors: Vec<Arc<ReactorHandle>>,
+    pub bdevs: Vec<(String, BdevRef)>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("bdev `{name}`: {source}")]
+    Bdev { name: String, source: std::io::Error },
+    #[error("reactor on core {core}: {source}")]
+    Reactor { core: usize, source: std::io::Error },
+}
+
+fn open_bdev(cfg: &Config, b: &BdevSection) -> std::io::Result<BdevRef> {
+    let size = b.size.as_deref().map(quern_bdev::parse_size).transpose().map_err(std::io::Error::other)?;
+    let bs = b.block_size.unwrap_or(512);
+    Ok(match b.driver.as_str() {
+        "malloc" => Arc::new(MallocBdev::new(&b.name, size.unwrap_or(0), bs, b.read_only)?),
+        "null" => Arc::new(NullBdev::new(&b.name, size.unwrap_or(0), bs, b.read_only)),
+        "uring" => Arc::new(UringBdev::open(&UringOptions {
+            name: b.name.clone(),
+            path: cfg.resolve(b.path.as_deref().unwrap_or_else(|| std::path::Path::new(""))),
+            create_size: size,
+            direct: b.direct,
+            read_only: b.read_only,
+            block_size: b.block_size,
+        })?),
+        other => return Err(std::io::Error::other(format!("unknown driver {other}"))),
+    })
+}
+
+impl Engine {
+    pub fn start(cfg: &Config) -> Result<Engine, StartError> {
+        std::fs::create_dir_all(&cfg.state_dir)
+            .map_err(|source| StartError::Bdev { name: "<state_dir>".into(), source })?;
+        let mut bdevs = Vec::new();
+        for b in &cfg.bdevs {
+            let bdev = open_bdev(cfg, b).map_err(|source| StartError::Bdev { name: b.name.clone(), source })?;
+            let i = bdev.info();
+            tracing::info!(bdev = %i.name, driver = i.driver, capacity = i.capacity_bytes, block_size = i.block_size, read_only = i.read_only, "bdev ready");
+            bdevs.push((b.name.clone(), bdev));
+        }
+        let engine_cfg = EngineConfig {
+            max_requests: cfg.reactor.max_requests,
+            merge: MergeConfig {
+                enabled: cfg.merge.enabled,
+                max_bytes: cfg.merge.max_bytes,
+                max_segments: cfg.merge.max_segments,
+            },
+            ..EngineConfig::default()
+        };
+        let mode = cfg.reactor.poll_mode.parse().expect("validated");
+        let mut reactors: Vec<Arc<ReactorHandle>> = Vec::new();
+        for (id, &core) in cfg.reactor.cores.iter().enumerate() {
+            let rc = ReactorConfig {
+                id,
+                core: Some(core),
+                mode,
+                idle_spin: Duration::from_micros(cfg.reactor.idle_spin_us),
+                engine: engine_cfg,
+            };
+            match spawn_reactor(rc) {
+                Ok(h) => reactors.push(h),
+                Err(source) => {
+                    reactors.iter().for_each(|r| r.stop());
+                    return Err(StartError::Reactor { core, source });
+                }
+            }
+        }
+        let engine = Engine { reactors, bdevs };
+        for (name, b) in &engine.bdevs {
+            for r in &engine.reactors {
+                let b = b.clone();
+                if let Err(source) = r.call(move |ctx| ctx.io.add_device(b).map(|_| ())) {
+                    engine.stop();
+                    return Err(StartError::Bdev { name: name.clone(), source });
+                }
+            }
+        }
+        Ok(engine)
+    }
+
+    /// Drain in-flight I/O on every reactor and stop them.
+    pub fn stop(&self) {
+        for r in &self.reactors {
+            r.stop();
+        }
+    }
+}

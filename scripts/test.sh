@@ -1,0 +1,11 @@
+#!/usr/bin/env bash
+# The whole test suite: install the Debian packages the tests need
+# (idempotently), then run every test in the workspace.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+if [ "$(id -u)" = 0 ]; then
+  scripts/install-test-deps.sh
+else
+  sudo scripts/install-test-deps.sh
+fi
+cargo test --workspace --release -- --test-threads=2
