@@ -1,0 +1,330 @@
+//! Drive `IoEngine` with a `UringBdev` (O_DIRECT) on a file: 4k random read
+//! and write at QD1 and QD32, then run fio on the same file with the same
+//! shape and print quern/fio ratios.
+//!
+//! Usage: uring-bench [--file PATH] [--size 1G] [--runtime SECS] [--cpu N]
+//!                    [--wait] [--no-fio] [--only randread|randwrite]
+//!
+//! By default the loop spins on flush/reap (polled mode, like a reactor);
+//! `--wait` blocks in `submit_and_wait(1)` when a cycle reaped nothing.
+
+use std::alloc::{self, Layout};
+use std::fs::OpenOptions;
+use std::io::Write;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use hdrhistogram::Histogram;
+use quern_bdev::drivers::{UringBdev, UringOptions};
+use quern_bdev::{parse_size, EngineConfig, IoEngine, IoKind, IoRequest, MergeConfig};
+use quern_bench::{arg_value, pin_to_cpu, Rng};
+
+const BS: usize = 4096;
+
+struct Opts {
+    file: PathBuf,
+    size: u64,
+    runtime: u64,
+    cpu: usize,
+    wait: bool,
+    fio: bool,
+    only: Option<String>,
+}
+
+#[derive(Clone, Copy)]
+struct Figures {
+    iops: f64,
+    mean_us: f64,
+    p50_us: f64,
+    p99_us: f64,
+}
+
+/// 4 KiB-aligned, zero-initialised-then-randomised buffers, allocated once.
+struct Buffers {
+    ptr: *mut u8,
+    layout: Layout,
+}
+
+impl Buffers {
+    fn new(count: usize, rng: &mut Rng) -> Self {
+        let layout = Layout::from_size_align(count * BS, BS).expect("layout");
+        // SAFETY: non-zero size.
+        let ptr = unsafe { alloc::alloc_zeroed(layout) };
+        assert!(!ptr.is_null());
+        for i in 0..count * BS / 8 {
+            // SAFETY: in bounds, and u64-aligned (base is 4k-aligned).
+            unsafe { ptr.cast::<u64>().add(i).write(rng.next_u64()) };
+        }
+        Buffers { ptr, layout }
+    }
+
+    fn iov(&self, i: usize) -> libc::iovec {
+        // SAFETY: caller passes i < count.
+        libc::iovec {
+            iov_base: unsafe { self.ptr.add(i * BS) }.cast(),
+            iov_len: BS,
+        }
+    }
+}
+
+impl Drop for Buffers {
+    fn drop(&mut self) {
+        // SAFETY: allocated with this layout.
+        unsafe { alloc::dealloc(self.ptr, self.layout) }
+    }
+}
+
+/// Create (if needed) and fully write the file so reads hit real blocks.
+fn prepare_file(path: &Path, size: u64) -> std::io::Result<()> {
+    if let Ok(m) = std::fs::metadata(path) {
+        // st_blocks counts 512-byte units actually allocated
+        use std::os::unix::fs::MetadataExt;
+        if m.len() >= size && m.blocks() * 512 >= size {
+            return Ok(());
+        }
+    }
+    if let Some(d) = path.parent() {
+        std::fs::create_dir_all(d)?;
+    }
+    eprintln!(
+        "filling {} with {} MiB of random data ...",
+        path.display(),
+        size >> 20
+    );
+    let f = OpenOptions::new()
+        .create(true)
+        .write(true)
+        .truncate(false)
+        .open(path)?;
+    let mut rng = Rng::new(42);
+    let mut chunk = vec![0u8; 1 << 20];
+    let mut off = 0u64;
+    while off < size {
+        for w in chunk.chunks_exact_mut(8) {
+            w.copy_from_slice(&rng.next_u64().to_ne_bytes());
+        }
+        let n = (size - off).min(chunk.len() as u64) as usize;
+        f.write_all_at(&chunk[..n], off)?;
+        off += n as u64;
+    }
+    f.sync_all()?;
+    Ok(())
+}
+
+fn run_quern(o: &Opts, kind: IoKind, qd: usize) -> Figures {
+    let bdev = UringBdev::open(&UringOptions {
+        name: "bench".into(),
+        path: o.file.clone(),
+        create_size: None,
+        direct: true,
+        read_only: false,
+        block_size: Some(4096),
+    })
+    .expect("open uring bdev");
+    assert!(
+        bdev.is_direct(),
+        "O_DIRECT is not available on {}",
+        o.file.display()
+    );
+    let cfg = EngineConfig {
+        max_requests: 256,
+        ring_entries: 256,
+        bounce_buffers: 0,
+        merge: MergeConfig::default(),
+        ..EngineConfig::default()
+    };
+    let mut e = IoEngine::new(cfg).expect("io_uring");
+    let dev = e.add_device(Arc::new(bdev)).expect("add device");
+    let blocks = e.device_info(dev).expect("device").capacity_bytes / BS as u64;
+    let mut rng = Rng::new(0xbeef ^ qd as u64 ^ ((kind as u64) << 8));
+    let bufs = Buffers::new(qd, &mut rng);
+    let mut started = vec![Instant::now(); qd];
+    let mut free: Vec<usize> = (0..qd).rev().collect();
+    let mut ready: Vec<usize> = Vec::with_capacity(qd);
+    let mut hist = Histogram::<u64>::new_with_bounds(1, 10_000_000_000, 3).expect("histogram");
+    let mut done: u64 = 0;
+    let mut errors: u64 = 0;
+    let runtime = Duration::from_secs(o.runtime);
+    let t0 = Instant::now();
+    let mut stop = false;
+    loop {
+        if !stop {
+            while let Some(i) = free.pop() {
+                let iov = [bufs.iov(i)];
+                let r = IoRequest {
+                    dev,
+                    kind,
+                    offset: rng.below(blocks) * BS as u64,
+                    len: BS as u64,
+                    iov: &iov,
+                    fua: false,
+                    cookie: i as u64,
+                };
+                started[i] = Instant::now();
+                e.submit(&r).expect("submit");
+            }
+        }
+        e.flush();
+        let n = e.reap(|cookie, res| {
+            let i = cookie as usize;
+            if res.is_err() {
+                errors += 1;
+            }
+            ready.push(i);
+        });
+        if n > 0 {
+            let now = Instant::now();
+            for &i in &ready {
+                let ns = now.duration_since(started[i]).as_nanos() as u64;
+                hist.record(ns.max(1)).expect("record");
+            }
+            done += n as u64;
+            free.append(&mut ready);
+        } else if o.wait {
+            let _ = e.ring().submit_and_wait(1);
+        }
+        if !stop && t0.elapsed() >= runtime {
+            stop = true;
+        }
+        if stop && e.in_flight() == 0 {
+            break;
+        }
+    }
+    let el = t0.elapsed().as_secs_f64();
+    assert_eq!(errors, 0, "{errors} I/O errors");
+    let st = e.stats();
+    eprintln!(
+        "  quern {kind} qd{qd}: {done} ios, {} ops, {} ring enters, {} bounced, {} merged ops",
+        st.ops_started,
+        st.ring_enters,
+        st.bounced_ops,
+        e.merge_stats().merged_ops
+    );
+    Figures {
+        iops: done as f64 / el,
+        mean_us: hist.mean() / 1000.0,
+        p50_us: hist.value_at_quantile(0.50) as f64 / 1000.0,
+        p99_us: hist.value_at_quantile(0.99) as f64 / 1000.0,
+    }
+}
+
+fn run_fio(o: &Opts, rw: &str, qd: usize) -> Option<Figures> {
+    let args = fio_args(o, rw, qd);
+    let out = match Command::new("fio").args(&args).output() {
+        Ok(out) if out.status.success() => out,
+        Ok(out) => {
+            eprintln!("fio failed: {}", String::from_utf8_lossy(&out.stderr));
+            return None;
+        }
+        Err(e) => {
+            eprintln!("cannot run fio: {e}");
+            return None;
+        }
+    };
+    let text = String::from_utf8_lossy(&out.stdout);
+    // fio may print notes before the JSON
+    let json = &text[text.find('{')?..];
+    let v: serde_json::Value = serde_json::from_str(json).ok()?;
+    let dir = if rw == "randread" { "read" } else { "write" };
+    let j = &v["jobs"][0][dir];
+    let pct = |p: &str| j["clat_ns"]["percentile"][p].as_f64().unwrap_or(f64::NAN) / 1000.0;
+    Some(Figures {
+        iops: j["iops"].as_f64()?,
+        mean_us: j["lat_ns"]["mean"].as_f64()? / 1000.0,
+        p50_us: pct("50.000000"),
+        p99_us: pct("99.000000"),
+    })
+}
+
+fn fio_args(o: &Opts, rw: &str, qd: usize) -> Vec<String> {
+    vec![
+        "--name=x".into(),
+        format!("--filename={}", o.file.display()),
+        "--ioengine=io_uring".into(),
+        "--direct=1".into(),
+        format!("--rw={rw}"),
+        "--bs=4k".into(),
+        format!("--iodepth={qd}"),
+        format!("--runtime={}", o.runtime),
+        "--time_based".into(),
+        format!("--cpus_allowed={}", o.cpu),
+        "--output-format=json".into(),
+    ]
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    let o = Opts {
+        file: arg_value(&args, "--file").map_or_else(
+            || PathBuf::from("/var/tmp/quern-bench/disk.img"),
+            PathBuf::from,
+        ),
+        size: arg_value(&args, "--size").map_or(1 << 30, |s| parse_size(&s).expect("--size")),
+        runtime: arg_value(&args, "--runtime").map_or(5, |s| s.parse().expect("--runtime SECS")),
+        cpu: arg_value(&args, "--cpu").map_or(1, |s| s.parse().expect("--cpu N")),
+        wait: args.iter().any(|a| a == "--wait"),
+        fio: !args.iter().any(|a| a == "--no-fio"),
+        only: arg_value(&args, "--only"),
+    };
+    prepare_file(&o.file, o.size).expect("prepare file");
+    if let Err(e) = pin_to_cpu(o.cpu) {
+        eprintln!("warning: could not pin to cpu {}: {e}", o.cpu);
+    }
+    println!(
+        "uring bdev: file {} ({} MiB), O_DIRECT, 4k, {} s per case, cpu {}, {} loop",
+        o.file.display(),
+        o.size >> 20,
+        o.runtime,
+        o.cpu,
+        if o.wait {
+            "wait (submit_and_wait)"
+        } else {
+            "spin (flush/reap)"
+        }
+    );
+    if o.fio {
+        println!(
+            "fio: fio {}",
+            fio_args(&o, "<rw>", 0)
+                .join(" ")
+                .replace("--iodepth=0", "--iodepth=<qd>")
+        );
+    }
+    println!();
+    println!("| case | engine | IOPS | mean µs | p50 µs | p99 µs |");
+    println!("|------|--------|-----:|--------:|-------:|-------:|");
+    let mut ratios = Vec::new();
+    for (rw, kind) in [("randread", IoKind::Read), ("randwrite", IoKind::Write)] {
+        if o.only.as_deref().is_some_and(|x| x != rw) {
+            continue;
+        }
+        for qd in [1usize, 32] {
+            let q = run_quern(&o, kind, qd);
+            let row = |name: &str, f: &Figures| {
+                println!(
+                    "| {rw} qd{qd} | {name} | {:.0} | {:.1} | {:.1} | {:.1} |",
+                    f.iops, f.mean_us, f.p50_us, f.p99_us
+                );
+            };
+            row("quern", &q);
+            let _ = std::io::stdout().flush();
+            if o.fio {
+                if let Some(f) = run_fio(&o, rw, qd) {
+                    row("fio", &f);
+                    ratios.push((format!("{rw} qd{qd}"), q.iops / f.iops));
+                }
+            }
+        }
+    }
+    if !ratios.is_empty() {
+        println!();
+        println!("| case | quern/fio IOPS |");
+        println!("|------|---------------:|");
+        for (c, r) in &ratios {
+            println!("| {c} | {r:.3} |");
+        }
+    }
+}
