@@ -23,7 +23,9 @@ use std::os::fd::RawFd;
 use io_uring::IoUring;
 
 use crate::merge::{MergeConfig, MergeInput, MergePlanner, MergeStats, MergedGroup};
-use crate::types::{validate, BdevChannel, BdevError, BdevInfo, BdevRef, IoKind, IoResult, Op, Submitter, IOV_MAX};
+use crate::types::{
+    validate, BdevChannel, BdevError, BdevInfo, BdevRef, IoKind, IoResult, Op, Submitter, IOV_MAX,
+};
 
 const NONE: u32 = u32::MAX;
 
@@ -127,7 +129,10 @@ impl BounceBuf {
         let layout = Layout::from_size_align(len, 4096).expect("bounce layout");
         // SAFETY: layout has a non-zero size.
         let ptr = unsafe { alloc::alloc_zeroed(layout) };
-        assert!(!ptr.is_null(), "bounce buffer allocation of {len} bytes failed");
+        assert!(
+            !ptr.is_null(),
+            "bounce buffer allocation of {len} bytes failed"
+        );
         BounceBuf { ptr, len, layout }
     }
 }
@@ -195,11 +200,16 @@ impl IoEngine {
                 drain: false,
                 iov: Vec::with_capacity(op_seg),
                 bounce: NONE,
-                bounce_iov: [libc::iovec { iov_base: std::ptr::null_mut(), iov_len: 0 }],
+                bounce_iov: [libc::iovec {
+                    iov_base: std::ptr::null_mut(),
+                    iov_len: 0,
+                }],
             })
             .collect();
         let bounce_len = (cfg.merge.max_bytes as usize).max(128 << 10);
-        let bounce: Vec<BounceBuf> = (0..cfg.bounce_buffers).map(|_| BounceBuf::new(bounce_len)).collect();
+        let bounce: Vec<BounceBuf> = (0..cfg.bounce_buffers)
+            .map(|_| BounceBuf::new(bounce_len))
+            .collect();
         Ok(IoEngine {
             ring,
             planner: MergePlanner::new(cfg.merge, n),
@@ -232,7 +242,11 @@ impl IoEngine {
             None => return Err(std::io::Error::other("too many devices on one reactor")),
         };
         let chan = bdev.open_channel(&self.ring, slot as u32)?;
-        self.devs[slot] = Some(Device { info: bdev.info().clone(), chan, _bdev: bdev });
+        self.devs[slot] = Some(Device {
+            info: bdev.info().clone(),
+            chan,
+            _bdev: bdev,
+        });
         Ok(slot as u16)
     }
 
@@ -240,13 +254,20 @@ impl IoEngine {
     pub fn remove_device(&mut self, dev: u16) {
         if let Some(d) = self.devs.get_mut(dev as usize) {
             *d = None;
-            let _ = self.ring.submitter().register_files_update(u32::from(dev), &[-1]);
+            let _ = self
+                .ring
+                .submitter()
+                .register_files_update(u32::from(dev), &[-1]);
         }
     }
 
     /// The device behind a handle.
     pub fn device_arc(&self, dev: u16) -> BdevRef {
-        self.devs[dev as usize].as_ref().expect("device handle in use")._bdev.clone()
+        self.devs[dev as usize]
+            .as_ref()
+            .expect("device handle in use")
+            ._bdev
+            .clone()
     }
 
     pub fn device_info(&self, dev: u16) -> Option<&BdevInfo> {
@@ -286,16 +307,27 @@ impl IoEngine {
 
     /// Accept one request into this cycle's batch, or refuse it at once.
     pub fn submit(&mut self, r: &IoRequest<'_>) -> Result<(), BdevError> {
-        let info = &self.devs.get(r.dev as usize).and_then(Option::as_ref).ok_or(BdevError::NoDevice(r.dev))?.info;
+        let info = &self
+            .devs
+            .get(r.dev as usize)
+            .and_then(Option::as_ref)
+            .ok_or(BdevError::NoDevice(r.dev))?
+            .info;
         validate(info, r.kind, r.offset, r.len)?;
         if r.kind.has_data() {
             let max = self.cfg.max_request_segments.min(IOV_MAX);
             if r.iov.len() > max {
-                return Err(BdevError::TooManySegments { segments: r.iov.len(), max });
+                return Err(BdevError::TooManySegments {
+                    segments: r.iov.len(),
+                    max,
+                });
             }
             let total: u64 = r.iov.iter().map(|v| v.iov_len as u64).sum();
             if total != r.len {
-                return Err(BdevError::Short { done: total, len: r.len });
+                return Err(BdevError::Short {
+                    done: total,
+                    len: r.len,
+                });
             }
         }
         let ix = self.free_reqs.pop().ok_or(BdevError::Busy)?;
@@ -342,7 +374,13 @@ impl IoEngine {
         let (order, groups) = self.planner.plan(&self.batch_inputs);
         for g in groups {
             let op = self.free_ops.pop().expect("op slots match request slots");
-            build_op(&mut self.ops[op as usize], &mut self.reqs, &self.batch, order, g);
+            build_op(
+                &mut self.ops[op as usize],
+                &mut self.reqs,
+                &self.batch,
+                order,
+                g,
+            );
             self.pending.push_back(op);
         }
         self.batch.clear();
@@ -372,7 +410,9 @@ impl IoEngine {
         };
         let align = dev.info.buf_align.max(1) as usize;
         if op.kind.has_data() && op.bounce == NONE && !iov_aligned(&op.iov, align) {
-            let Some(b) = self.free_bounce.pop() else { return false };
+            let Some(b) = self.free_bounce.pop() else {
+                return false;
+            };
             if op.len as usize > self.bounce[b as usize].len {
                 // a misaligned request larger than a bounce buffer: rare enough
                 // to replace the pool buffer with a larger one for good
@@ -383,12 +423,29 @@ impl IoEngine {
                 gather(&op.iov, buf.ptr);
             }
             op.bounce = b;
-            op.bounce_iov[0] = libc::iovec { iov_base: buf.ptr.cast(), iov_len: op.len as usize };
+            op.bounce_iov[0] = libc::iovec {
+                iov_base: buf.ptr.cast(),
+                iov_len: op.len as usize,
+            };
             self.stats.bounced_ops += 1;
         }
-        let iov: &[libc::iovec] = if op.bounce != NONE { &op.bounce_iov } else { &op.iov };
-        let o = Op { kind: op.kind, offset: op.offset, len: op.len, iov, fua: op.fua, drain: op.drain };
-        let mut sub = Submitter { sq: self.ring.submission(), done: &mut self.done };
+        let iov: &[libc::iovec] = if op.bounce != NONE {
+            &op.bounce_iov
+        } else {
+            &op.iov
+        };
+        let o = Op {
+            kind: op.kind,
+            offset: op.offset,
+            len: op.len,
+            iov,
+            fua: op.fua,
+            drain: op.drain,
+        };
+        let mut sub = Submitter {
+            sq: self.ring.submission(),
+            done: &mut self.done,
+        };
         let before = sub.sq.len();
         let ok = dev.chan.submit(&o, u64::from(op_ix), &mut sub);
         let pushed = sub.sq.len() != before;
@@ -451,7 +508,12 @@ impl IoEngine {
         }
     }
 
-    fn finish_op(&mut self, op_ix: u32, res: i32, on_done: &mut impl FnMut(u64, IoResult)) -> usize {
+    fn finish_op(
+        &mut self,
+        op_ix: u32,
+        res: i32,
+        on_done: &mut impl FnMut(u64, IoResult),
+    ) -> usize {
         self.inflight_ops -= 1;
         let op = &mut self.ops[op_ix as usize];
         let ok = res >= 0 && (!op.kind.has_data() || i64::from(res) == op.len as i64);
@@ -471,7 +533,10 @@ impl IoEngine {
         } else if res < 0 {
             Err(BdevError::Io(-res))
         } else {
-            Err(BdevError::Short { done: res as u64, len: op.len })
+            Err(BdevError::Short {
+                done: res as u64,
+                len: op.len,
+            })
         };
         let mut r = std::mem::replace(&mut op.first_req, NONE);
         self.free_ops.push(op_ix);
@@ -560,7 +625,10 @@ fn build_op(op: &mut OpSlot, reqs: &mut [ReqSlot], batch: &[u32], order: &[u32],
 }
 
 fn iov_aligned(iov: &[libc::iovec], align: usize) -> bool {
-    align <= 1 || iov.iter().all(|v| (v.iov_base as usize) % align == 0 && v.iov_len % align == 0)
+    align <= 1
+        || iov
+            .iter()
+            .all(|v| (v.iov_base as usize) % align == 0 && v.iov_len % align == 0)
 }
 
 fn gather(iov: &[libc::iovec], dst: *mut u8) {

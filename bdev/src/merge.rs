@@ -33,7 +33,11 @@ pub struct MergeConfig {
 
 impl Default for MergeConfig {
     fn default() -> Self {
-        MergeConfig { enabled: true, max_bytes: 1 << 20, max_segments: 256 }
+        MergeConfig {
+            enabled: true,
+            max_bytes: 1 << 20,
+            max_segments: 256,
+        }
     }
 }
 
@@ -214,11 +218,25 @@ mod tests {
     use super::*;
 
     fn rq(kind: IoKind, offset: u64, len: u64) -> MergeInput {
-        MergeInput { dev: 0, kind, offset, len, segments: 1, fua: false }
+        MergeInput {
+            dev: 0,
+            kind,
+            offset,
+            len,
+            segments: 1,
+            fua: false,
+        }
     }
 
     fn planner(max_bytes: u64, max_segments: usize) -> MergePlanner {
-        MergePlanner::new(MergeConfig { enabled: true, max_bytes, max_segments }, 64)
+        MergePlanner::new(
+            MergeConfig {
+                enabled: true,
+                max_bytes,
+                max_segments,
+            },
+            64,
+        )
     }
 
     fn shape(p: &mut MergePlanner, batch: &[MergeInput]) -> Vec<(Vec<u32>, bool)> {
@@ -226,17 +244,29 @@ mod tests {
         let order = order.to_vec();
         groups
             .iter()
-            .map(|g| (order[g.start as usize..(g.start + g.count) as usize].to_vec(), g.drain))
+            .map(|g| {
+                (
+                    order[g.start as usize..(g.start + g.count) as usize].to_vec(),
+                    g.drain,
+                )
+            })
             .collect()
     }
 
     #[test]
     fn sequential_out_of_order_writes_fuse_into_one() {
         let mut p = planner(1 << 20, 256);
-        let b = [rq(IoKind::Write, 8192, 4096), rq(IoKind::Write, 0, 4096), rq(IoKind::Write, 4096, 4096)];
+        let b = [
+            rq(IoKind::Write, 8192, 4096),
+            rq(IoKind::Write, 0, 4096),
+            rq(IoKind::Write, 4096, 4096),
+        ];
         assert_eq!(shape(&mut p, &b), vec![(vec![1, 2, 0], false)]);
         let s = p.stats();
-        assert_eq!((s.requests_in, s.requests_out, s.bytes, s.merged_ops), (3, 1, 12288, 1));
+        assert_eq!(
+            (s.requests_in, s.requests_out, s.bytes, s.merged_ops),
+            (3, 1, 12288, 1)
+        );
     }
 
     #[test]
@@ -249,7 +279,10 @@ mod tests {
     #[test]
     fn one_sector_gap_is_not_merged() {
         let mut p = planner(1 << 20, 256);
-        let b = [rq(IoKind::Read, 0, 4096), rq(IoKind::Read, 4096 + 512, 4096)];
+        let b = [
+            rq(IoKind::Read, 0, 4096),
+            rq(IoKind::Read, 4096 + 512, 4096),
+        ];
         assert_eq!(shape(&mut p, &b).len(), 2);
     }
 
@@ -264,24 +297,45 @@ mod tests {
     #[test]
     fn max_bytes_edge() {
         let mut p = planner(8192, 256);
-        let b = [rq(IoKind::Read, 0, 4096), rq(IoKind::Read, 4096, 4096), rq(IoKind::Read, 8192, 4096)];
+        let b = [
+            rq(IoKind::Read, 0, 4096),
+            rq(IoKind::Read, 4096, 4096),
+            rq(IoKind::Read, 8192, 4096),
+        ];
         // exactly max_bytes fuses, one byte more does not
-        assert_eq!(shape(&mut p, &b), vec![(vec![0, 1], false), (vec![2], false)]);
+        assert_eq!(
+            shape(&mut p, &b),
+            vec![(vec![0, 1], false), (vec![2], false)]
+        );
     }
 
     #[test]
     fn max_segments_edge() {
         let mut p = planner(1 << 20, 3);
-        let mut b = [rq(IoKind::Write, 0, 512), rq(IoKind::Write, 512, 512), rq(IoKind::Write, 1024, 512)];
+        let mut b = [
+            rq(IoKind::Write, 0, 512),
+            rq(IoKind::Write, 512, 512),
+            rq(IoKind::Write, 1024, 512),
+        ];
         b[0].segments = 2;
-        assert_eq!(shape(&mut p, &b), vec![(vec![0, 1], false), (vec![2], false)]);
+        assert_eq!(
+            shape(&mut p, &b),
+            vec![(vec![0, 1], false), (vec![2], false)]
+        );
         b[0].segments = 1;
         assert_eq!(shape(&mut p, &b), vec![(vec![0, 1, 2], false)]);
     }
 
     #[test]
     fn max_segments_is_clamped_to_iov_max() {
-        let p = MergePlanner::new(MergeConfig { enabled: true, max_bytes: 1 << 30, max_segments: 100_000 }, 4);
+        let p = MergePlanner::new(
+            MergeConfig {
+                enabled: true,
+                max_bytes: 1 << 30,
+                max_segments: 100_000,
+            },
+            4,
+        );
         assert_eq!(p.config().max_segments, IOV_MAX);
     }
 
@@ -297,7 +351,13 @@ mod tests {
         ];
         assert_eq!(
             shape(&mut p, &b),
-            vec![(vec![0], false), (vec![1], true), (vec![2], true), (vec![3], true), (vec![4], true)]
+            vec![
+                (vec![0], false),
+                (vec![1], true),
+                (vec![2], true),
+                (vec![3], true),
+                (vec![4], true)
+            ]
         );
     }
 
@@ -307,8 +367,15 @@ mod tests {
         // the second write overlaps the first: it must not move before it,
         // and nothing may fuse across the cut; the third overlaps only the
         // first, which the drained cut already orders, so it joins the second
-        let b = [rq(IoKind::Write, 4096, 8192), rq(IoKind::Write, 0, 8192), rq(IoKind::Write, 8192, 4096)];
-        assert_eq!(shape(&mut p, &b), vec![(vec![0], false), (vec![1, 2], true)]);
+        let b = [
+            rq(IoKind::Write, 4096, 8192),
+            rq(IoKind::Write, 0, 8192),
+            rq(IoKind::Write, 8192, 4096),
+        ];
+        assert_eq!(
+            shape(&mut p, &b),
+            vec![(vec![0], false), (vec![1, 2], true)]
+        );
         // a read of a range an earlier write touches is ordered the same way
         let b = [rq(IoKind::Write, 0, 4096), rq(IoKind::Read, 0, 512)];
         assert_eq!(shape(&mut p, &b), vec![(vec![0], false), (vec![1], true)]);
@@ -323,7 +390,13 @@ mod tests {
 
     #[test]
     fn disabled_keeps_submission_order() {
-        let mut p = MergePlanner::new(MergeConfig { enabled: false, ..MergeConfig::default() }, 8);
+        let mut p = MergePlanner::new(
+            MergeConfig {
+                enabled: false,
+                ..MergeConfig::default()
+            },
+            8,
+        );
         let b = [rq(IoKind::Write, 4096, 4096), rq(IoKind::Write, 0, 4096)];
         assert_eq!(shape(&mut p, &b), vec![(vec![0], false), (vec![1], false)]);
     }

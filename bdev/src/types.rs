@@ -51,9 +51,17 @@ impl fmt::Display for IoKind {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
 pub enum BdevError {
     #[error("range {offset}+{len} bytes is past the device capacity of {capacity} bytes")]
-    OutOfRange { offset: u64, len: u64, capacity: u64 },
+    OutOfRange {
+        offset: u64,
+        len: u64,
+        capacity: u64,
+    },
     #[error("offset {offset} or length {len} is not a multiple of the block size {block_size}")]
-    Misaligned { offset: u64, len: u64, block_size: u32 },
+    Misaligned {
+        offset: u64,
+        len: u64,
+        block_size: u32,
+    },
     #[error("{kind} refused: the device is read-only")]
     ReadOnly { kind: IoKind },
     #[error("{kind} is not supported by this device")]
@@ -138,7 +146,11 @@ pub trait Bdev: Send + Sync {
     fn info(&self) -> &BdevInfo;
     /// A channel for one reactor. `ring` is that reactor's io_uring; drivers
     /// that use it may register their file at index `file_slot`.
-    fn open_channel(&self, ring: &io_uring::IoUring, file_slot: u32) -> std::io::Result<Box<dyn BdevChannel>>;
+    fn open_channel(
+        &self,
+        ring: &io_uring::IoUring,
+        file_slot: u32,
+    ) -> std::io::Result<Box<dyn BdevChannel>>;
 }
 
 /// A reactor's private handle on a device.
@@ -176,11 +188,19 @@ pub fn validate(info: &BdevInfo, kind: IoKind, offset: u64, len: u64) -> Result<
     }
     let bs = u64::from(info.block_size);
     if offset % bs != 0 || len % bs != 0 {
-        return Err(BdevError::Misaligned { offset, len, block_size: info.block_size });
+        return Err(BdevError::Misaligned {
+            offset,
+            len,
+            block_size: info.block_size,
+        });
     }
     match offset.checked_add(len) {
         Some(end) if end <= info.capacity_bytes => Ok(()),
-        _ => Err(BdevError::OutOfRange { offset, len, capacity: info.capacity_bytes }),
+        _ => Err(BdevError::OutOfRange {
+            offset,
+            len,
+            capacity: info.capacity_bytes,
+        }),
     }
 }
 
@@ -189,16 +209,23 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
     let t = s.trim();
     let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
     let (num, unit) = t.split_at(split);
-    let n: u64 = num.parse().map_err(|_| format!("`{s}` is not a size (expected e.g. 512, 64K, 1G)"))?;
+    let n: u64 = num
+        .parse()
+        .map_err(|_| format!("`{s}` is not a size (expected e.g. 512, 64K, 1G)"))?;
     let mult: u64 = match unit.trim().to_ascii_uppercase().as_str() {
         "" | "B" => 1,
         "K" | "KB" | "KIB" => 1 << 10,
         "M" | "MB" | "MIB" => 1 << 20,
         "G" | "GB" | "GIB" => 1 << 30,
         "T" | "TB" | "TIB" => 1 << 40,
-        other => return Err(format!("`{s}` has an unknown unit `{other}` (use K, M, G or T)")),
+        other => {
+            return Err(format!(
+                "`{s}` has an unknown unit `{other}` (use K, M, G or T)"
+            ))
+        }
     };
-    n.checked_mul(mult).ok_or_else(|| format!("`{s}` is too large"))
+    n.checked_mul(mult)
+        .ok_or_else(|| format!("`{s}` is too large"))
 }
 
 #[cfg(test)]
@@ -222,14 +249,39 @@ mod tests {
     fn validate_refuses_with_typed_errors() {
         let i = info();
         assert_eq!(validate(&i, IoKind::Read, 0, 4096), Ok(()));
-        assert!(matches!(validate(&i, IoKind::Read, 512, 4096), Err(BdevError::OutOfRange { .. })));
-        assert!(matches!(validate(&i, IoKind::Read, u64::MAX - 511, 512), Err(BdevError::OutOfRange { .. })));
-        assert!(matches!(validate(&i, IoKind::Write, 100, 512), Err(BdevError::Misaligned { .. })));
-        let ro = BdevInfo { read_only: true, ..info() };
-        assert_eq!(validate(&ro, IoKind::Write, 0, 512), Err(BdevError::ReadOnly { kind: IoKind::Write }));
+        assert!(matches!(
+            validate(&i, IoKind::Read, 512, 4096),
+            Err(BdevError::OutOfRange { .. })
+        ));
+        assert!(matches!(
+            validate(&i, IoKind::Read, u64::MAX - 511, 512),
+            Err(BdevError::OutOfRange { .. })
+        ));
+        assert!(matches!(
+            validate(&i, IoKind::Write, 100, 512),
+            Err(BdevError::Misaligned { .. })
+        ));
+        let ro = BdevInfo {
+            read_only: true,
+            ..info()
+        };
+        assert_eq!(
+            validate(&ro, IoKind::Write, 0, 512),
+            Err(BdevError::ReadOnly {
+                kind: IoKind::Write
+            })
+        );
         assert_eq!(validate(&ro, IoKind::Read, 0, 512), Ok(()));
-        let nod = BdevInfo { supports_discard: false, ..info() };
-        assert_eq!(validate(&nod, IoKind::Discard, 0, 512), Err(BdevError::Unsupported { kind: IoKind::Discard }));
+        let nod = BdevInfo {
+            supports_discard: false,
+            ..info()
+        };
+        assert_eq!(
+            validate(&nod, IoKind::Discard, 0, 512),
+            Err(BdevError::Unsupported {
+                kind: IoKind::Discard
+            })
+        );
     }
 
     #[test]

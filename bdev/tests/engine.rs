@@ -5,11 +5,17 @@ use std::sync::Arc;
 
 use proptest::prelude::*;
 use quern_bdev::drivers::{MallocBdev, NullBdev, UringBdev, UringOptions};
-use quern_bdev::{BdevError, BdevRef, EngineConfig, IoEngine, IoKind, IoRequest, IoResult, MergeConfig};
+use quern_bdev::{
+    BdevError, BdevRef, EngineConfig, IoEngine, IoKind, IoRequest, IoResult, MergeConfig,
+};
 
 fn engine(merge: bool) -> IoEngine {
     let cfg = EngineConfig {
-        merge: MergeConfig { enabled: merge, max_bytes: 64 << 10, max_segments: 32 },
+        merge: MergeConfig {
+            enabled: merge,
+            max_bytes: 64 << 10,
+            max_segments: 32,
+        },
         max_requests: 256,
         ring_entries: 64,
         ..EngineConfig::default()
@@ -18,7 +24,10 @@ fn engine(merge: bool) -> IoEngine {
 }
 
 fn iov(buf: &mut [u8]) -> libc::iovec {
-    libc::iovec { iov_base: buf.as_mut_ptr().cast(), iov_len: buf.len() }
+    libc::iovec {
+        iov_base: buf.as_mut_ptr().cast(),
+        iov_len: buf.len(),
+    }
 }
 
 /// A 4 KiB-aligned buffer (for O_DIRECT without bouncing).
@@ -39,8 +48,23 @@ impl Aligned {
     }
 }
 
-fn one(e: &mut IoEngine, dev: u16, kind: IoKind, offset: u64, bufs: &mut [libc::iovec], len: u64) -> IoResult {
-    let r = IoRequest { dev, kind, offset, len, iov: bufs, fua: false, cookie: 7 };
+fn one(
+    e: &mut IoEngine,
+    dev: u16,
+    kind: IoKind,
+    offset: u64,
+    bufs: &mut [libc::iovec],
+    len: u64,
+) -> IoResult {
+    let r = IoRequest {
+        dev,
+        kind,
+        offset,
+        len,
+        iov: bufs,
+        fua: false,
+        cookie: 7,
+    };
     e.submit(&r)?;
     let mut out = None;
     e.run_until_idle(|c, res| {
@@ -52,7 +76,10 @@ fn one(e: &mut IoEngine, dev: u16, kind: IoKind, offset: u64, bufs: &mut [libc::
 
 fn temp_uring(direct: bool, size: u64) -> (tempfile::TempDir, BdevRef) {
     // /var/tmp is disk-backed where /tmp may be tmpfs (no O_DIRECT there)
-    let dir = tempfile::Builder::new().prefix("quern-bdev").tempdir_in("/var/tmp").unwrap();
+    let dir = tempfile::Builder::new()
+        .prefix("quern-bdev")
+        .tempdir_in("/var/tmp")
+        .unwrap();
     let b = UringBdev::open(&UringOptions {
         name: "u".into(),
         path: dir.path().join("disk.img"),
@@ -68,43 +95,88 @@ fn temp_uring(direct: bool, size: u64) -> (tempfile::TempDir, BdevRef) {
 #[test]
 fn malloc_round_trip_and_zeroing() {
     let mut e = engine(true);
-    let d = e.add_device(Arc::new(MallocBdev::new("m", 1 << 20, 512, false).unwrap())).unwrap();
+    let d = e
+        .add_device(Arc::new(MallocBdev::new("m", 1 << 20, 512, false).unwrap()))
+        .unwrap();
     let mut w = vec![0xabu8; 8192];
-    assert_eq!(one(&mut e, d, IoKind::Write, 4096, &mut [iov(&mut w)], 8192), Ok(8192));
+    assert_eq!(
+        one(&mut e, d, IoKind::Write, 4096, &mut [iov(&mut w)], 8192),
+        Ok(8192)
+    );
     let mut r = vec![0u8; 8192];
-    assert_eq!(one(&mut e, d, IoKind::Read, 4096, &mut [iov(&mut r)], 8192), Ok(8192));
+    assert_eq!(
+        one(&mut e, d, IoKind::Read, 4096, &mut [iov(&mut r)], 8192),
+        Ok(8192)
+    );
     assert_eq!(r, w);
-    assert_eq!(one(&mut e, d, IoKind::WriteZeroes, 4096, &mut [], 4096), Ok(0));
+    assert_eq!(
+        one(&mut e, d, IoKind::WriteZeroes, 4096, &mut [], 4096),
+        Ok(0)
+    );
     assert_eq!(one(&mut e, d, IoKind::Discard, 8192, &mut [], 4096), Ok(0));
     assert_eq!(one(&mut e, d, IoKind::Flush, 0, &mut [], 0), Ok(0));
-    assert_eq!(one(&mut e, d, IoKind::Read, 4096, &mut [iov(&mut r)], 8192), Ok(8192));
+    assert_eq!(
+        one(&mut e, d, IoKind::Read, 4096, &mut [iov(&mut r)], 8192),
+        Ok(8192)
+    );
     assert!(r.iter().all(|&b| b == 0));
 }
 
 #[test]
 fn null_completes_without_touching_data() {
     let mut e = engine(true);
-    let d = e.add_device(Arc::new(NullBdev::new("n", 1 << 30, 512, false))).unwrap();
+    let d = e
+        .add_device(Arc::new(NullBdev::new("n", 1 << 30, 512, false)))
+        .unwrap();
     let mut r = vec![0x5au8; 4096];
-    assert_eq!(one(&mut e, d, IoKind::Read, 0, &mut [iov(&mut r)], 4096), Ok(4096));
+    assert_eq!(
+        one(&mut e, d, IoKind::Read, 0, &mut [iov(&mut r)], 4096),
+        Ok(4096)
+    );
     assert!(r.iter().all(|&b| b == 0x5a));
 }
 
 #[test]
 fn refusals_are_typed() {
     let mut e = engine(true);
-    let rw = e.add_device(Arc::new(MallocBdev::new("m", 1 << 20, 512, false).unwrap())).unwrap();
-    let ro = e.add_device(Arc::new(MallocBdev::new("r", 1 << 20, 512, true).unwrap())).unwrap();
+    let rw = e
+        .add_device(Arc::new(MallocBdev::new("m", 1 << 20, 512, false).unwrap()))
+        .unwrap();
+    let ro = e
+        .add_device(Arc::new(MallocBdev::new("r", 1 << 20, 512, true).unwrap()))
+        .unwrap();
     let mut b = vec![0u8; 4096];
     let mut v = [iov(&mut b)];
-    assert!(matches!(one(&mut e, rw, IoKind::Read, 1 << 20, &mut v, 4096), Err(BdevError::OutOfRange { .. })));
-    assert!(matches!(one(&mut e, rw, IoKind::Read, 100, &mut v, 4096), Err(BdevError::Misaligned { .. })));
-    assert_eq!(one(&mut e, ro, IoKind::Write, 0, &mut v, 4096), Err(BdevError::ReadOnly { kind: IoKind::Write }));
-    assert_eq!(one(&mut e, ro, IoKind::Discard, 0, &mut [], 4096), Err(BdevError::ReadOnly { kind: IoKind::Discard }));
+    assert!(matches!(
+        one(&mut e, rw, IoKind::Read, 1 << 20, &mut v, 4096),
+        Err(BdevError::OutOfRange { .. })
+    ));
+    assert!(matches!(
+        one(&mut e, rw, IoKind::Read, 100, &mut v, 4096),
+        Err(BdevError::Misaligned { .. })
+    ));
+    assert_eq!(
+        one(&mut e, ro, IoKind::Write, 0, &mut v, 4096),
+        Err(BdevError::ReadOnly {
+            kind: IoKind::Write
+        })
+    );
+    assert_eq!(
+        one(&mut e, ro, IoKind::Discard, 0, &mut [], 4096),
+        Err(BdevError::ReadOnly {
+            kind: IoKind::Discard
+        })
+    );
     assert_eq!(one(&mut e, ro, IoKind::Read, 0, &mut v, 4096), Ok(4096));
-    assert_eq!(one(&mut e, 9, IoKind::Read, 0, &mut v, 4096), Err(BdevError::NoDevice(9)));
+    assert_eq!(
+        one(&mut e, 9, IoKind::Read, 0, &mut v, 4096),
+        Err(BdevError::NoDevice(9))
+    );
     // length must match the buffers
-    assert!(matches!(one(&mut e, rw, IoKind::Read, 0, &mut v, 8192), Err(BdevError::Short { .. })));
+    assert!(matches!(
+        one(&mut e, rw, IoKind::Read, 0, &mut v, 8192),
+        Err(BdevError::Short { .. })
+    ));
 }
 
 #[test]
@@ -113,14 +185,26 @@ fn uring_direct_round_trip_discard_and_zeroes() {
     let mut e = engine(true);
     let d = e.add_device(b).unwrap();
     let mut w = Aligned::new(16384, 0x11);
-    assert_eq!(one(&mut e, d, IoKind::Write, 8192, &mut [iov(w.buf())], 16384), Ok(16384));
+    assert_eq!(
+        one(&mut e, d, IoKind::Write, 8192, &mut [iov(w.buf())], 16384),
+        Ok(16384)
+    );
     assert_eq!(one(&mut e, d, IoKind::Flush, 0, &mut [], 0), Ok(0));
     let mut r = Aligned::new(16384, 0);
-    assert_eq!(one(&mut e, d, IoKind::Read, 8192, &mut [iov(r.buf())], 16384), Ok(16384));
+    assert_eq!(
+        one(&mut e, d, IoKind::Read, 8192, &mut [iov(r.buf())], 16384),
+        Ok(16384)
+    );
     assert!(r.buf().iter().all(|&x| x == 0x11));
     assert_eq!(one(&mut e, d, IoKind::Discard, 8192, &mut [], 4096), Ok(0));
-    assert_eq!(one(&mut e, d, IoKind::WriteZeroes, 12288, &mut [], 4096), Ok(0));
-    assert_eq!(one(&mut e, d, IoKind::Read, 8192, &mut [iov(r.buf())], 16384), Ok(16384));
+    assert_eq!(
+        one(&mut e, d, IoKind::WriteZeroes, 12288, &mut [], 4096),
+        Ok(0)
+    );
+    assert_eq!(
+        one(&mut e, d, IoKind::Read, 8192, &mut [iov(r.buf())], 16384),
+        Ok(16384)
+    );
     assert!(r.buf()[..8192].iter().all(|&x| x == 0));
     assert!(r.buf()[8192..].iter().all(|&x| x == 0x11));
     assert_eq!(e.stats().bounced_ops, 0);
@@ -138,9 +222,15 @@ fn uring_bounces_misaligned_buffers() {
         *x = (i % 251) as u8;
     }
     let want = raw[1..].to_vec();
-    assert_eq!(one(&mut e, d, IoKind::Write, 0, &mut [iov(&mut raw[1..])], 4096), Ok(4096));
+    assert_eq!(
+        one(&mut e, d, IoKind::Write, 0, &mut [iov(&mut raw[1..])], 4096),
+        Ok(4096)
+    );
     let mut back = vec![0u8; 4096 + 3];
-    assert_eq!(one(&mut e, d, IoKind::Read, 0, &mut [iov(&mut back[3..])], 4096), Ok(4096));
+    assert_eq!(
+        one(&mut e, d, IoKind::Read, 0, &mut [iov(&mut back[3..])], 4096),
+        Ok(4096)
+    );
     assert_eq!(&back[3..], &want[..]);
     if direct {
         assert_eq!(e.stats().bounced_ops, 2);
@@ -167,7 +257,9 @@ fn missing_file_without_size_is_refused() {
 #[test]
 fn failed_fused_request_fails_only_the_bad_piece() {
     let mut e = engine(true);
-    let m = Arc::new(MallocBdev::with_bad_range("m", 1 << 20, 512, false, Some((4096 + 512, 512))).unwrap());
+    let m = Arc::new(
+        MallocBdev::with_bad_range("m", 1 << 20, 512, false, Some((4096 + 512, 512))).unwrap(),
+    );
     let d = e.add_device(m.clone()).unwrap();
     let mut bufs: Vec<Vec<u8>> = (0..3).map(|i| vec![i as u8 + 1; 4096]).collect();
     let iovs: Vec<libc::iovec> = bufs.iter_mut().map(|b| iov(b)).collect();
@@ -185,7 +277,14 @@ fn failed_fused_request_fails_only_the_bad_piece() {
     }
     let mut res = vec![None; 3];
     e.run_until_idle(|c, r| res[c as usize] = Some(r));
-    assert_eq!(res, vec![Some(Ok(4096)), Some(Err(BdevError::Io(libc::EIO))), Some(Ok(4096))]);
+    assert_eq!(
+        res,
+        vec![
+            Some(Ok(4096)),
+            Some(Err(BdevError::Io(libc::EIO))),
+            Some(Ok(4096))
+        ]
+    );
     assert_eq!(e.merge_stats().merged_ops, 1);
     assert_eq!(e.stats().split_retries, 1);
     let mut got = vec![0u8; 4096];
@@ -196,11 +295,21 @@ fn failed_fused_request_fails_only_the_bad_piece() {
 #[test]
 fn merging_fuses_a_sequential_batch() {
     let mut e = engine(true);
-    let d = e.add_device(Arc::new(MallocBdev::new("m", 1 << 20, 512, false).unwrap())).unwrap();
+    let d = e
+        .add_device(Arc::new(MallocBdev::new("m", 1 << 20, 512, false).unwrap()))
+        .unwrap();
     let mut bufs: Vec<Vec<u8>> = (0..8).map(|_| vec![0u8; 4096]).collect();
     let iovs: Vec<libc::iovec> = bufs.iter_mut().map(|b| iov(b)).collect();
     for (i, v) in iovs.iter().enumerate().rev() {
-        let r = IoRequest { dev: d, kind: IoKind::Read, offset: i as u64 * 4096, len: 4096, iov: std::slice::from_ref(v), fua: false, cookie: i as u64 };
+        let r = IoRequest {
+            dev: d,
+            kind: IoKind::Read,
+            offset: i as u64 * 4096,
+            len: 4096,
+            iov: std::slice::from_ref(v),
+            fua: false,
+            cookie: i as u64,
+        };
         e.submit(&r).unwrap();
     }
     let mut n = 0;
@@ -235,31 +344,51 @@ fn req_strategy() -> impl Strategy<Value = Req> {
         1 => Just(IoKind::Discard),
         1 => Just(IoKind::WriteZeroes),
     ];
-    (kind, 0..BLOCKS, 1..9u64, 1..4usize, any::<u8>()).prop_map(|(kind, block, blocks, segs, fill)| Req {
-        kind,
-        block,
-        blocks,
-        segs,
-        fill,
-    })
+    (kind, 0..BLOCKS, 1..9u64, 1..4usize, any::<u8>()).prop_map(
+        |(kind, block, blocks, segs, fill)| Req {
+            kind,
+            block,
+            blocks,
+            segs,
+            fill,
+        },
+    )
 }
 
 /// Run one batch; return per-request results, the data each read returned,
 /// and the device contents after.
-fn run_batch(dev: BdevRef, merge: bool, batch: &[Req], aligned: bool) -> (Vec<IoResult>, Vec<Vec<u8>>, Vec<u8>) {
+fn run_batch(
+    dev: BdevRef,
+    merge: bool,
+    batch: &[Req],
+    aligned: bool,
+) -> (Vec<IoResult>, Vec<Vec<u8>>, Vec<u8>) {
     let mut e = engine(merge);
     let d = e.add_device(dev).unwrap();
     // every request's buffer, split into `segs` iovecs
     let mut store: Vec<Aligned> = batch
         .iter()
-        .map(|r| Aligned::new((r.blocks * BS) as usize, if r.kind == IoKind::Write { r.fill } else { 0 }))
+        .map(|r| {
+            Aligned::new(
+                (r.blocks * BS) as usize,
+                if r.kind == IoKind::Write { r.fill } else { 0 },
+            )
+        })
         .collect();
     let mut iovs: Vec<Vec<libc::iovec>> = Vec::new();
     for (r, a) in batch.iter().zip(store.iter_mut()) {
         let buf = a.buf();
         let n = buf.len();
-        let segs = if aligned { r.segs.min((n / BS as usize).max(1)) } else { r.segs.min(n) };
-        let unit = if aligned { (n / BS as usize / segs) * BS as usize } else { n / segs };
+        let segs = if aligned {
+            r.segs.min((n / BS as usize).max(1))
+        } else {
+            r.segs.min(n)
+        };
+        let unit = if aligned {
+            (n / BS as usize / segs) * BS as usize
+        } else {
+            n / segs
+        };
         let mut v = Vec::new();
         let mut off = 0;
         for s in 0..segs {
@@ -271,9 +400,21 @@ fn run_batch(dev: BdevRef, merge: bool, batch: &[Req], aligned: bool) -> (Vec<Io
     }
     let mut results: Vec<Option<IoResult>> = vec![None; batch.len()];
     for (i, r) in batch.iter().enumerate() {
-        let (offset, len) = if r.kind == IoKind::Flush { (0, 0) } else { (r.block * BS, r.blocks * BS) };
+        let (offset, len) = if r.kind == IoKind::Flush {
+            (0, 0)
+        } else {
+            (r.block * BS, r.blocks * BS)
+        };
         let data: &[libc::iovec] = if r.kind.has_data() { &iovs[i] } else { &[] };
-        let req = IoRequest { dev: d, kind: r.kind, offset, len, iov: data, fua: false, cookie: i as u64 };
+        let req = IoRequest {
+            dev: d,
+            kind: r.kind,
+            offset,
+            len,
+            iov: data,
+            fua: false,
+            cookie: i as u64,
+        };
         if let Err(err) = e.submit(&req) {
             results[i] = Some(Err(err));
         }
@@ -282,7 +423,13 @@ fn run_batch(dev: BdevRef, merge: bool, batch: &[Req], aligned: bool) -> (Vec<Io
     let reads = batch
         .iter()
         .zip(store.iter_mut())
-        .map(|(r, a)| if r.kind == IoKind::Read { a.buf().to_vec() } else { Vec::new() })
+        .map(|(r, a)| {
+            if r.kind == IoKind::Read {
+                a.buf().to_vec()
+            } else {
+                Vec::new()
+            }
+        })
         .collect();
     // contents: read the device back block by block through a fresh,
     // unmerged engine (an injected bad block reads as a marker)
@@ -292,14 +439,30 @@ fn run_batch(dev: BdevRef, merge: bool, batch: &[Req], aligned: bool) -> (Vec<Io
     for (blk, chunk) in all.buf().chunks_mut(BS as usize).enumerate() {
         let v = [iov(chunk)];
         let off = blk as u64 * BS;
-        e2.submit(&IoRequest { dev: d2, kind: IoKind::Read, offset: off, len: BS, iov: &v, fua: false, cookie: 0 }).unwrap();
+        e2.submit(&IoRequest {
+            dev: d2,
+            kind: IoKind::Read,
+            offset: off,
+            len: BS,
+            iov: &v,
+            fua: false,
+            cookie: 0,
+        })
+        .unwrap();
         let mut failed = false;
         e2.run_until_idle(|_, r| failed = r.is_err());
         if failed {
             chunk.fill(0xee);
         }
     }
-    (results.into_iter().map(|r| r.expect("every request completes")).collect(), reads, all.buf().to_vec())
+    (
+        results
+            .into_iter()
+            .map(|r| r.expect("every request completes"))
+            .collect(),
+        reads,
+        all.buf().to_vec(),
+    )
 }
 
 proptest! {

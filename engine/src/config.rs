@@ -14,7 +14,10 @@ use serde::Deserialize;
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     #[error("cannot read {path}: {source}")]
-    Read { path: PathBuf, source: std::io::Error },
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("{path}: {message}")]
     Parse { path: PathBuf, message: String },
     #[error("{key}: {reason}")]
@@ -22,7 +25,10 @@ pub enum ConfigError {
 }
 
 fn invalid(key: impl Into<String>, reason: impl Into<String>) -> ConfigError {
-    ConfigError::Invalid { key: key.into(), reason: reason.into() }
+    ConfigError::Invalid {
+        key: key.into(),
+        reason: reason.into(),
+    }
 }
 
 #[derive(Debug, Deserialize)]
@@ -88,7 +94,11 @@ fn default_max_segments() -> usize {
 
 impl Default for MergeSection {
     fn default() -> Self {
-        MergeSection { enabled: true, max_bytes: default_max_bytes(), max_segments: default_max_segments() }
+        MergeSection {
+            enabled: true,
+            max_bytes: default_max_bytes(),
+            max_segments: default_max_segments(),
+        }
     }
 }
 
@@ -110,9 +120,15 @@ pub struct BdevSection {
 
 impl Config {
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.into(), source })?;
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.into(),
+            source,
+        })?;
         let cfg = Self::parse(&text).map_err(|e| match e {
-            ConfigError::Parse { message, .. } => ConfigError::Parse { path: path.into(), message },
+            ConfigError::Parse { message, .. } => ConfigError::Parse {
+                path: path.into(),
+                message,
+            },
             other => other,
         })?;
         Ok(cfg)
@@ -120,8 +136,10 @@ impl Config {
 
     /// Parse and validate a configuration text.
     pub fn parse(text: &str) -> Result<Config, ConfigError> {
-        let cfg: Config =
-            toml::from_str(text).map_err(|e| ConfigError::Parse { path: "<config>".into(), message: e.to_string() })?;
+        let cfg: Config = toml::from_str(text).map_err(|e| ConfigError::Parse {
+            path: "<config>".into(),
+            message: e.to_string(),
+        })?;
         cfg.validate()?;
         Ok(cfg)
     }
@@ -135,25 +153,43 @@ impl Config {
         let mut seen = HashSet::new();
         for &c in &r.cores {
             if !avail.contains(&c) {
-                return Err(invalid("reactor.cores", format!("core {c} does not exist (this machine has cores {avail:?})")));
+                return Err(invalid(
+                    "reactor.cores",
+                    format!("core {c} does not exist (this machine has cores {avail:?})"),
+                ));
             }
             if !seen.insert(c) {
-                return Err(invalid("reactor.cores", format!("core {c} is listed twice")));
+                return Err(invalid(
+                    "reactor.cores",
+                    format!("core {c} is listed twice"),
+                ));
             }
         }
-        r.poll_mode.parse::<quern_reactor::PollMode>().map_err(|e| invalid("reactor.poll_mode", e))?;
+        r.poll_mode
+            .parse::<quern_reactor::PollMode>()
+            .map_err(|e| invalid("reactor.poll_mode", e))?;
         if r.max_requests == 0 || r.max_requests > 65536 {
-            return Err(invalid("reactor.max_requests", format!("{} is outside 1..=65536", r.max_requests)));
+            return Err(invalid(
+                "reactor.max_requests",
+                format!("{} is outside 1..=65536", r.max_requests),
+            ));
         }
         let m = &self.merge;
         if m.max_segments == 0 || m.max_segments > quern_bdev::IOV_MAX {
             return Err(invalid(
                 "merge.max_segments",
-                format!("{} is outside 1..={} (IOV_MAX)", m.max_segments, quern_bdev::IOV_MAX),
+                format!(
+                    "{} is outside 1..={} (IOV_MAX)",
+                    m.max_segments,
+                    quern_bdev::IOV_MAX
+                ),
             ));
         }
         if m.max_bytes < 4096 || m.max_bytes > 64 << 20 {
-            return Err(invalid("merge.max_bytes", format!("{} is outside 4096..=64 MiB", m.max_bytes)));
+            return Err(invalid(
+                "merge.max_bytes",
+                format!("{} is outside 4096..=64 MiB", m.max_bytes),
+            ));
         }
         let mut names = HashSet::new();
         for (i, b) in self.bdevs.iter().enumerate() {
@@ -162,7 +198,10 @@ impl Config {
                 return Err(invalid(key("name"), "must not be empty"));
             }
             if !names.insert(b.name.as_str()) {
-                return Err(invalid(key("name"), format!("`{}` is used by another bdev", b.name)));
+                return Err(invalid(
+                    key("name"),
+                    format!("`{}` is used by another bdev", b.name),
+                ));
             }
             let size = match &b.size {
                 Some(s) => Some(quern_bdev::parse_size(s).map_err(|e| invalid(key("size"), e))?),
@@ -170,16 +209,27 @@ impl Config {
             };
             if let Some(bs) = b.block_size {
                 if !bs.is_power_of_two() || !(512..=65536).contains(&bs) {
-                    return Err(invalid(key("block_size"), format!("{bs} is not a power of two in 512..=65536")));
+                    return Err(invalid(
+                        key("block_size"),
+                        format!("{bs} is not a power of two in 512..=65536"),
+                    ));
                 }
             }
             match b.driver.as_str() {
                 "malloc" | "null" => {
                     if b.path.is_some() {
-                        return Err(invalid(key("path"), format!("the {} driver takes no path", b.driver)));
+                        return Err(invalid(
+                            key("path"),
+                            format!("the {} driver takes no path", b.driver),
+                        ));
                     }
                     match size {
-                        None => return Err(invalid(key("size"), format!("the {} driver needs a size", b.driver))),
+                        None => {
+                            return Err(invalid(
+                                key("size"),
+                                format!("the {} driver needs a size", b.driver),
+                            ))
+                        }
                         Some(s) if s < u64::from(b.block_size.unwrap_or(512)) => {
                             return Err(invalid(key("size"), "must be at least one block"))
                         }
@@ -187,20 +237,34 @@ impl Config {
                     }
                 }
                 "uring" => {
-                    let Some(p) = &b.path else { return Err(invalid(key("path"), "the uring driver needs a path")) };
+                    let Some(p) = &b.path else {
+                        return Err(invalid(key("path"), "the uring driver needs a path"));
+                    };
                     let full = self.resolve(p);
                     if !full.exists() && size.is_none() {
                         return Err(invalid(
                             key("path"),
-                            format!("{} does not exist (give `size` to have it created)", full.display()),
+                            format!(
+                                "{} does not exist (give `size` to have it created)",
+                                full.display()
+                            ),
                         ));
                     }
                     if !full.exists() && b.read_only {
-                        return Err(invalid(key("path"), format!("{} does not exist and the bdev is read-only", full.display())));
+                        return Err(invalid(
+                            key("path"),
+                            format!(
+                                "{} does not exist and the bdev is read-only",
+                                full.display()
+                            ),
+                        ));
                     }
                 }
                 other => {
-                    return Err(invalid(key("driver"), format!("unknown driver `{other}` (expected uring, malloc or null)")))
+                    return Err(invalid(
+                        key("driver"),
+                        format!("unknown driver `{other}` (expected uring, malloc or null)"),
+                    ))
                 }
             }
         }

@@ -16,12 +16,18 @@ const USAGE: &str = "usage: quern --config FILE.toml | quern check-config FILE.t
 fn main() -> ExitCode {
     tracing_subscriber::fmt()
         .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("QUERN_LOG").unwrap_or_else(|_| "info".into()),
+            tracing_subscriber::EnvFilter::try_from_env("QUERN_LOG")
+                .unwrap_or_else(|_| "info".into()),
         )
         .with_writer(std::io::stderr)
         .init();
     let args: Vec<String> = std::env::args().skip(1).collect();
-    match args.iter().map(String::as_str).collect::<Vec<_>>().as_slice() {
+    match args
+        .iter()
+        .map(String::as_str)
+        .collect::<Vec<_>>()
+        .as_slice()
+    {
         ["check-config", path] | ["--check-config", path] => check(PathBuf::from(path)),
         ["--config", path] | ["-c", path] => run(PathBuf::from(path)),
         ["--help"] | ["-h"] => {
@@ -76,7 +82,13 @@ fn run(path: PathBuf) -> ExitCode {
     engine.stop();
     for r in &engine.reactors {
         let s = r.stats.snapshot();
-        tracing::info!(reactor = r.id, cycles = s.cycles, ios = s.ios_completed, busy_ms = s.busy_ns / 1_000_000, "reactor statistics");
+        tracing::info!(
+            reactor = r.id,
+            cycles = s.cycles,
+            ios = s.ios_completed,
+            busy_ms = s.busy_ns / 1_000_000,
+            "reactor statistics"
+        );
     }
     tracing::info!("quern stopped");
     ExitCode::SUCCESS

@@ -20,20 +20,37 @@ pub struct Engine {
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
     #[error("bdev `{name}`: {source}")]
-    Bdev { name: String, source: std::io::Error },
+    Bdev {
+        name: String,
+        source: std::io::Error,
+    },
     #[error("reactor on core {core}: {source}")]
     Reactor { core: usize, source: std::io::Error },
 }
 
 fn open_bdev(cfg: &Config, b: &BdevSection) -> std::io::Result<BdevRef> {
-    let size = b.size.as_deref().map(quern_bdev::parse_size).transpose().map_err(std::io::Error::other)?;
+    let size = b
+        .size
+        .as_deref()
+        .map(quern_bdev::parse_size)
+        .transpose()
+        .map_err(std::io::Error::other)?;
     let bs = b.block_size.unwrap_or(512);
     Ok(match b.driver.as_str() {
-        "malloc" => Arc::new(MallocBdev::new(&b.name, size.unwrap_or(0), bs, b.read_only)?),
+        "malloc" => Arc::new(MallocBdev::new(
+            &b.name,
+            size.unwrap_or(0),
+            bs,
+            b.read_only,
+        )?),
         "null" => Arc::new(NullBdev::new(&b.name, size.unwrap_or(0), bs, b.read_only)),
         "uring" => Arc::new(UringBdev::open(&UringOptions {
             name: b.name.clone(),
-            path: cfg.resolve(b.path.as_deref().unwrap_or_else(|| std::path::Path::new(""))),
+            path: cfg.resolve(
+                b.path
+                    .as_deref()
+                    .unwrap_or_else(|| std::path::Path::new("")),
+            ),
             create_size: size,
             direct: b.direct,
             read_only: b.read_only,
@@ -45,11 +62,16 @@ fn open_bdev(cfg: &Config, b: &BdevSection) -> std::io::Result<BdevRef> {
 
 impl Engine {
     pub fn start(cfg: &Config) -> Result<Engine, StartError> {
-        std::fs::create_dir_all(&cfg.state_dir)
-            .map_err(|source| StartError::Bdev { name: "<state_dir>".into(), source })?;
+        std::fs::create_dir_all(&cfg.state_dir).map_err(|source| StartError::Bdev {
+            name: "<state_dir>".into(),
+            source,
+        })?;
         let mut bdevs = Vec::new();
         for b in &cfg.bdevs {
-            let bdev = open_bdev(cfg, b).map_err(|source| StartError::Bdev { name: b.name.clone(), source })?;
+            let bdev = open_bdev(cfg, b).map_err(|source| StartError::Bdev {
+                name: b.name.clone(),
+                source,
+            })?;
             let i = bdev.info();
             tracing::info!(bdev = %i.name, driver = i.driver, capacity = i.capacity_bytes, block_size = i.block_size, read_only = i.read_only, "bdev ready");
             bdevs.push((b.name.clone(), bdev));
@@ -87,7 +109,10 @@ impl Engine {
                 let b = b.clone();
                 if let Err(source) = r.call(move |ctx| ctx.io.add_device(b).map(|_| ())) {
                     engine.stop();
-                    return Err(StartError::Bdev { name: name.clone(), source });
+                    return Err(StartError::Bdev {
+                        name: name.clone(),
+                        source,
+                    });
                 }
             }
         }

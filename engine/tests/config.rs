@@ -49,7 +49,10 @@ fn wrong_type_is_named() {
 #[test]
 fn missing_core_is_refused() {
     let e = err(&BASE.replace("cores = [0]", "cores = [0, 4096]"));
-    assert!(e.contains("reactor.cores") && e.contains("core 4096 does not exist"), "{e}");
+    assert!(
+        e.contains("reactor.cores") && e.contains("core 4096 does not exist"),
+        "{e}"
+    );
     let e = err(&BASE.replace("cores = [0]", "cores = [0, 0]"));
     assert!(e.contains("listed twice"), "{e}");
     let e = err(&BASE.replace("cores = [0]", "cores = []"));
@@ -64,14 +67,24 @@ fn bad_poll_mode_is_refused() {
 
 #[test]
 fn duplicate_bdev_names_are_refused() {
-    let e = err(&format!("{BASE}\n[[bdev]]\nname = \"m0\"\ndriver = \"null\"\nsize = \"1G\"\n"));
-    assert!(e.contains("bdev[1].name") && e.contains("`m0` is used by another bdev"), "{e}");
+    let e = err(&format!(
+        "{BASE}\n[[bdev]]\nname = \"m0\"\ndriver = \"null\"\nsize = \"1G\"\n"
+    ));
+    assert!(
+        e.contains("bdev[1].name") && e.contains("`m0` is used by another bdev"),
+        "{e}"
+    );
 }
 
 #[test]
 fn missing_backing_file_is_refused() {
-    let e = err(&format!("{BASE}\n[[bdev]]\nname = \"u\"\ndriver = \"uring\"\npath = \"/nonexistent/q.img\"\n"));
-    assert!(e.contains("bdev[1].path") && e.contains("does not exist"), "{e}");
+    let e = err(&format!(
+        "{BASE}\n[[bdev]]\nname = \"u\"\ndriver = \"uring\"\npath = \"/nonexistent/q.img\"\n"
+    ));
+    assert!(
+        e.contains("bdev[1].path") && e.contains("does not exist"),
+        "{e}"
+    );
 }
 
 #[test]
@@ -79,15 +92,24 @@ fn driver_and_size_errors_are_named() {
     let e = err(&BASE.replace("\"malloc\"", "\"floppy\""));
     assert!(e.contains("bdev[0].driver") && e.contains("floppy"), "{e}");
     let e = err(&BASE.replace("\"16M\"", "\"16Q\""));
-    assert!(e.contains("bdev[0].size") && e.contains("unknown unit"), "{e}");
+    assert!(
+        e.contains("bdev[0].size") && e.contains("unknown unit"),
+        "{e}"
+    );
     let e = err(&BASE.replace("size = \"16M\"", ""));
-    assert!(e.contains("bdev[0].size") && e.contains("needs a size"), "{e}");
+    assert!(
+        e.contains("bdev[0].size") && e.contains("needs a size"),
+        "{e}"
+    );
 }
 
 #[test]
 fn merge_limits_are_checked() {
     let e = err(&format!("{BASE}\n[merge]\nmax_segments = 5000\n"));
-    assert!(e.contains("merge.max_segments") && e.contains("IOV_MAX"), "{e}");
+    assert!(
+        e.contains("merge.max_segments") && e.contains("IOV_MAX"),
+        "{e}"
+    );
     let e = err(&format!("{BASE}\n[merge]\nmax_bytes = 10\n"));
     assert!(e.contains("merge.max_bytes"), "{e}");
 }
@@ -103,11 +125,18 @@ fn example() -> String {
 #[test]
 fn check_config_accepts_the_default_and_names_errors() {
     let out = quern().args(["check-config", &example()]).output().unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let dir = tempfile::tempdir().unwrap();
     let bad = dir.path().join("bad.toml");
     std::fs::write(&bad, "[reactor]\ncores = [0]\ncolour = \"blue\"\n").unwrap();
-    let out = quern().args(["check-config", bad.to_str().unwrap()]).output().unwrap();
+    let out = quern()
+        .args(["check-config", bad.to_str().unwrap()])
+        .output()
+        .unwrap();
     assert_eq!(out.status.code(), Some(1));
     let msg = String::from_utf8_lossy(&out.stderr);
     assert!(msg.contains("colour"), "{msg}");
@@ -118,10 +147,16 @@ fn check_config_accepts_the_default_and_names_errors() {
 #[test]
 fn runs_the_default_config_and_stops_cleanly_on_sigterm() {
     let dir = tempfile::tempdir().unwrap();
-    let text = std::fs::read_to_string(example()).unwrap().replace("/tmp/quern", dir.path().to_str().unwrap());
+    let text = std::fs::read_to_string(example())
+        .unwrap()
+        .replace("/tmp/quern", dir.path().to_str().unwrap());
     let cfg = dir.path().join("quern.toml");
     std::fs::write(&cfg, text).unwrap();
-    let child = quern().args(["--config", cfg.to_str().unwrap()]).stderr(Stdio::piped()).spawn().unwrap();
+    let child = quern()
+        .args(["--config", cfg.to_str().unwrap()])
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
     let img = dir.path().join("disk0.img");
     let t = Instant::now();
     while !img.exists() && t.elapsed() < Duration::from_secs(10) {
@@ -134,7 +169,10 @@ fn runs_the_default_config_and_stops_cleanly_on_sigterm() {
     let out = child.wait_with_output().unwrap();
     let log = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{log}");
-    assert!(log.contains("quern running") && log.contains("quern stopped"), "{log}");
+    assert!(
+        log.contains("quern running") && log.contains("quern stopped"),
+        "{log}"
+    );
 }
 
 #[test]
@@ -144,10 +182,16 @@ fn start_up_failure_starts_nothing() {
     // a directory is not a block device or file: refused at start, clean exit 1
     std::fs::write(
         &cfg,
-        format!("[reactor]\ncores = [0]\n[[bdev]]\nname = \"u\"\ndriver = \"uring\"\npath = \"{}\"\n", dir.path().display()),
+        format!(
+            "[reactor]\ncores = [0]\n[[bdev]]\nname = \"u\"\ndriver = \"uring\"\npath = \"{}\"\n",
+            dir.path().display()
+        ),
     )
     .unwrap();
-    let out = quern().args(["--config", cfg.to_str().unwrap()]).output().unwrap();
+    let out = quern()
+        .args(["--config", cfg.to_str().unwrap()])
+        .output()
+        .unwrap();
     assert_eq!(out.status.code(), Some(1));
     let log = String::from_utf8_lossy(&out.stderr);
     assert!(log.contains("bdev `u`"), "{log}");

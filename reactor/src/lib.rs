@@ -43,7 +43,9 @@ impl std::str::FromStr for PollMode {
             "busy" => Ok(PollMode::Busy),
             "adaptive" => Ok(PollMode::Adaptive),
             "interrupt" => Ok(PollMode::Interrupt),
-            o => Err(format!("unknown poll mode `{o}` (expected busy, adaptive or interrupt)")),
+            o => Err(format!(
+                "unknown poll mode `{o}` (expected busy, adaptive or interrupt)"
+            )),
         }
     }
 }
@@ -90,6 +92,10 @@ pub trait Poller: Send {
     /// Requests submitted and not yet completed.
     fn in_flight(&self) -> usize {
         0
+    }
+    /// For a queue-like poller: where a restarted successor resumes.
+    fn resume_index(&self) -> Option<u16> {
+        None
     }
 }
 
@@ -147,5 +153,9 @@ impl ReactorStats {
 
 /// Cores that exist on this machine.
 pub fn available_cores() -> Vec<usize> {
-    core_affinity::get_core_ids().unwrap_or_default().into_iter().map(|c| c.id).collect()
+    core_affinity::get_core_ids()
+        .unwrap_or_default()
+        .into_iter()
+        .map(|c| c.id)
+        .collect()
 }

@@ -40,7 +40,10 @@ impl ReactorCtx {
     }
 
     pub fn poller_in_flight(&self, slot: usize) -> usize {
-        self.pollers.get(slot).and_then(|p| p.as_ref()).map_or(0, |p| p.in_flight())
+        self.pollers
+            .get(slot)
+            .and_then(|p| p.as_ref())
+            .map_or(0, |p| p.in_flight())
     }
 }
 
@@ -67,11 +70,17 @@ impl ReactorHandle {
 
     /// Send a message through the handle's shared mailbox (control plane).
     pub fn send(&self, msg: Msg) {
-        self.mailbox.lock().unwrap_or_else(|e| e.into_inner()).send(msg);
+        self.mailbox
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .send(msg);
     }
 
     /// Run `f` on the reactor and wait for its answer (control plane only).
-    pub fn call<R: Send + 'static>(&self, f: impl FnOnce(&mut ReactorCtx) -> R + Send + 'static) -> R {
+    pub fn call<R: Send + 'static>(
+        &self,
+        f: impl FnOnce(&mut ReactorCtx) -> R + Send + 'static,
+    ) -> R {
         let (tx, rx) = crossbeam_channel::bounded(1);
         self.send(Box::new(move |ctx| {
             let _ = tx.send(f(ctx));
@@ -99,31 +108,36 @@ pub fn spawn_reactor(cfg: ReactorConfig) -> std::io::Result<Arc<ReactorHandle>> 
     let (ready_tx, ready_rx) = crossbeam_channel::bounded(1);
     let thread = {
         let (bell, stats, stop, cfg) = (bell.clone(), stats.clone(), stop.clone(), cfg.clone());
-        std::thread::Builder::new().name(format!("reactor{}", cfg.id)).spawn(move || {
-            if let Some(core) = cfg.core {
-                if !core_affinity::set_for_current(core_affinity::CoreId { id: core }) {
-                    tracing::warn!(reactor = cfg.id, core, "could not pin reactor to its core");
+        std::thread::Builder::new()
+            .name(format!("reactor{}", cfg.id))
+            .spawn(move || {
+                if let Some(core) = cfg.core {
+                    if !core_affinity::set_for_current(core_affinity::CoreId { id: core }) {
+                        tracing::warn!(reactor = cfg.id, core, "could not pin reactor to its core");
+                    }
                 }
-            }
-            let io = match IoEngine::new(cfg.engine) {
-                Ok(io) => io,
-                Err(e) => {
-                    let _ = ready_tx.send(Err(e));
-                    return;
-                }
-            };
-            let mut r = match Reactor::new(cfg, io, bell, stats, stop, new_inbox_rx, first_inbox) {
-                Ok(r) => r,
-                Err(e) => {
-                    let _ = ready_tx.send(Err(e));
-                    return;
-                }
-            };
-            let _ = ready_tx.send(Ok(()));
-            r.run();
-        })?
+                let io = match IoEngine::new(cfg.engine) {
+                    Ok(io) => io,
+                    Err(e) => {
+                        let _ = ready_tx.send(Err(e));
+                        return;
+                    }
+                };
+                let mut r =
+                    match Reactor::new(cfg, io, bell, stats, stop, new_inbox_rx, first_inbox) {
+                        Ok(r) => r,
+                        Err(e) => {
+                            let _ = ready_tx.send(Err(e));
+                            return;
+                        }
+                    };
+                let _ = ready_tx.send(Ok(()));
+                r.run();
+            })?
     };
-    ready_rx.recv().map_err(|_| std::io::Error::other("reactor thread died at start"))??;
+    ready_rx
+        .recv()
+        .map_err(|_| std::io::Error::other("reactor thread died at start"))??;
     tracing::info!(reactor = cfg.id, core = ?cfg.core, mode = %cfg.mode, "reactor started");
     Ok(Arc::new(ReactorHandle {
         id: cfg.id,
@@ -175,7 +189,12 @@ impl Reactor {
             return Err(std::io::Error::last_os_error());
         }
         let r = Reactor {
-            ctx: ReactorCtx { id: cfg.id, io, pollers: Vec::new(), epoll_dirty: true },
+            ctx: ReactorCtx {
+                id: cfg.id,
+                io,
+                pollers: Vec::new(),
+                epoll_dirty: true,
+            },
             cfg,
             bell,
             ring_efd,
@@ -222,7 +241,10 @@ impl Reactor {
                 if sleep {
                     self.sleep();
                     let woke = Instant::now();
-                    self.stats.idle_ns.fetch_add(woke.duration_since(now).as_nanos() as u64, Ordering::Relaxed);
+                    self.stats.idle_ns.fetch_add(
+                        woke.duration_since(now).as_nanos() as u64,
+                        Ordering::Relaxed,
+                    );
                     cycle_start = woke;
                 }
             }
@@ -259,11 +281,14 @@ impl Reactor {
         let after = io.stats();
         let st = &self.stats;
         if after.requests_submitted != before.requests_submitted || done > 0 {
-            st.ios_submitted.store(after.requests_submitted, Ordering::Relaxed);
-            st.ios_completed.store(after.requests_completed, Ordering::Relaxed);
+            st.ios_submitted
+                .store(after.requests_submitted, Ordering::Relaxed);
+            st.ios_completed
+                .store(after.requests_completed, Ordering::Relaxed);
             let m = io.merge_stats();
             st.merge_requests_in.store(m.requests_in, Ordering::Relaxed);
-            st.merge_requests_out.store(m.requests_out, Ordering::Relaxed);
+            st.merge_requests_out
+                .store(m.requests_out, Ordering::Relaxed);
             st.merge_bytes.store(m.bytes, Ordering::Relaxed);
         }
         // in-flight I/O counts as work for the spin decision
@@ -280,10 +305,19 @@ impl Reactor {
             unsafe { libc::epoll_ctl(self.epfd, libc::EPOLL_CTL_DEL, fd, std::ptr::null_mut()) };
         }
         let mut fds = vec![self.bell.fd(), self.ring_efd.fd()];
-        fds.extend(self.ctx.pollers.iter().flatten().filter_map(|p| p.wake_fd()));
+        fds.extend(
+            self.ctx
+                .pollers
+                .iter()
+                .flatten()
+                .filter_map(|p| p.wake_fd()),
+        );
         fds.extend(self.ctx.io.device_wake_fds());
         for fd in fds {
-            let mut ev = libc::epoll_event { events: libc::EPOLLIN as u32, u64: fd as u64 };
+            let mut ev = libc::epoll_event {
+                events: libc::EPOLLIN as u32,
+                u64: fd as u64,
+            };
             // SAFETY: valid epoll fd and event struct.
             if unsafe { libc::epoll_ctl(self.epfd, libc::EPOLL_CTL_ADD, fd, &mut ev) } == 0 {
                 self.watched.push(fd);
@@ -302,7 +336,8 @@ impl Reactor {
             let mut evs = [libc::epoll_event { events: 0, u64: 0 }; 16];
             // a timeout bounds any missed wake-up to one second
             // SAFETY: evs is a valid buffer of 16 events.
-            let n = unsafe { libc::epoll_wait(self.epfd, evs.as_mut_ptr(), evs.len() as i32, 1000) };
+            let n =
+                unsafe { libc::epoll_wait(self.epfd, evs.as_mut_ptr(), evs.len() as i32, 1000) };
             for ev in evs.iter().take(n.max(0) as usize) {
                 let fd = ev.u64 as RawFd;
                 let mut v: u64 = 0;

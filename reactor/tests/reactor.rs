@@ -23,8 +23,19 @@ impl Poller for Writer {
     fn poll(&mut self, io: &mut IoEngine, base: u64) -> usize {
         let mut n = 0;
         while self.inflight < 8 && self.next < self.total {
-            let v = [libc::iovec { iov_base: self.buf.as_mut_ptr().cast(), iov_len: 4096 }];
-            let r = IoRequest { dev: self.dev, kind: IoKind::Write, offset: self.next * 4096, len: 4096, iov: &v, fua: false, cookie: base | self.next };
+            let v = [libc::iovec {
+                iov_base: self.buf.as_mut_ptr().cast(),
+                iov_len: 4096,
+            }];
+            let r = IoRequest {
+                dev: self.dev,
+                kind: IoKind::Write,
+                offset: self.next * 4096,
+                len: 4096,
+                iov: &v,
+                fua: false,
+                cookie: base | self.next,
+            };
             io.submit(&r).unwrap();
             self.next += 1;
             self.inflight += 1;
@@ -43,7 +54,13 @@ impl Poller for Writer {
 }
 
 fn cfg(mode: PollMode) -> ReactorConfig {
-    ReactorConfig { id: 0, core: None, mode, idle_spin: Duration::from_micros(100), engine: EngineConfig::default() }
+    ReactorConfig {
+        id: 0,
+        core: None,
+        mode,
+        idle_spin: Duration::from_micros(100),
+        engine: EngineConfig::default(),
+    }
 }
 
 fn run_writer(mode: PollMode) {
@@ -51,11 +68,22 @@ fn run_writer(mode: PollMode) {
     let m = Arc::new(MallocBdev::new("m", 8 << 20, 512, false).unwrap());
     let dev = r.call(move |ctx| ctx.io.add_device(m).unwrap());
     let done = Arc::new(AtomicUsize::new(0));
-    let w = Writer { dev, buf: vec![7u8; 4096], next: 0, total: 1000, inflight: 0, done: done.clone() };
+    let w = Writer {
+        dev,
+        buf: vec![7u8; 4096],
+        next: 0,
+        total: 1000,
+        inflight: 0,
+        done: done.clone(),
+    };
     let slot = r.call(move |ctx| ctx.add_poller(Box::new(w)));
     let t = Instant::now();
     while done.load(Ordering::Relaxed) < 1000 {
-        assert!(t.elapsed() < Duration::from_secs(20), "writer stalled at {}", done.load(Ordering::Relaxed));
+        assert!(
+            t.elapsed() < Duration::from_secs(20),
+            "writer stalled at {}",
+            done.load(Ordering::Relaxed)
+        );
         std::thread::sleep(Duration::from_millis(1));
     }
     assert!(remove_when_idle(&r, slot).is_some());
@@ -91,7 +119,11 @@ fn interrupt_reactor_sleeps_and_wakes_on_messages() {
     // idle: it spends its time asleep, not spinning
     std::thread::sleep(Duration::from_millis(200));
     let s = r.stats.snapshot();
-    assert!(s.cycles - before.cycles < 1000, "idle reactor cycled {} times", s.cycles - before.cycles);
+    assert!(
+        s.cycles - before.cycles < 1000,
+        "idle reactor cycled {} times",
+        s.cycles - before.cycles
+    );
     r.stop();
 }
 

@@ -65,7 +65,7 @@ param() {
 	v=
 	for w in $(cat /proc/cmdline); do
 		case "$w" in
-		"quern.$1="*) v="${w#quern.$1=}" ;;
+		"quern.$1="*) v="${w#"quern.$1="}" ;;
 		esac
 	done
 	echo "${v:-$2}"
@@ -107,11 +107,12 @@ if [ "$size_mib" -lt 1 ]; then
 	echo "QUERN-ERROR=disk too small (${disk_mib} MiB) for $numjobs jobs"
 	finish 2
 fi
+ioengine=$(param ioengine io_uring)
 export QUERN_DEV=/dev/vda
-export QUERN_IOENGINE=$(param ioengine io_uring)
-export QUERN_NUMJOBS=$numjobs
-export QUERN_SIZE=${size_mib}M
-export QUERN_DISK_SIZE=${disk_mib}M
+export QUERN_IOENGINE="$ioengine"
+export QUERN_NUMJOBS="$numjobs"
+export QUERN_SIZE="${size_mib}M"
+export QUERN_DISK_SIZE="${disk_mib}M"
 export QUERN_CPUS="0-$((ncpu - 1))"
 export QUERN_SEED=1
 echo "QUERN-INFO=disk ${disk_mib}MiB cpus $ncpu numjobs $numjobs size/job ${size_mib}MiB engine $QUERN_IOENGINE"
@@ -121,6 +122,7 @@ echo "QUERN-INFO=disk ${disk_mib}MiB cpus $ncpu numjobs $numjobs size/job ${size
 run_fio() {
 	args=
 	[ -f "/jobs/$1.args" ] && args=$(cat "/jobs/$1.args")
+	# shellcheck disable=SC2086  # $args is a list of options: split it
 	fio $args "/jobs/$1.fio"
 }
 

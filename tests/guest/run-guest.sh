@@ -72,7 +72,10 @@ while [ $# -gt 0 ]; do
   esac
 done
 [ -n "$SOCKET" ] || usage
-[ -S "$SOCKET" ] || die "$SOCKET is not a unix socket (is the backend running?)"
+# With --reconnect QEMU keeps retrying, so the backend may come up later.
+if [ "$RECONNECT" = 0 ] && [ ! -S "$SOCKET" ]; then
+  die "$SOCKET is not a unix socket (is the backend running?)"
+fi
 INITRD="${INITRD:-$GUEST/initrd-fio.gz}"
 for f in "$GUEST/vmlinuz" "$INITRD"; do
   [ -f "$f" ] || die "$f missing: run tests/guest/build-guest.sh $GUEST"
@@ -95,6 +98,7 @@ CHARDEV="socket,id=vub0,path=$SOCKET"
 # vhost-user needs the guest RAM in shared memory the backend can map: memfd.
 # -nodefaults: no VGA, NIC or option ROMs; the only serial port is the console.
 # panic=-1 + -no-reboot: a guest panic (e.g. /init dying) ends QEMU at once.
+# shellcheck disable=SC2054  # the commas are QEMU option syntax
 QEMU=(
   qemu-system-x86_64
   -accel tcg,thread=multi -cpu max

@@ -32,7 +32,12 @@ pub struct MallocBdev {
 }
 
 impl MallocBdev {
-    pub fn new(name: &str, capacity_bytes: u64, block_size: u32, read_only: bool) -> std::io::Result<Self> {
+    pub fn new(
+        name: &str,
+        capacity_bytes: u64,
+        block_size: u32,
+        read_only: bool,
+    ) -> std::io::Result<Self> {
         Self::with_bad_range(name, capacity_bytes, block_size, read_only, None)
     }
 
@@ -45,7 +50,10 @@ impl MallocBdev {
     ) -> std::io::Result<Self> {
         let len = (capacity_bytes - capacity_bytes % u64::from(block_size)) as usize;
         if len == 0 {
-            return Err(std::io::Error::new(std::io::ErrorKind::InvalidInput, "malloc bdev size must be at least one block"));
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::InvalidInput,
+                "malloc bdev size must be at least one block",
+            ));
         }
         // SAFETY: a fresh private anonymous mapping; checked for failure.
         let ptr = unsafe {
@@ -72,7 +80,11 @@ impl MallocBdev {
                 supports_write_zeroes: true,
                 driver: "malloc",
             },
-            mem: Arc::new(Mem { ptr: ptr.cast(), len, bad }),
+            mem: Arc::new(Mem {
+                ptr: ptr.cast(),
+                len,
+                bad,
+            }),
         })
     }
 
@@ -81,7 +93,9 @@ impl MallocBdev {
         let off = offset as usize;
         assert!(off + buf.len() <= self.mem.len);
         // SAFETY: bounds checked above.
-        unsafe { std::ptr::copy_nonoverlapping(self.mem.ptr.add(off), buf.as_mut_ptr(), buf.len()) };
+        unsafe {
+            std::ptr::copy_nonoverlapping(self.mem.ptr.add(off), buf.as_mut_ptr(), buf.len())
+        };
     }
 }
 
@@ -93,7 +107,8 @@ impl BdevChannel for MallocChannel {
     fn submit(&mut self, op: &Op<'_>, tag: u64, sub: &mut Submitter<'_>) -> bool {
         let m = &self.mem;
         if let Some((b_off, b_len)) = m.bad {
-            let touches = op.kind != IoKind::Flush && op.offset < b_off + b_len && b_off < op.offset + op.len;
+            let touches =
+                op.kind != IoKind::Flush && op.offset < b_off + b_len && b_off < op.offset + op.len;
             if touches {
                 sub.complete(tag, -libc::EIO);
                 return true;
@@ -108,9 +123,17 @@ impl BdevChannel for MallocChannel {
                 for v in op.iov {
                     unsafe {
                         if op.kind == IoKind::Read {
-                            std::ptr::copy_nonoverlapping(base.add(off), v.iov_base.cast(), v.iov_len);
+                            std::ptr::copy_nonoverlapping(
+                                base.add(off),
+                                v.iov_base.cast(),
+                                v.iov_len,
+                            );
                         } else {
-                            std::ptr::copy_nonoverlapping(v.iov_base as *const u8, base.add(off), v.iov_len);
+                            std::ptr::copy_nonoverlapping(
+                                v.iov_base as *const u8,
+                                base.add(off),
+                                v.iov_len,
+                            );
                         }
                     }
                     off += v.iov_len;
@@ -132,7 +155,13 @@ impl Bdev for MallocBdev {
         &self.info
     }
 
-    fn open_channel(&self, _ring: &io_uring::IoUring, _slot: u32) -> std::io::Result<Box<dyn BdevChannel>> {
-        Ok(Box::new(MallocChannel { mem: self.mem.clone() }))
+    fn open_channel(
+        &self,
+        _ring: &io_uring::IoUring,
+        _slot: u32,
+    ) -> std::io::Result<Box<dyn BdevChannel>> {
+        Ok(Box::new(MallocChannel {
+            mem: self.mem.clone(),
+        }))
     }
 }

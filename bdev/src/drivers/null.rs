@@ -39,7 +39,11 @@ impl Bdev for NullBdev {
         &self.info
     }
 
-    fn open_channel(&self, _ring: &io_uring::IoUring, _slot: u32) -> std::io::Result<Box<dyn BdevChannel>> {
+    fn open_channel(
+        &self,
+        _ring: &io_uring::IoUring,
+        _slot: u32,
+    ) -> std::io::Result<Box<dyn BdevChannel>> {
         Ok(Box::new(NullChannel))
     }
 }

@@ -45,14 +45,20 @@ impl UringBdev {
                     if let Some(dir) = o.path.parent().filter(|d| !d.as_os_str().is_empty()) {
                         std::fs::create_dir_all(dir)?;
                     }
-                    let f = OpenOptions::new().write(true).create_new(true).open(&o.path)?;
+                    let f = OpenOptions::new()
+                        .write(true)
+                        .create_new(true)
+                        .open(&o.path)?;
                     f.set_len(size)?;
                     tracing::info!(bdev = %o.name, path = %o.path.display(), size, "created backing file");
                 }
                 _ => {
                     return Err(Error::new(
                         ErrorKind::NotFound,
-                        format!("{} does not exist (give `size` to create it)", o.path.display()),
+                        format!(
+                            "{} does not exist (give `size` to create it)",
+                            o.path.display()
+                        ),
                     ))
                 }
             }
@@ -89,18 +95,27 @@ impl UringBdev {
         } else if meta.is_file() {
             (meta.len(), 512)
         } else {
-            return Err(Error::new(ErrorKind::InvalidInput, format!("{} is neither a file nor a block device", o.path.display())));
+            return Err(Error::new(
+                ErrorKind::InvalidInput,
+                format!("{} is neither a file nor a block device", o.path.display()),
+            ));
         };
         let block_size = o.block_size.unwrap_or(dev_bs);
         if !block_size.is_power_of_two() || block_size < 512 || block_size < dev_bs {
             return Err(Error::new(
                 ErrorKind::InvalidInput,
-                format!("block size {block_size} is invalid for {} (device block size {dev_bs})", o.path.display()),
+                format!(
+                    "block size {block_size} is invalid for {} (device block size {dev_bs})",
+                    o.path.display()
+                ),
             ));
         }
         let capacity_bytes = capacity - capacity % u64::from(block_size);
         if capacity_bytes == 0 {
-            return Err(Error::new(ErrorKind::InvalidInput, format!("{} is smaller than one block", o.path.display())));
+            return Err(Error::new(
+                ErrorKind::InvalidInput,
+                format!("{} is smaller than one block", o.path.display()),
+            ));
         }
         Ok(UringBdev {
             info: BdevInfo {
@@ -134,12 +149,16 @@ impl BdevChannel for UringChannel {
         }
         let fd = self.slot;
         let sqe = match op.kind {
-            IoKind::Read => opcode::Readv::new(fd, op.iov.as_ptr(), op.iov.len() as u32).offset(op.offset).build(),
+            IoKind::Read => opcode::Readv::new(fd, op.iov.as_ptr(), op.iov.len() as u32)
+                .offset(op.offset)
+                .build(),
             IoKind::Write => opcode::Writev::new(fd, op.iov.as_ptr(), op.iov.len() as u32)
                 .offset(op.offset)
                 .rw_flags(if op.fua { libc::RWF_DSYNC } else { 0 })
                 .build(),
-            IoKind::Flush => opcode::Fsync::new(fd).flags(types::FsyncFlags::DATASYNC).build(),
+            IoKind::Flush => opcode::Fsync::new(fd)
+                .flags(types::FsyncFlags::DATASYNC)
+                .build(),
             IoKind::Discard => opcode::Fallocate::new(fd, op.len)
                 .offset(op.offset)
                 .mode(libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE)
@@ -158,8 +177,15 @@ impl Bdev for UringBdev {
         &self.info
     }
 
-    fn open_channel(&self, ring: &io_uring::IoUring, slot: u32) -> std::io::Result<Box<dyn BdevChannel>> {
-        ring.submitter().register_files_update(slot, &[self.file.as_raw_fd()])?;
-        Ok(Box::new(UringChannel { slot: types::Fixed(slot) }))
+    fn open_channel(
+        &self,
+        ring: &io_uring::IoUring,
+        slot: u32,
+    ) -> std::io::Result<Box<dyn BdevChannel>> {
+        ring.submitter()
+            .register_files_update(slot, &[self.file.as_raw_fd()])?;
+        Ok(Box::new(UringChannel {
+            slot: types::Fixed(slot),
+        }))
     }
 }

@@ -1,0 +1,623 @@
+//! A vhost-user-blk device: its socket, its control thread and the
+//! vhost-user protocol handler.
+//!
+//! The handler keeps the memory table and each vring's setup. A vring starts
+//! when it has a kick fd and is enabled; then it is bound to a reactor (the
+//! device's binding policy, by queue index) and a [`QueuePoller`] is sent
+//! there. GET_VRING_BASE, SET_VRING_ENABLE(0), a memory-table change, a
+//! reset or a disconnect stop it again: the reactor lets its in-flight
+//! requests complete, removes the poller and reports the last avail index.
+
+use std::fs::File;
+use std::os::unix::net::UnixListener;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use quern_bdev::BdevRef;
+use quern_reactor::{remove_when_idle, ReactorHandle};
+use vhost::vhost_user::message::*;
+use vhost::vhost_user::{
+    Backend, BackendReqHandler, Error as VuError, GpuBackend, Result as VuResult,
+    VhostUserBackendReqHandlerMut,
+};
+use vhost::VhostUserMemoryRegionBase;
+
+use crate::blk::ID_BYTES;
+use crate::memory::MemTable;
+use crate::queue::{QueueParts, QueuePoller, QueueStats};
+use crate::virtq::SplitQueue;
+
+const VIRTIO_BLK_F_SIZE_MAX: u64 = 1 << 1;
+const VIRTIO_BLK_F_SEG_MAX: u64 = 1 << 2;
+const VIRTIO_BLK_F_RO: u64 = 1 << 5;
+const VIRTIO_BLK_F_BLK_SIZE: u64 = 1 << 6;
+const VIRTIO_BLK_F_FLUSH: u64 = 1 << 9;
+const VIRTIO_BLK_F_TOPOLOGY: u64 = 1 << 10;
+const VIRTIO_BLK_F_CONFIG_WCE: u64 = 1 << 11;
+const VIRTIO_BLK_F_MQ: u64 = 1 << 12;
+const VIRTIO_BLK_F_DISCARD: u64 = 1 << 13;
+const VIRTIO_BLK_F_WRITE_ZEROES: u64 = 1 << 14;
+const VIRTIO_RING_F_INDIRECT_DESC: u64 = 1 << 28;
+const VIRTIO_RING_F_EVENT_IDX: u64 = 1 << 29;
+const VIRTIO_F_VERSION_1: u64 = 1 << 32;
+
+/// Segments per request the device advertises (seg_max).
+pub const SEG_MAX: u32 = 126;
+/// Largest segment the device advertises (size_max).
+pub const SIZE_MAX: u32 = 1 << 20;
+const MAX_MEM_SLOTS: u64 = 32;
+const MAX_QUEUE_SIZE: u32 = 32768;
+/// Offset of `writeback` in virtio_blk_config.
+const CONFIG_WRITEBACK: u32 = 32;
+const CONFIG_LEN: usize = 60;
+
+/// Which reactor runs queue i.
+#[derive(Clone, Debug)]
+pub enum QueueBinding {
+    /// Queue i on `reactors[i % len]`.
+    RoundRobin(Vec<usize>),
+    /// Queue i on `list[i]` (must cover every queue).
+    Explicit(Vec<usize>),
+}
+
+impl QueueBinding {
+    pub fn reactor_for(&self, queue: usize) -> usize {
+        match self {
+            QueueBinding::RoundRobin(r) => r[queue % r.len()],
+            QueueBinding::Explicit(l) => l[queue.min(l.len() - 1)],
+        }
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct DeviceConfig {
+    pub name: String,
+    pub socket: PathBuf,
+    pub num_queues: u16,
+    pub queue_size: u16,
+    pub read_only: bool,
+    pub serial: String,
+    pub binding: QueueBinding,
+}
+
+/// The control plane's view of a served device.
+pub struct DeviceHandle {
+    pub name: String,
+    pub queues: Vec<Arc<QueueStats>>,
+    pub connections: Arc<AtomicU64>,
+    shutdown: Arc<AtomicBool>,
+    socket: PathBuf,
+    thread: Mutex<Option<std::thread::JoinHandle<()>>>,
+}
+
+impl DeviceHandle {
+    /// Stop accepting, drop the current connection's queues, remove the socket.
+    pub fn stop(&self) {
+        self.shutdown.store(true, Ordering::Release);
+        // wake the accept() with a throwaway connection
+        let _ = std::os::unix::net::UnixStream::connect(&self.socket);
+        if let Some(t) = self.thread.lock().unwrap_or_else(|e| e.into_inner()).take() {
+            let _ = t.join();
+        }
+        let _ = std::fs::remove_file(&self.socket);
+    }
+}
+
+#[derive(Default)]
+struct Vring {
+    size: u16,
+    desc: u64,
+    avail: u64,
+    used: u64,
+    base: u16,
+    kick: Option<File>,
+    call: Option<File>,
+    enabled: bool,
+    /// (reactor index, poller slot) while running.
+    running: Option<(usize, usize)>,
+}
+
+struct BlkDevice {
+    cfg: DeviceConfig,
+    bdev: BdevRef,
+    reactors: Vec<Arc<ReactorHandle>>,
+    /// The bdev's handle on each reactor's engine.
+    dev_handles: Vec<u16>,
+    acked_features: u64,
+    acked_protocol: u64,
+    mem: Arc<MemTable>,
+    vrings: Vec<Vring>,
+    writeback: Arc<AtomicBool>,
+    stats: Vec<Arc<QueueStats>>,
+    serial: [u8; ID_BYTES],
+    name: Arc<str>,
+}
+
+fn vu_err(msg: &'static str) -> VuError {
+    VuError::InvalidOperation(msg)
+}
+
+impl BlkDevice {
+    fn features(&self) -> u64 {
+        let mut f = VIRTIO_F_VERSION_1
+            | VIRTIO_BLK_F_SIZE_MAX
+            | VIRTIO_BLK_F_SEG_MAX
+            | VIRTIO_BLK_F_BLK_SIZE
+            | VIRTIO_BLK_F_TOPOLOGY
+            | VIRTIO_BLK_F_FLUSH
+            | VIRTIO_BLK_F_CONFIG_WCE
+            | VIRTIO_BLK_F_MQ
+            | VIRTIO_BLK_F_DISCARD
+            | VIRTIO_BLK_F_WRITE_ZEROES
+            | VIRTIO_RING_F_INDIRECT_DESC
+            | VIRTIO_RING_F_EVENT_IDX
+            | VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits();
+        if self.cfg.read_only {
+            f |= VIRTIO_BLK_F_RO;
+        }
+        f
+    }
+
+    fn config_space(&self) -> [u8; CONFIG_LEN] {
+        let info = self.bdev.info();
+        let mut c = [0u8; CONFIG_LEN];
+        let put32 = |c: &mut [u8; CONFIG_LEN], off: usize, v: u32| {
+            c[off..off + 4].copy_from_slice(&v.to_le_bytes())
+        };
+        c[0..8].copy_from_slice(&(info.capacity_bytes / 512).to_le_bytes());
+        put32(&mut c, 8, SIZE_MAX);
+        put32(&mut c, 12, SEG_MAX);
+        put32(&mut c, 20, info.block_size);
+        // topology: physical_block_exp, alignment_offset, min_io_size, opt_io_size
+        c[24] = 0;
+        c[25] = 0;
+        c[26..28].copy_from_slice(&1u16.to_le_bytes());
+        put32(&mut c, 28, 0);
+        c[32] = u8::from(self.writeback.load(Ordering::Relaxed));
+        c[34..36].copy_from_slice(&self.cfg.num_queues.to_le_bytes());
+        let max_sectors = u32::MAX / 512 * 512 / 512;
+        put32(&mut c, 36, max_sectors); // max_discard_sectors
+        put32(&mut c, 40, 1); // max_discard_seg
+        put32(&mut c, 44, info.block_size / 512); // discard_sector_alignment
+        put32(&mut c, 48, max_sectors); // max_write_zeroes_sectors
+        put32(&mut c, 52, 1); // max_write_zeroes_seg
+        c[56] = 1; // write_zeroes_may_unmap
+        c
+    }
+
+    fn check_index(&self, index: u32) -> VuResult<usize> {
+        let i = index as usize;
+        if i < self.vrings.len() {
+            Ok(i)
+        } else {
+            Err(VuError::InvalidParam)
+        }
+    }
+
+    fn try_start(&mut self, i: usize) -> VuResult<()> {
+        let v = &self.vrings[i];
+        if v.running.is_some() || !v.enabled || v.kick.is_none() || v.size == 0 {
+            return Ok(());
+        }
+        let event_idx = self.acked_features & VIRTIO_RING_F_EVENT_IDX != 0;
+        let q = SplitQueue::new(
+            &self.mem, v.size, v.desc, v.avail, v.used, v.base, event_idx,
+        )
+        .ok_or(vu_err("vring addresses are outside the memory table"))?;
+        let kick = v
+            .kick
+            .as_ref()
+            .expect("checked")
+            .try_clone()
+            .map_err(VuError::SocketError)?;
+        let call = match &v.call {
+            Some(c) => c.try_clone().map_err(VuError::SocketError)?,
+            // no call fd yet: signal into a private eventfd nobody reads
+            None => new_eventfd().map_err(VuError::SocketError)?,
+        };
+        let r = self.cfg.binding.reactor_for(i).min(self.reactors.len() - 1);
+        let poller = QueuePoller::new(QueueParts {
+            q,
+            mem: self.mem.clone(),
+            dev: self.dev_handles[r],
+            capacity: self.bdev.info().capacity_bytes,
+            read_only: self.cfg.read_only || self.bdev.info().read_only,
+            writeback: self.writeback.clone(),
+            kick,
+            call,
+            max_segs: SEG_MAX as usize,
+            serial: self.serial,
+            stats: self.stats[i].clone(),
+            name: self.name.clone(),
+        });
+        let slot = self.reactors[r].call(move |ctx| ctx.add_poller(Box::new(poller)));
+        self.stats[i].reactor.store(r as u64, Ordering::Relaxed);
+        self.vrings[i].running = Some((r, slot));
+        tracing::info!(device = %self.name, queue = i, reactor = r, core = ?self.reactors[r].core, size = self.vrings[i].size, "queue bound to reactor");
+        Ok(())
+    }
+
+    /// Stop a running queue; its next start resumes at the returned index.
+    fn stop(&mut self, i: usize) -> u16 {
+        if let Some((r, slot)) = self.vrings[i].running.take() {
+            if let Some(p) = remove_when_idle(&self.reactors[r], slot) {
+                self.vrings[i].base = p.resume_index().unwrap_or(self.vrings[i].base);
+            }
+            self.stats[i].reactor.store(u64::MAX, Ordering::Relaxed);
+            tracing::info!(device = %self.name, queue = i, base = self.vrings[i].base, "queue stopped");
+        }
+        self.vrings[i].base
+    }
+
+    fn stop_all(&mut self) -> Vec<usize> {
+        let running: Vec<usize> = (0..self.vrings.len())
+            .filter(|&i| self.vrings[i].running.is_some())
+            .collect();
+        for &i in &running {
+            self.stop(i);
+        }
+        running
+    }
+
+    fn set_mem(&mut self, mem: MemTable) -> VuResult<()> {
+        let running = self.stop_all();
+        self.mem = Arc::new(mem);
+        for i in running {
+            self.try_start(i)?;
+        }
+        Ok(())
+    }
+
+    /// Back to the state of a new connection.
+    fn disconnect(&mut self) {
+        self.stop_all();
+        self.mem = Arc::new(MemTable::default());
+        for v in &mut self.vrings {
+            *v = Vring::default();
+        }
+        self.acked_features = 0;
+        self.acked_protocol = 0;
+        self.writeback.store(true, Ordering::Relaxed);
+    }
+}
+
+fn new_eventfd() -> std::io::Result<File> {
+    use std::os::fd::FromRawFd;
+    // SAFETY: eventfd returns a new fd or -1.
+    let fd = unsafe { libc::eventfd(0, libc::EFD_NONBLOCK | libc::EFD_CLOEXEC) };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: fresh fd.
+    Ok(unsafe { File::from_raw_fd(fd) })
+}
+
+impl VhostUserBackendReqHandlerMut for BlkDevice {
+    fn set_owner(&mut self) -> VuResult<()> {
+        Ok(())
+    }
+    fn reset_owner(&mut self) -> VuResult<()> {
+        self.disconnect();
+        Ok(())
+    }
+    fn reset_device(&mut self) -> VuResult<()> {
+        self.disconnect();
+        Ok(())
+    }
+    fn get_features(&mut self) -> VuResult<u64> {
+        Ok(self.features())
+    }
+    fn set_features(&mut self, features: u64) -> VuResult<()> {
+        if features & !self.features() != 0 {
+            return Err(VuError::InvalidParam);
+        }
+        self.acked_features = features;
+        // without protocol features, rings start enabled
+        let enabled = features & VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits() == 0;
+        for v in &mut self.vrings {
+            if v.running.is_none() {
+                v.enabled = enabled;
+            }
+        }
+        Ok(())
+    }
+    fn set_mem_table(
+        &mut self,
+        ctx: &[VhostUserMemoryRegion],
+        files: Vec<File>,
+        _postcopy: Option<bool>,
+    ) -> VuResult<Option<Vec<VhostUserMemoryRegionBase>>> {
+        if ctx.len() != files.len() {
+            return Err(VuError::InvalidParam);
+        }
+        let mut t = MemTable::default();
+        for (r, f) in ctx.iter().zip(&files) {
+            t = t
+                .with_region(
+                    r.guest_phys_addr,
+                    r.memory_size,
+                    r.user_addr,
+                    r.mmap_offset,
+                    f,
+                )
+                .map_err(|e| {
+                    tracing::warn!(device = %self.name, "SET_MEM_TABLE: {e}");
+                    VuError::InvalidParam
+                })?;
+        }
+        self.set_mem(t)?;
+        Ok(None)
+    }
+    fn set_vring_num(&mut self, index: u32, num: u32) -> VuResult<()> {
+        let i = self.check_index(index)?;
+        if num == 0 || num > MAX_QUEUE_SIZE || !num.is_power_of_two() {
+            return Err(VuError::InvalidParam);
+        }
+        self.vrings[i].size = num as u16;
+        Ok(())
+    }
+    fn set_vring_addr(
+        &mut self,
+        index: u32,
+        _flags: VhostUserVringAddrFlags,
+        descriptor: u64,
+        used: u64,
+        available: u64,
+        _log: u64,
+    ) -> VuResult<()> {
+        let i = self.check_index(index)?;
+        let v = &mut self.vrings[i];
+        (v.desc, v.used, v.avail) = (descriptor, used, available);
+        Ok(())
+    }
+    fn set_vring_base(&mut self, index: u32, base: u32) -> VuResult<()> {
+        let i = self.check_index(index)?;
+        self.vrings[i].base = base as u16;
+        Ok(())
+    }
+    fn get_vring_base(&mut self, index: u32) -> VuResult<VhostUserVringState> {
+        let i = self.check_index(index)?;
+        let base = self.stop(i);
+        self.vrings[i].kick = None;
+        Ok(VhostUserVringState::new(index, u32::from(base)))
+    }
+    fn set_vring_kick(&mut self, index: u8, fd: Option<File>) -> VuResult<()> {
+        let i = self.check_index(u32::from(index))?;
+        self.stop(i);
+        self.vrings[i].kick = fd;
+        self.try_start(i)
+    }
+    fn set_vring_call(&mut self, index: u8, fd: Option<File>) -> VuResult<()> {
+        let i = self.check_index(u32::from(index))?;
+        let restart = self.vrings[i].running.is_some();
+        if restart {
+            self.stop(i);
+        }
+        self.vrings[i].call = fd;
+        if restart {
+            self.try_start(i)?;
+        }
+        Ok(())
+    }
+    fn set_vring_err(&mut self, index: u8, _fd: Option<File>) -> VuResult<()> {
+        self.check_index(u32::from(index))?;
+        Ok(())
+    }
+    fn get_protocol_features(&mut self) -> VuResult<VhostUserProtocolFeatures> {
+        Ok(VhostUserProtocolFeatures::MQ
+            | VhostUserProtocolFeatures::REPLY_ACK
+            | VhostUserProtocolFeatures::CONFIG
+            | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS)
+    }
+    fn set_protocol_features(&mut self, features: u64) -> VuResult<()> {
+        self.acked_protocol = features;
+        Ok(())
+    }
+    fn get_queue_num(&mut self) -> VuResult<u64> {
+        Ok(u64::from(self.cfg.num_queues))
+    }
+    fn set_vring_enable(&mut self, index: u32, enable: bool) -> VuResult<()> {
+        let i = self.check_index(index)?;
+        self.vrings[i].enabled = enable;
+        if enable {
+            self.try_start(i)
+        } else {
+            self.stop(i);
+            Ok(())
+        }
+    }
+    fn get_config(
+        &mut self,
+        offset: u32,
+        size: u32,
+        _flags: VhostUserConfigFlags,
+    ) -> VuResult<Vec<u8>> {
+        let c = self.config_space();
+        let (o, s) = (offset as usize, size as usize);
+        if o.checked_add(s).is_none_or(|e| e > c.len()) {
+            return Err(VuError::InvalidParam);
+        }
+        Ok(c[o..o + s].to_vec())
+    }
+    fn set_config(
+        &mut self,
+        offset: u32,
+        buf: &[u8],
+        _flags: VhostUserConfigFlags,
+    ) -> VuResult<()> {
+        // only the writeback byte is writable
+        if offset != CONFIG_WRITEBACK || buf.len() != 1 {
+            return Err(VuError::InvalidParam);
+        }
+        self.writeback.store(buf[0] != 0, Ordering::Relaxed);
+        tracing::info!(device = %self.name, writeback = buf[0] != 0, "write cache mode set");
+        Ok(())
+    }
+    fn set_gpu_socket(&mut self, _gpu_backend: GpuBackend) -> VuResult<()> {
+        Err(vu_err("not a GPU device"))
+    }
+    fn get_shared_object(&mut self, _uuid: VhostUserSharedMsg) -> VuResult<File> {
+        Err(vu_err("shared objects are not supported"))
+    }
+    fn get_inflight_fd(
+        &mut self,
+        _inflight: &VhostUserInflight,
+    ) -> VuResult<(VhostUserInflight, File)> {
+        Err(vu_err("in-flight tracking is not offered"))
+    }
+    fn set_inflight_fd(&mut self, _inflight: &VhostUserInflight, _file: File) -> VuResult<()> {
+        Err(vu_err("in-flight tracking is not offered"))
+    }
+    fn get_max_mem_slots(&mut self) -> VuResult<u64> {
+        Ok(MAX_MEM_SLOTS)
+    }
+    fn add_mem_region(
+        &mut self,
+        region: &VhostUserSingleMemoryRegion,
+        fd: File,
+        _postcopy: Option<bool>,
+    ) -> VuResult<Option<VhostUserMemoryRegionBase>> {
+        if self.mem.regions().len() as u64 >= MAX_MEM_SLOTS {
+            return Err(VuError::InvalidParam);
+        }
+        let t = self
+            .mem
+            .with_region(
+                region.guest_phys_addr,
+                region.memory_size,
+                region.user_addr,
+                region.mmap_offset,
+                &fd,
+            )
+            .map_err(|e| {
+                tracing::warn!(device = %self.name, "ADD_MEM_REG: {e}");
+                VuError::InvalidParam
+            })?;
+        self.set_mem(t)?;
+        Ok(None)
+    }
+    fn remove_mem_region(&mut self, region: &VhostUserSingleMemoryRegion) -> VuResult<()> {
+        let t = self
+            .mem
+            .without_region(region.guest_phys_addr)
+            .map_err(|_| VuError::InvalidParam)?;
+        self.set_mem(t)
+    }
+    fn set_device_state_fd(
+        &mut self,
+        _direction: VhostTransferStateDirection,
+        _phase: VhostTransferStatePhase,
+        _fd: File,
+    ) -> VuResult<Option<File>> {
+        Err(vu_err("device state transfer is not supported"))
+    }
+    fn check_device_state(&mut self) -> VuResult<()> {
+        Err(vu_err("device state transfer is not supported"))
+    }
+    fn get_shmem_config(&mut self) -> VuResult<VhostUserShMemConfig> {
+        Err(vu_err("no shared memory regions"))
+    }
+    fn set_log_base(&mut self, _log: &VhostUserLog, _file: File) -> VuResult<()> {
+        Err(vu_err("dirty logging is not supported"))
+    }
+    fn set_backend_req_fd(&mut self, _backend: Backend) {}
+}
+
+/// Serve `bdev` as a vhost-user-blk device on `cfg.socket`. `dev_handles[r]`
+/// is the bdev's handle on reactor r's engine.
+pub fn serve(
+    cfg: DeviceConfig,
+    bdev: BdevRef,
+    reactors: Vec<Arc<ReactorHandle>>,
+    dev_handles: Vec<u16>,
+) -> std::io::Result<DeviceHandle> {
+    if cfg.socket.exists() {
+        std::fs::remove_file(&cfg.socket)?;
+    }
+    if let Some(d) = cfg.socket.parent() {
+        std::fs::create_dir_all(d)?;
+    }
+    let listener = UnixListener::bind(&cfg.socket)?;
+    let mut serial = [0u8; ID_BYTES];
+    let n = cfg.serial.len().min(ID_BYTES);
+    serial[..n].copy_from_slice(&cfg.serial.as_bytes()[..n]);
+    let stats: Vec<Arc<QueueStats>> = (0..cfg.num_queues)
+        .map(|_| {
+            let s = QueueStats::default();
+            s.reactor.store(u64::MAX, Ordering::Relaxed);
+            Arc::new(s)
+        })
+        .collect();
+    let name: Arc<str> = cfg.name.as_str().into();
+    let dev = BlkDevice {
+        vrings: (0..cfg.num_queues).map(|_| Vring::default()).collect(),
+        bdev,
+        reactors,
+        dev_handles,
+        acked_features: 0,
+        acked_protocol: 0,
+        mem: Arc::new(MemTable::default()),
+        writeback: Arc::new(AtomicBool::new(true)),
+        stats: stats.clone(),
+        serial,
+        name,
+        cfg: cfg.clone(),
+    };
+    let dev = Arc::new(Mutex::new(dev));
+    let shutdown = Arc::new(AtomicBool::new(false));
+    let connections = Arc::new(AtomicU64::new(0));
+    let thread = {
+        let (shutdown, connections, name, socket) = (
+            shutdown.clone(),
+            connections.clone(),
+            cfg.name.clone(),
+            cfg.socket.clone(),
+        );
+        std::thread::Builder::new().name(format!("vhost-{}", cfg.name)).spawn(move || {
+            tracing::info!(device = %name, socket = %socket.display(), "vhost-user-blk device listening");
+            for stream in listener.incoming() {
+                if shutdown.load(Ordering::Acquire) {
+                    break;
+                }
+                let stream = match stream {
+                    Ok(s) => s,
+                    Err(e) => {
+                        tracing::warn!(device = %name, "accept: {e}");
+                        continue;
+                    }
+                };
+                connections.fetch_add(1, Ordering::Relaxed);
+                tracing::info!(device = %name, "frontend connected");
+                let mut h = BackendReqHandler::from_stream(stream, dev.clone());
+                loop {
+                    match h.handle_request() {
+                        Ok(()) => {}
+                        Err(VuError::Disconnected) | Err(VuError::PartialMessage) => {
+                            tracing::info!(device = %name, "frontend disconnected");
+                            break;
+                        }
+                        Err(e) => {
+                            // a bad message answers with an error; a broken
+                            // socket ends the connection
+                            tracing::warn!(device = %name, "vhost-user request failed: {e}");
+                            if matches!(e, VuError::SocketBroken(_) | VuError::SocketError(_) | VuError::InvalidMessage | VuError::OversizedMsg | VuError::IncorrectFds) {
+                                break;
+                            }
+                        }
+                    }
+                }
+                dev.lock().unwrap_or_else(|e| e.into_inner()).disconnect();
+            }
+            dev.lock().unwrap_or_else(|e| e.into_inner()).disconnect();
+        })?
+    };
+    Ok(DeviceHandle {
+        name: cfg.name.clone(),
+        queues: stats,
+        connections,
+        shutdown,
+        socket: cfg.socket.clone(),
+        thread: Mutex::new(Some(thread)),
+    })
+}

@@ -1,0 +1,17 @@
+//! vhost-user-blk devices served from Quern's reactors.
+//!
+//! The control plane (one thread per device socket) speaks the vhost-user
+//! protocol through the rust-vmm `vhost` crate and keeps the memory table and
+//! vring setup. When the frontend starts a vring, the device binds it to a
+//! reactor (by the configured policy) and hands that reactor a
+//! [`queue::QueuePoller`], which polls the avail ring itself, decodes
+//! requests with iovecs pointing straight into guest memory, and completes
+//! them on the used ring once per cycle.
+
+pub mod blk;
+pub mod device;
+pub mod memory;
+pub mod queue;
+pub mod virtq;
+
+pub use device::{serve, DeviceConfig, DeviceHandle, QueueBinding};

@@ -1,0 +1,250 @@
+//! A virtqueue bound to a reactor: the [`Poller`] that drains its avail
+//! ring into the reactor's engine and completes requests on its used ring.
+//! Per-queue state lives here alone (no sharing, no locks); the guest is
+//! signalled at most once per cycle.
+
+use std::fs::File;
+use std::os::fd::{AsRawFd, RawFd};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+
+use quern_bdev::{IoEngine, IoKind, IoRequest, IoResult};
+use quern_reactor::Poller;
+
+use crate::blk::{self, Decoded};
+use crate::memory::MemTable;
+use crate::virtq::{Seg, SplitQueue};
+
+/// Counters of one queue, readable from the control plane.
+#[derive(Debug, Default)]
+pub struct QueueStats {
+    /// Reactor the queue is bound to (u64::MAX while unbound).
+    pub reactor: AtomicU64,
+    pub requests: AtomicU64,
+    pub completed: AtomicU64,
+    pub errors: AtomicU64,
+    pub malformed: AtomicU64,
+    pub notifies: AtomicU64,
+}
+
+#[derive(Clone, Copy)]
+struct Slot {
+    status: *mut u8,
+    written: u32,
+    busy: bool,
+}
+
+pub struct QueuePoller {
+    pub(crate) q: SplitQueue,
+    mem: Arc<MemTable>,
+    dev: u16,
+    capacity: u64,
+    read_only: bool,
+    writeback: Arc<AtomicBool>,
+    kick: File,
+    call: File,
+    slots: Vec<Slot>,
+    segs: Vec<Seg>,
+    iov: Vec<libc::iovec>,
+    max_segs: usize,
+    inflight: usize,
+    serial: [u8; blk::ID_BYTES],
+    stats: Arc<QueueStats>,
+    name: Arc<str>,
+}
+
+// SAFETY: raw pointers into guest memory kept mapped by `mem`; the poller
+// moves to its reactor once and is used there alone.
+unsafe impl Send for QueuePoller {}
+
+pub(crate) struct QueueParts {
+    pub q: SplitQueue,
+    pub mem: Arc<MemTable>,
+    pub dev: u16,
+    pub capacity: u64,
+    pub read_only: bool,
+    pub writeback: Arc<AtomicBool>,
+    pub kick: File,
+    pub call: File,
+    pub max_segs: usize,
+    pub serial: [u8; blk::ID_BYTES],
+    pub stats: Arc<QueueStats>,
+    pub name: Arc<str>,
+}
+
+impl QueuePoller {
+    pub(crate) fn new(p: QueueParts) -> Self {
+        let size = p.q.size() as usize;
+        let mut q = p.q;
+        q.set_notification(false);
+        QueuePoller {
+            q,
+            mem: p.mem,
+            dev: p.dev,
+            capacity: p.capacity,
+            read_only: p.read_only,
+            writeback: p.writeback,
+            kick: p.kick,
+            call: p.call,
+            slots: vec![
+                Slot {
+                    status: std::ptr::null_mut(),
+                    written: 0,
+                    busy: false
+                };
+                size
+            ],
+            segs: Vec::with_capacity(p.max_segs + 2),
+            iov: Vec::with_capacity(p.max_segs + 2),
+            max_segs: p.max_segs + 2,
+            inflight: 0,
+            serial: p.serial,
+            stats: p.stats,
+            name: p.name,
+        }
+    }
+
+    fn finish(&mut self, head: u16, status: Option<*mut u8>, st: u8, written: u32) {
+        if let Some(p) = status {
+            // SAFETY: the status byte was translated and is writable.
+            unsafe { std::ptr::write_volatile(p, st) };
+        }
+        let len = if status.is_some() {
+            if st == blk::VIRTIO_BLK_S_OK {
+                written
+            } else {
+                1
+            }
+        } else {
+            0
+        };
+        self.q.push_used(head, len);
+        if st != blk::VIRTIO_BLK_S_OK {
+            self.stats.errors.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    fn handle(&mut self, io: &mut IoEngine, base: u64, head: u16) {
+        if let Err(e) = self.q.chain(&self.mem, head, &mut self.segs, self.max_segs) {
+            self.stats.malformed.fetch_add(1, Ordering::Relaxed);
+            tracing::warn!(device = %self.name, head, "malformed descriptor chain: {e}");
+            // no trustworthy status byte: return the head with nothing written
+            self.q.push_used(head, 0);
+            return;
+        }
+        let req = blk::decode(&self.segs, &mut self.iov, self.capacity, self.read_only);
+        match req.what {
+            Decoded::Reject(st) => {
+                if req.status.is_none() {
+                    self.stats.malformed.fetch_add(1, Ordering::Relaxed);
+                }
+                self.finish(head, req.status, st, 1)
+            }
+            Decoded::GetId => {
+                blk::fill_id(&self.iov, &self.serial);
+                self.finish(head, req.status, blk::VIRTIO_BLK_S_OK, req.written)
+            }
+            Decoded::Io { kind, offset, len } => {
+                let fua = kind == IoKind::Write && !self.writeback.load(Ordering::Relaxed);
+                let r = IoRequest {
+                    dev: self.dev,
+                    kind,
+                    offset,
+                    len,
+                    iov: &self.iov,
+                    fua,
+                    cookie: base | u64::from(head),
+                };
+                match io.submit(&r) {
+                    Ok(()) => {
+                        self.slots[head as usize] = Slot {
+                            status: req.status.expect("decoded I/O has a status"),
+                            written: req.written,
+                            busy: true,
+                        };
+                        self.inflight += 1;
+                    }
+                    Err(e) => {
+                        tracing::debug!(device = %self.name, head, "request refused: {e}");
+                        self.finish(head, req.status, blk::VIRTIO_BLK_S_IOERR, 1)
+                    }
+                }
+            }
+        }
+    }
+
+    fn signal(&self) {
+        let one: u64 = 1;
+        // SAFETY: an 8-byte write to the call eventfd.
+        unsafe { libc::write(self.call.as_raw_fd(), (&one as *const u64).cast(), 8) };
+        self.stats.notifies.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+impl Poller for QueuePoller {
+    fn poll(&mut self, io: &mut IoEngine, base: u64) -> usize {
+        let avail = self.q.avail_idx();
+        let mut n = 0;
+        while io.free_slots() > 0 {
+            let Some(head) = self.q.pop(avail) else { break };
+            n += 1;
+            if head >= self.q.size() || self.slots[head as usize].busy {
+                // a head out of range, or one still in flight: the guest is
+                // broken; drop the entry rather than corrupt our state
+                self.stats.malformed.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(device = %self.name, head, "invalid or in-flight head on the avail ring");
+                continue;
+            }
+            self.handle(io, base, head);
+        }
+        self.stats.requests.fetch_add(n as u64, Ordering::Relaxed);
+        n
+    }
+
+    fn on_complete(&mut self, cookie: u64, result: IoResult) {
+        let head = cookie as u16;
+        let s = std::mem::replace(
+            &mut self.slots[head as usize],
+            Slot {
+                status: std::ptr::null_mut(),
+                written: 0,
+                busy: false,
+            },
+        );
+        self.inflight -= 1;
+        let st = if result.is_ok() {
+            blk::VIRTIO_BLK_S_OK
+        } else {
+            blk::VIRTIO_BLK_S_IOERR
+        };
+        self.finish(head, Some(s.status), st, s.written);
+        self.stats.completed.fetch_add(1, Ordering::Relaxed);
+    }
+
+    fn end_cycle(&mut self) {
+        if self.q.publish() {
+            self.signal();
+        }
+    }
+
+    fn prepare_sleep(&mut self) -> bool {
+        self.q.set_notification(true);
+        self.q.avail_idx() == self.q.last_avail
+    }
+
+    fn after_sleep(&mut self) {
+        self.q.set_notification(false);
+    }
+
+    fn wake_fd(&self) -> Option<RawFd> {
+        Some(self.kick.as_raw_fd())
+    }
+
+    fn in_flight(&self) -> usize {
+        self.inflight
+    }
+
+    fn resume_index(&self) -> Option<u16> {
+        Some(self.q.last_avail)
+    }
+}
