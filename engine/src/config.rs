@@ -39,6 +39,8 @@ pub struct Config {
     pub merge: MergeSection,
     #[serde(default, rename = "bdev")]
     pub bdevs: Vec<BdevSection>,
+    #[serde(default, rename = "vhost_blk")]
+    pub vhost_blk: Vec<VhostBlkSection>,
     /// Where Quern keeps its state and, by default, created backing files.
     #[serde(default = "default_state_dir")]
     pub state_dir: PathBuf,
@@ -116,6 +118,34 @@ pub struct BdevSection {
     #[serde(default)]
     pub read_only: bool,
     pub block_size: Option<u32>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VhostBlkSection {
+    pub name: String,
+    pub bdev: String,
+    /// UNIX socket QEMU connects to (relative paths are under state_dir).
+    pub socket: PathBuf,
+    #[serde(default = "one")]
+    pub num_queues: u16,
+    #[serde(default = "default_queue_size")]
+    pub queue_size: u16,
+    /// Round-robin binding: queue i runs on cores[i % len] (default: every reactor core).
+    pub cores: Option<Vec<usize>>,
+    /// Explicit binding: queue i runs on queue_cores[i].
+    pub queue_cores: Option<Vec<usize>>,
+    #[serde(default)]
+    pub read_only: bool,
+    /// Serial number the guest reads (GET_ID), at most 20 bytes; default the name.
+    pub serial: Option<String>,
+}
+
+fn one() -> u16 {
+    1
+}
+fn default_queue_size() -> u16 {
+    256
 }
 
 impl Config {
@@ -268,7 +298,93 @@ impl Config {
                 }
             }
         }
+        self.validate_vhost()
+    }
+
+    fn validate_vhost(&self) -> Result<(), ConfigError> {
+        let mut names = HashSet::new();
+        let mut sockets = HashSet::new();
+        for (i, v) in self.vhost_blk.iter().enumerate() {
+            let key = |k: &str| format!("vhost_blk[{i}].{k}");
+            if v.name.is_empty() || !names.insert(v.name.as_str()) {
+                return Err(invalid(
+                    key("name"),
+                    format!("`{}` is empty or used by another device", v.name),
+                ));
+            }
+            if !self.bdevs.iter().any(|b| b.name == v.bdev) {
+                return Err(invalid(key("bdev"), format!("no bdev named `{}`", v.bdev)));
+            }
+            if !sockets.insert(self.resolve(&v.socket)) {
+                return Err(invalid(
+                    key("socket"),
+                    format!("{} is used by another device", v.socket.display()),
+                ));
+            }
+            if v.num_queues == 0 || v.num_queues > 64 {
+                return Err(invalid(
+                    key("num_queues"),
+                    format!("{} is outside 1..=64", v.num_queues),
+                ));
+            }
+            if !v.queue_size.is_power_of_two() || v.queue_size > 32768 {
+                return Err(invalid(
+                    key("queue_size"),
+                    format!("{} is not a power of two up to 32768", v.queue_size),
+                ));
+            }
+            if v.serial.as_ref().is_some_and(|s| s.len() > 20) {
+                return Err(invalid(key("serial"), "is longer than 20 bytes"));
+            }
+            if v.cores.is_some() && v.queue_cores.is_some() {
+                return Err(invalid(
+                    key("queue_cores"),
+                    "give either cores or queue_cores, not both",
+                ));
+            }
+            for (k, list) in [("cores", &v.cores), ("queue_cores", &v.queue_cores)] {
+                if let Some(list) = list {
+                    if list.is_empty() {
+                        return Err(invalid(key(k), "must not be empty"));
+                    }
+                    if let Some(c) = list.iter().find(|c| !self.reactor.cores.contains(c)) {
+                        return Err(invalid(
+                            key(k),
+                            format!(
+                                "core {c} has no reactor (reactor.cores = {:?})",
+                                self.reactor.cores
+                            ),
+                        ));
+                    }
+                }
+            }
+            if let Some(q) = &v.queue_cores {
+                if q.len() != v.num_queues as usize {
+                    return Err(invalid(
+                        key("queue_cores"),
+                        format!("lists {} cores for {} queues", q.len(), v.num_queues),
+                    ));
+                }
+            }
+        }
         Ok(())
+    }
+
+    /// Reactor indices a device's queues bind to, in queue order (round
+    /// robin) or one per queue (explicit).
+    pub fn binding(&self, v: &VhostBlkSection) -> (bool, Vec<usize>) {
+        let idx = |c: &usize| {
+            self.reactor
+                .cores
+                .iter()
+                .position(|x| x == c)
+                .expect("validated")
+        };
+        match (&v.queue_cores, &v.cores) {
+            (Some(q), _) => (true, q.iter().map(idx).collect()),
+            (None, Some(c)) => (false, c.iter().map(idx).collect()),
+            (None, None) => (false, (0..self.reactor.cores.len()).collect()),
+        }
     }
 
     /// A path from the file, relative ones taken under `state_dir`.

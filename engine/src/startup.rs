@@ -8,6 +8,7 @@ use std::time::Duration;
 use quern_bdev::drivers::{MallocBdev, NullBdev, UringBdev, UringOptions};
 use quern_bdev::{BdevRef, EngineConfig, MergeConfig};
 use quern_reactor::{spawn_reactor, ReactorConfig, ReactorHandle};
+use quern_vhost::{DeviceConfig, DeviceHandle, QueueBinding};
 
 use crate::config::{BdevSection, Config};
 
@@ -15,12 +16,18 @@ use crate::config::{BdevSection, Config};
 pub struct Engine {
     pub reactors: Vec<Arc<ReactorHandle>>,
     pub bdevs: Vec<(String, BdevRef)>,
+    pub devices: Vec<DeviceHandle>,
 }
 
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
     #[error("bdev `{name}`: {source}")]
     Bdev {
+        name: String,
+        source: std::io::Error,
+    },
+    #[error("vhost_blk `{name}`: {source}")]
+    Device {
         name: String,
         source: std::io::Error,
     },
@@ -103,14 +110,57 @@ impl Engine {
                 }
             }
         }
-        let engine = Engine { reactors, bdevs };
+        let mut engine = Engine {
+            reactors,
+            bdevs,
+            devices: Vec::new(),
+        };
+        // handles[b][r]: bdev b's handle on reactor r's engine
+        let mut handles: Vec<Vec<u16>> = Vec::new();
         for (name, b) in &engine.bdevs {
+            let mut per = Vec::new();
             for r in &engine.reactors {
                 let b = b.clone();
-                if let Err(source) = r.call(move |ctx| ctx.io.add_device(b).map(|_| ())) {
+                match r.call(move |ctx| ctx.io.add_device(b)) {
+                    Ok(h) => per.push(h),
+                    Err(source) => {
+                        engine.stop();
+                        return Err(StartError::Bdev {
+                            name: name.clone(),
+                            source,
+                        });
+                    }
+                }
+            }
+            handles.push(per);
+        }
+        for v in &cfg.vhost_blk {
+            let bi = engine
+                .bdevs
+                .iter()
+                .position(|(n, _)| *n == v.bdev)
+                .expect("validated");
+            let (explicit, list) = cfg.binding(v);
+            let dc = DeviceConfig {
+                name: v.name.clone(),
+                socket: cfg.resolve(&v.socket),
+                num_queues: v.num_queues,
+                queue_size: v.queue_size,
+                read_only: v.read_only,
+                serial: v.serial.clone().unwrap_or_else(|| v.name.clone()),
+                binding: if explicit {
+                    QueueBinding::Explicit(list)
+                } else {
+                    QueueBinding::RoundRobin(list)
+                },
+            };
+            let bdev = engine.bdevs[bi].1.clone();
+            match quern_vhost::serve(dc, bdev, engine.reactors.clone(), handles[bi].clone()) {
+                Ok(d) => engine.devices.push(d),
+                Err(source) => {
                     engine.stop();
-                    return Err(StartError::Bdev {
-                        name: name.clone(),
+                    return Err(StartError::Device {
+                        name: v.name.clone(),
                         source,
                     });
                 }
@@ -119,8 +169,11 @@ impl Engine {
         Ok(engine)
     }
 
-    /// Drain in-flight I/O on every reactor and stop them.
+    /// Stop serving devices, drain in-flight I/O on every reactor, stop them.
     pub fn stop(&self) {
+        for d in &self.devices {
+            d.stop();
+        }
         for r in &self.reactors {
             r.stop();
         }

@@ -94,6 +94,7 @@ done
 
 mq=$(ls /sys/block/vda/mq | wc -l)
 echo "QUERN-MQ=$mq"
+echo "QUERN-SERIAL=$(cat /sys/block/vda/serial 2>/dev/null)"
 
 # Parameters shared by the job files (fio expands ${VAR} from the environment).
 ncpu=$(grep -c ^processor /proc/cpuinfo)
