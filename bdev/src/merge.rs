@@ -114,21 +114,16 @@ impl MergePlanner {
     pub fn plan(&mut self, batch: &[MergeInput]) -> (&[u32], &[MergedGroup]) {
         self.order.clear();
         self.groups.clear();
-        let mut seg_start = 0usize;
-        let mut i = 0usize;
-        while i < batch.len() {
+        let mut run_start = 0usize;
+        for i in 0..batch.len() {
             if batch[i].kind.is_barrier() {
-                self.emit_segment(batch, seg_start, i);
+                self.emit_run(batch, run_start, i);
                 self.order.push(i as u32);
                 self.push_group(batch, i as u32, true);
-                seg_start = i + 1;
-            } else if self.conflicts_in_segment(batch, seg_start, i) {
-                self.emit_segment(batch, seg_start, i);
-                seg_start = i;
+                run_start = i + 1;
             }
-            i += 1;
         }
-        self.emit_segment(batch, seg_start, batch.len());
+        self.emit_run(batch, run_start, batch.len());
         self.stats.requests_in += batch.len() as u64;
         self.stats.requests_out += self.groups.len() as u64;
         for g in &self.groups {
@@ -140,21 +135,41 @@ impl MergePlanner {
         (&self.order, &self.groups)
     }
 
-    /// Does `batch[i]` conflict with any request in `batch[seg_start..i]`?
-    /// Conflicts are rare; the common case is a short scan.
-    fn conflicts_in_segment(&self, batch: &[MergeInput], seg_start: usize, i: usize) -> bool {
-        let r = &batch[i];
-        let r_end = r.offset + r.len;
-        batch[seg_start..i].iter().any(|p| {
-            p.dev == r.dev
-                && (p.kind.modifies() || r.kind.modifies())
-                && p.offset < r_end
-                && r.offset < p.offset + p.len
-        })
+    /// Plan `batch[from..to]`, which holds no barrier. The common case has
+    /// no conflicting pair and is one sorted segment, checked in one pass
+    /// over the sorted order; otherwise (rare) the run is cut greedily in
+    /// submission order at each conflict.
+    fn emit_run(&mut self, batch: &[MergeInput], from: usize, to: usize) {
+        if from >= to {
+            return;
+        }
+        let first = self.order.len();
+        self.order.extend(from as u32..to as u32);
+        self.order[first..].sort_unstable_by_key(|&ix| {
+            let r = &batch[ix as usize];
+            (r.dev, r.offset, ix)
+        });
+        if !sorted_has_conflict(batch, &self.order[first..]) {
+            if !self.cfg.enabled {
+                // merging off: keep submission order
+                self.order.truncate(first);
+                self.order.extend(from as u32..to as u32);
+            }
+            self.group_segment(batch, first);
+            return;
+        }
+        self.order.truncate(first);
+        let mut seg = from;
+        for i in from..to {
+            if conflicts_in_segment(batch, seg, i) {
+                self.emit_segment(batch, seg, i);
+                seg = i;
+            }
+        }
+        self.emit_segment(batch, seg, to);
     }
 
-    /// Sort `batch[from..to]` (a conflict-free segment) by device and offset
-    /// and fuse neighbours into groups.
+    /// Plan `batch[from..to]`, a conflict-free segment.
     fn emit_segment(&mut self, batch: &[MergeInput], from: usize, to: usize) {
         if from >= to {
             return;
@@ -167,6 +182,11 @@ impl MergePlanner {
                 (r.dev, r.offset, ix)
             });
         }
+        self.group_segment(batch, first);
+    }
+
+    /// Fuse neighbours of `order[first..]` into groups.
+    fn group_segment(&mut self, batch: &[MergeInput], first: usize) {
         let drain = !self.groups.is_empty();
         let mut pos = first;
         while pos < self.order.len() {
@@ -211,6 +231,43 @@ impl MergePlanner {
             drain: drain || r.kind.is_barrier(),
         });
     }
+}
+
+/// Does `batch[i]` conflict with any request in `batch[seg_start..i]`?
+/// (Same device, overlapping ranges, and at least one of the two modifies.)
+fn conflicts_in_segment(batch: &[MergeInput], seg_start: usize, i: usize) -> bool {
+    let r = &batch[i];
+    let r_end = r.offset + r.len;
+    batch[seg_start..i].iter().any(|p| {
+        p.dev == r.dev
+            && (p.kind.modifies() || r.kind.modifies())
+            && p.offset < r_end
+            && r.offset < p.offset + p.len
+    })
+}
+
+/// Whether any two requests in `sorted` (ordered by device, offset)
+/// conflict. Any overlapping pair (a, b) with a first has b.offset < a's
+/// end, so a running maximum of ends per device finds it in one pass.
+fn sorted_has_conflict(batch: &[MergeInput], sorted: &[u32]) -> bool {
+    let mut dev = u16::MAX;
+    let (mut end_all, mut end_mod) = (0u64, 0u64);
+    for (k, &ix) in sorted.iter().enumerate() {
+        let r = &batch[ix as usize];
+        if k == 0 || r.dev != dev {
+            dev = r.dev;
+            end_all = 0;
+            end_mod = 0;
+        } else if r.offset < end_mod || (r.kind.modifies() && r.offset < end_all) {
+            return true;
+        }
+        let end = r.offset + r.len;
+        end_all = end_all.max(end);
+        if r.kind.modifies() {
+            end_mod = end_mod.max(end);
+        }
+    }
+    false
 }
 
 #[cfg(test)]

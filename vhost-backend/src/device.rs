@@ -351,7 +351,11 @@ impl VhostUserBackendReqHandlerMut for BlkDevice {
     }
     fn set_vring_num(&mut self, index: u32, num: u32) -> VuResult<()> {
         let i = self.check_index(index)?;
-        if num == 0 || num > MAX_QUEUE_SIZE || !num.is_power_of_two() {
+        if num == 0
+            || num > MAX_QUEUE_SIZE.min(u32::from(self.cfg.queue_size))
+            || !num.is_power_of_two()
+        {
+            tracing::warn!(device = %self.name, queue = i, num, max = self.cfg.queue_size, "refused queue size");
             return Err(VuError::InvalidParam);
         }
         self.vrings[i].size = num as u16;

@@ -15,3 +15,6 @@ pub mod queue;
 pub mod virtq;
 
 pub use device::{serve, DeviceConfig, DeviceHandle, QueueBinding};
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,356 @@
+//! Untrusted guest input: descriptor chains and virtio-blk requests built in
+//! a fake guest memory (a memfd mapped through a real memory table).
+
+use std::fs::File;
+use std::os::fd::FromRawFd;
+
+use quern_bdev::IoKind;
+
+use crate::blk::{self, decode, Decoded};
+use crate::memory::MemTable;
+use crate::virtq::{
+    ChainError, Seg, SplitQueue, VRING_DESC_F_INDIRECT, VRING_DESC_F_NEXT, VRING_DESC_F_WRITE,
+};
+
+const MEM: u64 = 1 << 20;
+const GPA: u64 = 0x10000;
+const UVA: u64 = 0x7f00_0000_0000;
+const QSIZE: u16 = 8;
+// ring layout (guest-physical): desc table, avail, used, then buffers
+const DESC: u64 = GPA;
+const AVAIL: u64 = GPA + 0x1000;
+const USED: u64 = GPA + 0x2000;
+const BUF: u64 = GPA + 0x10000;
+
+pub(crate) struct Guest {
+    pub mem: MemTable,
+}
+
+impl Guest {
+    pub fn new() -> Self {
+        // SAFETY: memfd_create with a static name; checked below.
+        let fd = unsafe { libc::memfd_create(c"quern-test".as_ptr(), 0) };
+        assert!(fd >= 0);
+        // SAFETY: fresh fd.
+        let f = unsafe { File::from_raw_fd(fd) };
+        f.set_len(MEM).unwrap();
+        let mem = MemTable::default()
+            .with_region(GPA, MEM, UVA, 0, &f)
+            .unwrap();
+        Guest { mem }
+    }
+
+    pub fn write(&self, gpa: u64, data: &[u8]) {
+        let p = self
+            .mem
+            .gpa(gpa, data.len() as u64)
+            .expect("inside guest memory");
+        // SAFETY: translated with bounds.
+        unsafe { std::ptr::copy_nonoverlapping(data.as_ptr(), p, data.len()) };
+    }
+
+    pub fn read(&self, gpa: u64, len: usize) -> Vec<u8> {
+        let p = self.mem.gpa(gpa, len as u64).expect("inside guest memory");
+        // SAFETY: as above.
+        unsafe { std::slice::from_raw_parts(p, len).to_vec() }
+    }
+
+    pub fn desc(&self, table: u64, i: u16, addr: u64, len: u32, flags: u16, next: u16) {
+        let mut d = [0u8; 16];
+        d[0..8].copy_from_slice(&addr.to_le_bytes());
+        d[8..12].copy_from_slice(&len.to_le_bytes());
+        d[12..14].copy_from_slice(&flags.to_le_bytes());
+        d[14..16].copy_from_slice(&next.to_le_bytes());
+        self.write(table + 16 * u64::from(i), &d);
+    }
+
+    pub fn queue(&self) -> SplitQueue {
+        SplitQueue::new(
+            &self.mem,
+            QSIZE,
+            UVA + (DESC - GPA),
+            UVA + (AVAIL - GPA),
+            UVA + (USED - GPA),
+            0,
+            false,
+        )
+        .expect("ring inside memory")
+    }
+
+    pub fn header(&self, gpa: u64, ty: u32, sector: u64) {
+        let mut h = [0u8; 16];
+        h[0..4].copy_from_slice(&ty.to_le_bytes());
+        h[8..16].copy_from_slice(&sector.to_le_bytes());
+        self.write(gpa, &h);
+    }
+}
+
+fn chain(g: &Guest, head: u16) -> Result<Vec<Seg>, ChainError> {
+    let q = g.queue();
+    let mut out = Vec::new();
+    q.chain(&g.mem, head, &mut out, 16).map(|_| out)
+}
+
+#[test]
+fn ring_outside_memory_is_refused() {
+    let g = Guest::new();
+    assert!(SplitQueue::new(&g.mem, QSIZE, UVA + MEM - 8, UVA, UVA, 0, false).is_none());
+    assert!(
+        SplitQueue::new(&g.mem, 6, UVA, UVA, UVA, 0, false).is_none(),
+        "size must be a power of two"
+    );
+}
+
+#[test]
+fn descriptor_loop_is_bounded() {
+    let g = Guest::new();
+    g.desc(DESC, 0, BUF, 16, VRING_DESC_F_NEXT, 1);
+    g.desc(DESC, 1, BUF, 16, VRING_DESC_F_NEXT, 0);
+    assert!(matches!(chain(&g, 0), Err(ChainError::TooLong(_))));
+}
+
+#[test]
+fn bad_index_and_address_are_refused() {
+    let g = Guest::new();
+    g.desc(DESC, 0, BUF, 16, VRING_DESC_F_NEXT, 200);
+    assert_eq!(chain(&g, 0).unwrap_err(), ChainError::BadIndex(200));
+    assert_eq!(chain(&g, QSIZE).unwrap_err(), ChainError::BadIndex(QSIZE));
+    g.desc(DESC, 0, GPA + MEM - 8, 16, 0, 0);
+    assert!(matches!(chain(&g, 0), Err(ChainError::BadAddress { .. })));
+    g.desc(DESC, 0, 0, 16, 0, 0);
+    assert!(matches!(chain(&g, 0), Err(ChainError::BadAddress { .. })));
+    g.desc(DESC, 0, u64::MAX - 4, 16, 0, 0);
+    assert!(matches!(chain(&g, 0), Err(ChainError::BadAddress { .. })));
+}
+
+#[test]
+fn over_long_chain_is_refused() {
+    let g = Guest::new();
+    for i in 0..QSIZE {
+        g.desc(DESC, i, BUF, 16, VRING_DESC_F_NEXT, (i + 1) % QSIZE);
+    }
+    let q = g.queue();
+    let mut out = Vec::new();
+    assert!(matches!(
+        q.chain(&g.mem, 0, &mut out, 3),
+        Err(ChainError::TooLong(_))
+    ));
+}
+
+#[test]
+fn indirect_tables_work_and_may_not_nest() {
+    let g = Guest::new();
+    let table = GPA + 0x3000;
+    g.desc(table, 0, BUF, 16, VRING_DESC_F_NEXT, 1);
+    g.desc(table, 1, BUF + 16, 1, VRING_DESC_F_WRITE, 0);
+    g.desc(DESC, 0, table, 32, VRING_DESC_F_INDIRECT, 0);
+    let segs = chain(&g, 0).unwrap();
+    assert_eq!(segs.len(), 2);
+    assert!(segs[1].writable);
+    // an indirect descriptor inside an indirect table
+    g.desc(table, 1, table, 32, VRING_DESC_F_INDIRECT, 0);
+    assert_eq!(chain(&g, 0).unwrap_err(), ChainError::BadIndirect);
+    // a table whose length is not a multiple of 16
+    g.desc(DESC, 0, table, 20, VRING_DESC_F_INDIRECT, 0);
+    assert_eq!(chain(&g, 0).unwrap_err(), ChainError::BadIndirect);
+}
+
+/// Build header | data | status at BUF as separate descriptors and decode.
+fn request(
+    g: &Guest,
+    ty: u32,
+    sector: u64,
+    data_len: u32,
+    data_writable: bool,
+    cap: u64,
+    ro: bool,
+) -> (blk::Request, Vec<libc::iovec>) {
+    g.header(BUF, ty, sector);
+    let wflag = if data_writable { VRING_DESC_F_WRITE } else { 0 };
+    g.desc(DESC, 0, BUF, 16, VRING_DESC_F_NEXT, 1);
+    g.desc(
+        DESC,
+        1,
+        BUF + 0x1000,
+        data_len,
+        VRING_DESC_F_NEXT | wflag,
+        2,
+    );
+    g.desc(DESC, 2, BUF + 0x100, 1, VRING_DESC_F_WRITE, 0);
+    let segs = chain(g, 0).unwrap();
+    let mut iov = Vec::new();
+    let r = decode(&segs, &mut iov, cap, ro);
+    (r, iov)
+}
+
+#[test]
+fn good_read_points_into_guest_memory() {
+    let g = Guest::new();
+    let (r, iov) = request(&g, blk::VIRTIO_BLK_T_IN, 8, 4096, true, 1 << 20, false);
+    assert_eq!(
+        r.what,
+        Decoded::Io {
+            kind: IoKind::Read,
+            offset: 4096,
+            len: 4096
+        }
+    );
+    assert_eq!(r.written, 4097);
+    assert_eq!(iov.len(), 1);
+    assert_eq!(
+        iov[0].iov_base as usize,
+        g.mem.gpa(BUF + 0x1000, 1).unwrap() as usize
+    );
+}
+
+#[test]
+fn header_split_across_descriptors_and_status_sharing_data() {
+    let g = Guest::new();
+    g.header(BUF, blk::VIRTIO_BLK_T_IN, 0);
+    // 10 + 6 header bytes, then 512 data bytes and the status in one buffer
+    g.desc(DESC, 0, BUF, 10, VRING_DESC_F_NEXT, 1);
+    g.desc(DESC, 1, BUF + 10, 6, VRING_DESC_F_NEXT, 2);
+    g.desc(DESC, 2, BUF + 0x1000, 513, VRING_DESC_F_WRITE, 0);
+    let segs = chain(&g, 0).unwrap();
+    let mut iov = Vec::new();
+    let r = decode(&segs, &mut iov, 1 << 20, false);
+    assert_eq!(
+        r.what,
+        Decoded::Io {
+            kind: IoKind::Read,
+            offset: 0,
+            len: 512
+        }
+    );
+    assert_eq!(iov.len(), 1);
+    assert_eq!(
+        r.status.unwrap() as usize,
+        g.mem.gpa(BUF + 0x1000 + 512, 1).unwrap() as usize
+    );
+}
+
+#[test]
+fn bad_requests_get_the_right_status() {
+    let g = Guest::new();
+    let rej = |r: blk::Request| match r.what {
+        Decoded::Reject(s) => s,
+        other => panic!("accepted: {other:?}"),
+    };
+    // past capacity
+    assert_eq!(
+        rej(request(&g, blk::VIRTIO_BLK_T_IN, 2048, 4096, true, 1 << 20, false).0),
+        blk::VIRTIO_BLK_S_IOERR
+    );
+    // sector * 512 overflows
+    assert_eq!(
+        rej(request(
+            &g,
+            blk::VIRTIO_BLK_T_IN,
+            u64::MAX / 2,
+            512,
+            true,
+            1 << 20,
+            false
+        )
+        .0),
+        blk::VIRTIO_BLK_S_IOERR
+    );
+    // write to a read-only disk
+    assert_eq!(
+        rej(request(&g, blk::VIRTIO_BLK_T_OUT, 0, 512, false, 1 << 20, true).0),
+        blk::VIRTIO_BLK_S_IOERR
+    );
+    // read into a buffer the device may not write
+    assert_eq!(
+        rej(request(&g, blk::VIRTIO_BLK_T_IN, 0, 512, false, 1 << 20, false).0),
+        blk::VIRTIO_BLK_S_IOERR
+    );
+    // data not a multiple of the sector
+    assert_eq!(
+        rej(request(&g, blk::VIRTIO_BLK_T_OUT, 0, 100, false, 1 << 20, false).0),
+        blk::VIRTIO_BLK_S_IOERR
+    );
+    // unknown type
+    assert_eq!(
+        rej(request(&g, 99, 0, 512, false, 1 << 20, false).0),
+        blk::VIRTIO_BLK_S_UNSUPP
+    );
+}
+
+#[test]
+fn short_header_and_missing_status() {
+    let g = Guest::new();
+    g.desc(DESC, 0, BUF, 8, VRING_DESC_F_NEXT, 1);
+    g.desc(DESC, 1, BUF + 0x100, 1, VRING_DESC_F_WRITE, 0);
+    let mut iov = Vec::new();
+    let r = decode(&chain(&g, 0).unwrap(), &mut iov, 1 << 20, false);
+    assert_eq!(r.what, Decoded::Reject(blk::VIRTIO_BLK_S_IOERR));
+    assert!(r.status.is_some());
+    // last buffer read-only: no status byte to write
+    g.header(BUF, blk::VIRTIO_BLK_T_IN, 0);
+    g.desc(DESC, 0, BUF, 16, VRING_DESC_F_NEXT, 1);
+    g.desc(DESC, 1, BUF + 0x100, 513, 0, 0);
+    let r = decode(&chain(&g, 0).unwrap(), &mut iov, 1 << 20, false);
+    assert!(matches!(r.what, Decoded::Reject(_)));
+    assert!(r.status.is_none());
+}
+
+#[test]
+fn discard_segments_are_checked() {
+    let g = Guest::new();
+    let seg = |sector: u64, n: u32, flags: u32| {
+        let mut s = [0u8; 16];
+        s[0..8].copy_from_slice(&sector.to_le_bytes());
+        s[8..12].copy_from_slice(&n.to_le_bytes());
+        s[12..16].copy_from_slice(&flags.to_le_bytes());
+        g.write(BUF + 0x1000, &s);
+    };
+    seg(8, 16, 0);
+    let (r, _) = request(&g, blk::VIRTIO_BLK_T_DISCARD, 0, 16, false, 1 << 20, false);
+    assert_eq!(
+        r.what,
+        Decoded::Io {
+            kind: IoKind::Discard,
+            offset: 4096,
+            len: 8192
+        }
+    );
+    seg(8, 16, 1);
+    let (r, _) = request(
+        &g,
+        blk::VIRTIO_BLK_T_WRITE_ZEROES,
+        0,
+        16,
+        false,
+        1 << 20,
+        false,
+    );
+    assert_eq!(
+        r.what,
+        Decoded::Io {
+            kind: IoKind::WriteZeroes,
+            offset: 4096,
+            len: 8192
+        }
+    );
+    // the unmap flag is not valid on discard
+    let (r, _) = request(&g, blk::VIRTIO_BLK_T_DISCARD, 0, 16, false, 1 << 20, false);
+    assert_eq!(r.what, Decoded::Reject(blk::VIRTIO_BLK_S_UNSUPP));
+    seg(2040, 16, 0);
+    let (r, _) = request(&g, blk::VIRTIO_BLK_T_DISCARD, 0, 16, false, 1 << 20, false);
+    assert_eq!(r.what, Decoded::Reject(blk::VIRTIO_BLK_S_IOERR));
+    // two segments: more than max_discard_seg
+    let (r, _) = request(&g, blk::VIRTIO_BLK_T_DISCARD, 0, 32, false, 1 << 20, false);
+    assert_eq!(r.what, Decoded::Reject(blk::VIRTIO_BLK_S_IOERR));
+}
+
+#[test]
+fn get_id_fills_the_serial() {
+    let g = Guest::new();
+    let (r, iov) = request(&g, blk::VIRTIO_BLK_T_GET_ID, 0, 20, true, 1 << 20, false);
+    assert_eq!(r.what, Decoded::GetId);
+    let mut serial = [0u8; 20];
+    serial[..5].copy_from_slice(b"abc12");
+    blk::fill_id(&iov, &serial);
+    assert_eq!(&g.read(BUF + 0x1000, 20)[..], &serial[..]);
+}
