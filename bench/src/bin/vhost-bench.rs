@@ -1,0 +1,650 @@
+//! vhost-user-blk load generator (libblkio client) and a side-by-side
+//! comparison of Quern, qemu-storage-daemon and fio.
+//!
+//! Usage:
+//!   vhost-bench run JOBFILE --socket SOCK [--cpu 0]
+//!       drive an already running vhost-user-blk socket; fio-style JSON on stdout
+//!   vhost-bench compare JOBFILE [--out DIR] [--file PATH] [--size 1G]
+//!       [--poll busy|adaptive|interrupt] [--merge on|off] [--null]
+//!       [--backends quern,qsd,fio] [--quern PATH]
+//!       run the job against Quern, qemu-storage-daemon and fio on the same
+//!       file (or null devices with --null) and print a table
+//!
+//! Job files: a small fio subset (`key=value` lines, `[sections]` and `;`/`#`
+//! comments ignored): rw=randread|randwrite|read|write, bs, iodepth,
+//! numjobs (= queues, one pinned client thread per queue), runtime, size.
+
+use std::fs::{File, OpenOptions};
+use std::io::Write;
+use std::mem::MaybeUninit;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use blkio::{Blkio, Completion, ReqFlags};
+use hdrhistogram::Histogram;
+use quern_bench::{arg_value, pin_to_cpu, Rng};
+use serde_json::{json, Value};
+
+const PCTS: [f64; 8] = [1.0, 5.0, 10.0, 50.0, 90.0, 99.0, 99.9, 99.99];
+
+#[derive(Clone, Debug)]
+struct Job {
+    name: String,
+    rw: String,
+    bs: usize,
+    iodepth: usize,
+    numjobs: usize,
+    runtime: u64,
+    size: Option<u64>,
+}
+
+fn parse_size(s: &str) -> Option<u64> {
+    let s = s.trim().to_ascii_lowercase();
+    let s = s.trim_end_matches("ib").trim_end_matches('b');
+    let (num, mul) = match s.chars().last()? {
+        'k' => (&s[..s.len() - 1], 1u64 << 10),
+        'm' => (&s[..s.len() - 1], 1 << 20),
+        'g' => (&s[..s.len() - 1], 1 << 30),
+        't' => (&s[..s.len() - 1], 1 << 40),
+        _ => (s, 1),
+    };
+    num.trim().parse::<u64>().ok().map(|n| n * mul)
+}
+
+fn parse_job(path: &Path) -> Job {
+    let text = std::fs::read_to_string(path)
+        .unwrap_or_else(|e| panic!("cannot read {}: {e}", path.display()));
+    let mut job = Job {
+        name: path
+            .file_stem()
+            .map(|s| s.to_string_lossy().into_owned())
+            .unwrap_or_else(|| "job".into()),
+        rw: "randread".into(),
+        bs: 4096,
+        iodepth: 1,
+        numjobs: 1,
+        runtime: 5,
+        size: None,
+    };
+    for line in text.lines() {
+        let line = line.trim();
+        if line.is_empty() || line.starts_with(['#', ';', '[']) {
+            continue;
+        }
+        let Some((k, v)) = line.split_once('=') else {
+            continue;
+        };
+        let (k, v) = (k.trim(), v.trim());
+        let bad = || -> ! { panic!("{}: bad value for {k}: {v}", path.display()) };
+        match k {
+            "rw" | "readwrite" => match v {
+                "randread" | "randwrite" | "read" | "write" => job.rw = v.into(),
+                _ => bad(),
+            },
+            "bs" => job.bs = parse_size(v).unwrap_or_else(|| bad()) as usize,
+            "iodepth" => job.iodepth = v.parse().unwrap_or_else(|_| bad()),
+            "numjobs" => job.numjobs = v.parse().unwrap_or_else(|_| bad()),
+            "runtime" => job.runtime = v.trim_end_matches('s').parse().unwrap_or_else(|_| bad()),
+            "size" => job.size = Some(parse_size(v).unwrap_or_else(|| bad())),
+            _ => eprintln!("{}: ignoring {k}", path.display()),
+        }
+    }
+    assert!(
+        job.bs >= 512 && job.bs.is_multiple_of(512),
+        "bs must be a multiple of 512"
+    );
+    assert!(job.iodepth >= 1 && job.numjobs >= 1 && job.runtime >= 1);
+    job
+}
+
+fn is_read(rw: &str) -> bool {
+    rw == "randread" || rw == "read"
+}
+
+/// Per-thread result.
+struct ThreadOut {
+    ios: u64,
+    hist: Histogram<u64>,
+}
+
+/// Drive `socket` with `job`; client threads pinned to `cpu`. Returns fio-style JSON.
+fn run_client(job: &Job, socket: &Path, cpu: usize) -> Value {
+    let mut b = Blkio::new("virtio-blk-vhost-user").expect("blkio");
+    b.set_str("path", socket.to_str().unwrap()).expect("path");
+    b.connect().expect("connect");
+    b.set_i32("num-queues", job.numjobs as i32)
+        .expect("num-queues");
+    let started = b.start().expect("start");
+    let capacity = b.get_u64("capacity").expect("capacity");
+    let size = job.size.unwrap_or(capacity).min(capacity);
+    let per_q = job.iodepth * job.bs;
+    let len = (per_q * job.numjobs).div_ceil(2 << 20) * (2 << 20);
+    let region = b.alloc_mem_region(len).expect("alloc_mem_region");
+    b.map_mem_region(&region).expect("map_mem_region");
+    let mut rng = Rng::new(7);
+    for i in 0..len / 8 {
+        // SAFETY: inside the region, u64-aligned.
+        unsafe { (region.addr as *mut u64).add(i).write(rng.next_u64()) };
+    }
+    let blocks = size / job.bs as u64;
+    let threads: Vec<_> = started
+        .queues
+        .into_iter()
+        .enumerate()
+        .map(|(qi, mut q)| {
+            let job = job.clone();
+            let base = region.addr + qi * per_q;
+            std::thread::spawn(move || {
+                let _ = pin_to_cpu(cpu);
+                let read = is_read(&job.rw);
+                let random = job.rw.starts_with("rand");
+                let mut rng = Rng::new(0x9e37_79b9 ^ (qi as u64 + 1));
+                // sequential: each queue walks its own slice of the device
+                let slice = (blocks / job.numjobs as u64).max(1);
+                let mut seq = 0u64;
+                let mut next_off = |rng: &mut Rng| -> u64 {
+                    let blk = if random {
+                        rng.below(blocks)
+                    } else {
+                        let b = qi as u64 * slice + seq % slice;
+                        seq += 1;
+                        b
+                    };
+                    blk * job.bs as u64
+                };
+                let mut hist = Histogram::<u64>::new_with_bounds(1, 60_000_000_000, 3).unwrap();
+                let mut t0 = vec![Instant::now(); job.iodepth];
+                let mut comps: Vec<MaybeUninit<Completion>> =
+                    (0..job.iodepth).map(|_| MaybeUninit::uninit()).collect();
+                let submit = |q: &mut blkio::Blkioq, slot: usize, off: u64| {
+                    let p = (base + slot * job.bs) as *mut u8;
+                    if read {
+                        q.read(off, p, job.bs, slot, ReqFlags::empty());
+                    } else {
+                        q.write(off, p, job.bs, slot, ReqFlags::empty());
+                    }
+                };
+                let start = Instant::now();
+                let end = start + Duration::from_secs(job.runtime);
+                for (slot, t) in t0.iter_mut().enumerate() {
+                    *t = Instant::now();
+                    let off = next_off(&mut rng);
+                    submit(&mut q, slot, off);
+                }
+                let mut ios = 0u64;
+                let mut inflight = job.iodepth;
+                let mut stopping = false;
+                while inflight > 0 {
+                    let k = q.do_io(&mut comps, 0, None, None).expect("do_io");
+                    if k == 0 {
+                        continue;
+                    }
+                    let now = Instant::now();
+                    if !stopping && now >= end {
+                        stopping = true;
+                    }
+                    for c in &comps[..k] {
+                        // SAFETY: do_io initialised the first k entries.
+                        let c = unsafe { c.assume_init_read() };
+                        assert_eq!(c.ret, 0, "I/O failed on queue {qi}");
+                        let slot = c.user_data;
+                        inflight -= 1;
+                        if stopping {
+                            continue;
+                        }
+                        ios += 1;
+                        let ns = now.duration_since(t0[slot]).as_nanos() as u64;
+                        hist.record(ns.max(1)).unwrap();
+                        t0[slot] = Instant::now();
+                        let off = next_off(&mut rng);
+                        submit(&mut q, slot, off);
+                        inflight += 1;
+                    }
+                }
+                (ThreadOut { ios, hist }, start.elapsed(), q)
+            })
+        })
+        .collect();
+    let mut ios = 0u64;
+    let mut hist = Histogram::<u64>::new_with_bounds(1, 60_000_000_000, 3).unwrap();
+    let mut secs: f64 = 0.0;
+    let mut queues = Vec::new();
+    for t in threads {
+        let (o, el, q) = t.join().expect("client thread");
+        ios += o.ios;
+        hist.add(&o.hist).unwrap();
+        secs = secs.max(el.as_secs_f64().min(job.runtime as f64));
+        queues.push(q);
+    }
+    drop(queues);
+    drop(b);
+    fio_json(job, ios, secs, &hist)
+}
+
+fn fio_json(job: &Job, ios: u64, secs: f64, hist: &Histogram<u64>) -> Value {
+    let iops = ios as f64 / secs;
+    let mut pct = serde_json::Map::new();
+    for p in PCTS {
+        pct.insert(format!("{p:.6}"), json!(hist.value_at_quantile(p / 100.0)));
+    }
+    let dir = json!({
+        "io_bytes": ios * job.bs as u64,
+        "io_kbytes": ios * job.bs as u64 / 1024,
+        "total_ios": ios,
+        "runtime": (secs * 1000.0) as u64,
+        "iops": iops,
+        "bw": iops * job.bs as f64 / 1024.0,
+        "clat_ns": {
+            "min": hist.min(), "max": hist.max(), "mean": hist.mean(),
+            "stddev": hist.stdev(), "N": hist.len(), "percentile": Value::Object(pct),
+        },
+        "lat_ns": { "mean": hist.mean() },
+    });
+    let empty = json!({"io_bytes": 0, "io_kbytes": 0, "total_ios": 0, "iops": 0.0, "bw": 0.0});
+    let (r, w) = if is_read(&job.rw) {
+        (dir, empty)
+    } else {
+        (empty, dir)
+    };
+    json!({
+        "fio version": "vhost-bench",
+        "jobs": [{
+            "jobname": job.name,
+            "job options": {
+                "rw": job.rw, "bs": job.bs.to_string(), "iodepth": job.iodepth.to_string(),
+                "numjobs": job.numjobs.to_string(), "runtime": job.runtime.to_string(),
+            },
+            "read": r,
+            "write": w,
+        }]
+    })
+}
+
+/// utime + stime of a whole process (all threads), in seconds.
+fn proc_cpu(pid: u32) -> f64 {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let Some(rest) = s.rfind(')').map(|i| &s[i + 1..]) else {
+        return f64::NAN;
+    };
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    // after ')': field 3 (state) is f[0]; utime = field 14, stime = field 15
+    let t: u64 = f[11].parse::<u64>().unwrap_or(0) + f[12].parse::<u64>().unwrap_or(0);
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+    t as f64 / hz
+}
+
+fn prepare_file(path: &Path, size: u64) -> std::io::Result<()> {
+    if let Ok(m) = std::fs::metadata(path) {
+        use std::os::unix::fs::MetadataExt;
+        if m.len() >= size && m.blocks() * 512 >= size {
+            return Ok(());
+        }
+    }
+    if let Some(d) = path.parent() {
+        std::fs::create_dir_all(d)?;
+    }
+    eprintln!(
+        "filling {} with {} MiB of random data ...",
+        path.display(),
+        size >> 20
+    );
+    let f = OpenOptions::new()
+        .create(true)
+        .write(true)
+        .truncate(false)
+        .open(path)?;
+    let mut rng = Rng::new(42);
+    let mut chunk = vec![0u8; 1 << 20];
+    let mut off = 0u64;
+    while off < size {
+        for w in chunk.chunks_exact_mut(8) {
+            w.copy_from_slice(&rng.next_u64().to_ne_bytes());
+        }
+        let n = (size - off).min(chunk.len() as u64) as usize;
+        f.write_all_at(&chunk[..n], off)?;
+        off += n as u64;
+    }
+    f.sync_all()
+}
+
+struct Opts {
+    out: PathBuf,
+    file: PathBuf,
+    size: u64,
+    poll: String,
+    merge: bool,
+    null: bool,
+    backends: Vec<String>,
+    quern: PathBuf,
+}
+
+struct Row {
+    name: String,
+    iops: f64,
+    p50_us: f64,
+    p99_us: f64,
+    cpu_s: f64,
+}
+
+impl Row {
+    fn cpu_us_per_io(&self, runtime: u64) -> f64 {
+        self.cpu_s * 1e6 / (self.iops * runtime as f64)
+    }
+}
+
+fn figures(name: &str, v: &Value, rw: &str, cpu_s: f64) -> Row {
+    let d = if is_read(rw) { "read" } else { "write" };
+    let j = &v["jobs"][0][d];
+    let pct = |p: &str| j["clat_ns"]["percentile"][p].as_f64().unwrap_or(f64::NAN) / 1000.0;
+    Row {
+        name: name.into(),
+        iops: j["iops"].as_f64().unwrap_or(f64::NAN),
+        p50_us: pct("50.000000"),
+        p99_us: pct("99.000000"),
+        cpu_s,
+    }
+}
+
+/// Wait until `ready` holds, or die after 15 s.
+fn wait_for(what: &str, child: &mut Child, mut ready: impl FnMut() -> bool) {
+    let t = Instant::now();
+    while !ready() {
+        if let Ok(Some(st)) = child.try_wait() {
+            panic!("{what} exited before it was ready: {st}");
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(15),
+            "{what} not ready after 15 s"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn stop(child: &mut Child) {
+    // SAFETY: signalling our own child by pid.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    let t = Instant::now();
+    loop {
+        if let Ok(Some(_)) = child.try_wait() {
+            return;
+        }
+        if t.elapsed() > Duration::from_secs(10) {
+            eprintln!("backend {} ignored SIGTERM; killing", child.id());
+            let _ = child.kill();
+            let _ = child.wait();
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Run the job against a started backend; returns (json, backend cpu seconds).
+fn measure(job: &Job, pid: u32, sock: &Path) -> (Value, f64) {
+    let c0 = proc_cpu(pid);
+    let v = run_client(job, sock, 0);
+    let c1 = proc_cpu(pid);
+    (v, c1 - c0)
+}
+
+fn run_quern(job: &Job, o: &Opts) -> (Value, f64) {
+    let dir = o.out.join("quern-state");
+    std::fs::create_dir_all(&dir).unwrap();
+    let sock = dir.join("bench.sock");
+    let _ = std::fs::remove_file(&sock);
+    let bdev = if o.null {
+        format!("driver = \"null\"\nsize = \"{}\"\n", o.size)
+    } else {
+        format!(
+            "driver = \"uring\"\npath = \"{}\"\ndirect = true\n",
+            o.file.display()
+        )
+    };
+    let toml = format!(
+        "state_dir = \"{}\"\n\n[reactor]\ncores = [1]\npoll_mode = \"{}\"\n\n[merge]\nenabled = {}\n\n\
+         [[bdev]]\nname = \"disk0\"\n{bdev}\n[[vhost_blk]]\nname = \"bench0\"\nbdev = \"disk0\"\n\
+         socket = \"{}\"\nnum_queues = {}\ncores = [1]\n",
+        dir.display(),
+        o.poll,
+        o.merge,
+        sock.display(),
+        job.numjobs
+    );
+    let cfg = o.out.join("quern.toml");
+    std::fs::write(&cfg, toml).unwrap();
+    let log = o.out.join("quern.log");
+    let mut child = Command::new("taskset")
+        .args(["-c", "1"])
+        .arg(&o.quern)
+        .arg("--config")
+        .arg(&cfg)
+        .stderr(File::create(&log).unwrap())
+        .stdout(Stdio::null())
+        .spawn()
+        .expect("start quern");
+    wait_for("quern", &mut child, || {
+        std::fs::read_to_string(&log)
+            .map(|s| s.contains("vhost-user-blk device listening"))
+            .unwrap_or(false)
+    });
+    let r = measure(job, child.id(), &sock);
+    stop(&mut child);
+    r
+}
+
+fn run_qsd(job: &Job, o: &Opts) -> (Value, f64) {
+    let sock = o.out.join("qsd.sock");
+    let _ = std::fs::remove_file(&sock);
+    let mut args: Vec<String> = vec!["-c".into(), "1".into(), "qemu-storage-daemon".into()];
+    if o.null {
+        args.push("--blockdev".into());
+        args.push(format!(
+            "driver=null-co,node-name=raw,read-zeroes=off,size={}",
+            o.size
+        ));
+    } else {
+        args.push("--blockdev".into());
+        args.push(format!(
+            "driver=file,node-name=file,filename={},cache.direct=on,aio=io_uring",
+            o.file.display()
+        ));
+        args.push("--blockdev".into());
+        args.push("driver=raw,node-name=raw,file=file".into());
+    }
+    args.push("--export".into());
+    args.push(format!(
+        "type=vhost-user-blk,id=exp,node-name=raw,addr.type=unix,addr.path={},writable=on,num-queues={}",
+        sock.display(),
+        job.numjobs
+    ));
+    let mut child = Command::new("taskset")
+        .args(&args)
+        .stderr(File::create(o.out.join("qsd.log")).unwrap())
+        .stdout(Stdio::null())
+        .spawn()
+        .expect("start qemu-storage-daemon");
+    wait_for("qemu-storage-daemon", &mut child, || sock.exists());
+    let r = measure(job, child.id(), &sock);
+    stop(&mut child);
+    r
+}
+
+fn fio_args(job: &Job, o: &Opts) -> Vec<String> {
+    let mut a = vec![
+        format!("--name={}", job.name),
+        format!("--filename={}", o.file.display()),
+        "--ioengine=io_uring".into(),
+        "--direct=1".into(),
+        format!("--rw={}", job.rw),
+        format!("--bs={}", job.bs),
+        format!("--iodepth={}", job.iodepth),
+        format!("--numjobs={}", job.numjobs),
+        format!("--runtime={}", job.runtime),
+        "--time_based".into(),
+        "--thread".into(),
+        "--group_reporting".into(),
+        "--cpus_allowed=1".into(),
+        "--output-format=json".into(),
+    ];
+    if let Some(s) = job.size {
+        a.push(format!("--size={s}"));
+    }
+    if !job.rw.starts_with("rand") && job.numjobs > 1 {
+        a.push("--offset_increment=".to_string() + &(o.size / job.numjobs as u64).to_string());
+        a.push(format!("--size={}", o.size / job.numjobs as u64));
+    }
+    a
+}
+
+fn run_fio(job: &Job, o: &Opts) -> Option<(Value, f64)> {
+    let mut child = Command::new("fio")
+        .args(fio_args(job, o))
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .ok()?;
+    let mut out = String::new();
+    std::io::Read::read_to_string(child.stdout.as_mut().unwrap(), &mut out).ok()?;
+    let mut status = 0;
+    // SAFETY: rusage is plain data; wait4 on our own child.
+    let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
+    unsafe { libc::wait4(child.id() as i32, &mut status, 0, &mut ru) };
+    let tv = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 / 1e6;
+    let cpu = tv(ru.ru_utime) + tv(ru.ru_stime);
+    let v: Value = serde_json::from_str(&out[out.find('{')?..]).ok()?;
+    Some((v, cpu))
+}
+
+fn compare(job: &Job, o: &Opts) {
+    std::fs::create_dir_all(&o.out).unwrap();
+    if !o.null {
+        prepare_file(&o.file, o.size).expect("prepare backing file");
+    }
+    let _ = pin_to_cpu(0);
+    let mut rows = Vec::new();
+    let mode = if o.null { "null" } else { "file" };
+    for be in &o.backends {
+        let res = match be.as_str() {
+            "quern" => Some(run_quern(job, o)),
+            "qsd" => Some(run_qsd(job, o)),
+            "fio" if !o.null => run_fio(job, o),
+            "fio" => None,
+            other => panic!("unknown backend {other}"),
+        };
+        let Some((v, cpu)) = res else {
+            if be == "fio" && !o.null {
+                eprintln!("fio run failed");
+            }
+            continue;
+        };
+        let tag = if be == "quern" {
+            format!(
+                "quern-{}-merge{}",
+                o.poll,
+                if o.merge { "on" } else { "off" }
+            )
+        } else {
+            be.clone()
+        };
+        let path = o.out.join(format!("{}-{mode}-{tag}.json", job.name));
+        let mut f = File::create(&path).unwrap();
+        writeln!(f, "{}", serde_json::to_string_pretty(&v).unwrap()).unwrap();
+        let row = figures(&tag, &v, &job.rw, cpu);
+        eprintln!(
+            "{}: {:.0} IOPS, p50 {:.1} µs, p99 {:.1} µs, cpu {:.2} s -> {}",
+            tag,
+            row.iops,
+            row.p50_us,
+            row.p99_us,
+            row.cpu_s,
+            path.display()
+        );
+        rows.push(row);
+    }
+    println!(
+        "\n{} ({mode}): rw={} bs={} iodepth={} numjobs={} runtime={}s poll={} merge={}\n",
+        job.name,
+        job.rw,
+        job.bs,
+        job.iodepth,
+        job.numjobs,
+        job.runtime,
+        o.poll,
+        if o.merge { "on" } else { "off" }
+    );
+    println!("| backend | IOPS | p50 µs | p99 µs | backend CPU s | CPU µs/IO |");
+    println!("|---|---:|---:|---:|---:|---:|");
+    for r in &rows {
+        println!(
+            "| {} | {:.0} | {:.1} | {:.1} | {:.2} | {:.2} |",
+            r.name,
+            r.iops,
+            r.p50_us,
+            r.p99_us,
+            r.cpu_s,
+            r.cpu_us_per_io(job.runtime)
+        );
+    }
+    let q = rows.iter().find(|r| r.name.starts_with("quern"));
+    for other in ["qsd", "fio"] {
+        if let (Some(q), Some(x)) = (q, rows.iter().find(|r| r.name == other)) {
+            println!(
+                "\nquern/{other}: IOPS {:.3}, p50 {:.3}, p99 {:.3}, CPU µs/IO {:.3}",
+                q.iops / x.iops,
+                q.p50_us / x.p50_us,
+                q.p99_us / x.p99_us,
+                q.cpu_us_per_io(job.runtime) / x.cpu_us_per_io(job.runtime)
+            );
+        }
+    }
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    let usage = "usage: vhost-bench run JOBFILE --socket SOCK [--cpu 0] | \
+                 vhost-bench compare JOBFILE [--out DIR] [--file PATH] [--size 1G] \
+                 [--poll busy] [--merge on|off] [--null] [--backends quern,qsd,fio] [--quern PATH]";
+    if args.len() < 3 {
+        eprintln!("{usage}");
+        std::process::exit(2);
+    }
+    let job = parse_job(Path::new(&args[2]));
+    match args[1].as_str() {
+        "run" => {
+            let sock = arg_value(&args, "--socket").expect("--socket SOCK");
+            let cpu = arg_value(&args, "--cpu").map_or(0, |c| c.parse().expect("--cpu"));
+            let v = run_client(&job, Path::new(&sock), cpu);
+            println!("{}", serde_json::to_string_pretty(&v).unwrap());
+        }
+        "compare" => {
+            let size = arg_value(&args, "--size").unwrap_or_else(|| "1G".into());
+            let o = Opts {
+                out: arg_value(&args, "--out")
+                    .unwrap_or_else(|| "/var/tmp/quern-bench/vhost".into())
+                    .into(),
+                file: arg_value(&args, "--file")
+                    .unwrap_or_else(|| "/var/tmp/quern-bench/disk.img".into())
+                    .into(),
+                size: parse_size(&size).expect("--size"),
+                poll: arg_value(&args, "--poll").unwrap_or_else(|| "busy".into()),
+                merge: arg_value(&args, "--merge").is_none_or(|m| m != "off"),
+                null: args.iter().any(|a| a == "--null"),
+                backends: arg_value(&args, "--backends")
+                    .unwrap_or_else(|| "quern,qsd,fio".into())
+                    .split(',')
+                    .map(str::to_string)
+                    .collect(),
+                quern: arg_value(&args, "--quern")
+                    .unwrap_or_else(|| "target/release/quern".into())
+                    .into(),
+            };
+            compare(&job, &o);
+        }
+        _ => {
+            eprintln!("{usage}");
+            std::process::exit(2);
+        }
+    }
+}
