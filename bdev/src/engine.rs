@@ -628,7 +628,7 @@ fn iov_aligned(iov: &[libc::iovec], align: usize) -> bool {
     align <= 1
         || iov
             .iter()
-            .all(|v| (v.iov_base as usize) % align == 0 && v.iov_len % align == 0)
+            .all(|v| (v.iov_base as usize).is_multiple_of(align) && v.iov_len.is_multiple_of(align))
 }
 
 fn gather(iov: &[libc::iovec], dst: *mut u8) {

@@ -187,7 +187,7 @@ pub fn validate(info: &BdevInfo, kind: IoKind, offset: u64, len: u64) -> Result<
         _ => {}
     }
     let bs = u64::from(info.block_size);
-    if offset % bs != 0 || len % bs != 0 {
+    if !offset.is_multiple_of(bs) || !len.is_multiple_of(bs) {
         return Err(BdevError::Misaligned {
             offset,
             len,

@@ -274,10 +274,6 @@ impl Reactor {
                 p.on_complete(cookie & COOKIE_MASK, res);
             }
         });
-        for p in pollers.iter_mut().flatten() {
-            p.end_cycle();
-        }
-        work += done;
         let after = io.stats();
         let st = &self.stats;
         if after.requests_submitted != before.requests_submitted || done > 0 {
@@ -291,6 +287,11 @@ impl Reactor {
                 .store(m.requests_out, Ordering::Relaxed);
             st.merge_bytes.store(m.bytes, Ordering::Relaxed);
         }
+        // statistics first, so a client that sees its completion sees them too
+        for p in pollers.iter_mut().flatten() {
+            p.end_cycle();
+        }
+        work += done;
         // in-flight I/O counts as work for the spin decision
         work + usize::from(io.in_flight() > 0)
     }

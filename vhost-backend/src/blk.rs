@@ -119,7 +119,10 @@ pub fn decode(segs: &[Seg], iov: &mut Vec<libc::iovec>, capacity: u64, read_only
     let (what, written) = match ty {
         VIRTIO_BLK_T_IN | VIRTIO_BLK_T_OUT => {
             let write = ty == VIRTIO_BLK_T_OUT;
-            if (write && !data_readable) || (!write && !data_writable) || data_len % SECTOR != 0 {
+            if (write && !data_readable)
+                || (!write && !data_writable)
+                || !data_len.is_multiple_of(SECTOR)
+            {
                 return reject(VIRTIO_BLK_S_IOERR);
             }
             if write && read_only {

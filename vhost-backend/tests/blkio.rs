@@ -94,6 +94,7 @@ fn connect(socket: &Path, queues: i32, read_only: bool) -> Client {
 }
 
 impl Client {
+    #[allow(clippy::mut_from_ref)] // the region is memory shared with the device
     fn buf(&self, off: usize, len: usize) -> &mut [u8] {
         assert!(off + len <= self.region.len);
         // SAFETY: inside the region we allocated; tests use disjoint ranges.
@@ -241,4 +242,70 @@ fn reconnect_after_client_goes_away() {
             .all(|&x| x == round as u8 + 1));
     }
     assert!(s.dev.connections.load(Ordering::Relaxed) >= 4);
+}
+
+/// Two client threads, one per queue, under sustained load: the device's two
+/// queues are bound to two reactors, and each reactor carries one queue's
+/// I/O (its own completion counters grow).
+#[test]
+fn two_queues_run_on_two_reactors_under_load() {
+    let s = start(malloc(64 << 20), 2, false, PollMode::Adaptive);
+    let c = connect(&s.socket, 2, false);
+    let Client { b, queues, region } = c;
+    let before: Vec<u64> = s
+        .reactors
+        .iter()
+        .map(|r| r.stats.snapshot().ios_completed)
+        .collect();
+    let threads: Vec<_> = queues
+        .into_iter()
+        .enumerate()
+        .map(|(qi, mut q)| {
+            let base = region.addr + qi * (1 << 20);
+            std::thread::spawn(move || {
+                let mut comps: Vec<MaybeUninit<Completion>> =
+                    (0..16).map(|_| MaybeUninit::uninit()).collect();
+                let mut done = 0usize;
+                let mut inflight = 0usize;
+                let mut next = 0usize;
+                while done < 4000 {
+                    while inflight < 16 && next < 4000 {
+                        let slot = next % 16;
+                        let off = ((next * 7919) % 8192) as u64 * 4096;
+                        let p = (base + slot * 4096) as *mut u8;
+                        if next % 2 == 0 {
+                            q.write(off, p, 4096, next, ReqFlags::empty());
+                        } else {
+                            q.read(off, p, 4096, next, ReqFlags::empty());
+                        }
+                        next += 1;
+                        inflight += 1;
+                    }
+                    let mut t = Duration::from_secs(10);
+                    let k = q.do_io(&mut comps, 1, Some(&mut t), None).unwrap();
+                    assert!(k > 0, "queue {qi} stalled");
+                    for c in &comps[..k] {
+                        // SAFETY: do_io filled k entries.
+                        assert_eq!(unsafe { c.assume_init_read() }.ret, 0);
+                    }
+                    done += k;
+                    inflight -= k;
+                }
+                q
+            })
+        })
+        .collect();
+    let queues: Vec<Blkioq> = threads.into_iter().map(|t| t.join().unwrap()).collect();
+    let q0 = s.dev.queues[0].reactor.load(Ordering::Relaxed);
+    let q1 = s.dev.queues[1].reactor.load(Ordering::Relaxed);
+    assert_ne!(q0, q1, "the two queues share a reactor");
+    for (qi, q) in s.dev.queues.iter().enumerate() {
+        assert_eq!(q.completed.load(Ordering::Relaxed), 4000, "queue {qi}");
+    }
+    for (ri, r) in s.reactors.iter().enumerate() {
+        let grew = r.stats.snapshot().ios_completed - before[ri];
+        assert!(grew >= 4000, "reactor {ri} completed only {grew} requests");
+    }
+    drop(queues);
+    drop(b);
 }
