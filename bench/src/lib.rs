@@ -51,3 +51,41 @@ pub fn arg_value(args: &[String], flag: &str) -> Option<String> {
         .position(|a| a == flag)
         .and_then(|i| args.get(i + 1).cloned())
 }
+
+/// Create (if needed) and fully write the file so reads hit real blocks.
+pub fn prepare_file(path: &std::path::Path, size: u64) -> std::io::Result<()> {
+    if let Ok(m) = std::fs::metadata(path) {
+        // st_blocks counts 512-byte units actually allocated
+        use std::os::unix::fs::MetadataExt;
+        if m.len() >= size && m.blocks() * 512 >= size {
+            return Ok(());
+        }
+    }
+    if let Some(d) = path.parent() {
+        std::fs::create_dir_all(d)?;
+    }
+    eprintln!(
+        "filling {} with {} MiB of random data ...",
+        path.display(),
+        size >> 20
+    );
+    let f = std::fs::OpenOptions::new()
+        .create(true)
+        .write(true)
+        .truncate(false)
+        .open(path)?;
+    use std::os::unix::fs::FileExt;
+    let mut rng = Rng::new(42);
+    let mut chunk = vec![0u8; 1 << 20];
+    let mut off = 0u64;
+    while off < size {
+        for w in chunk.chunks_exact_mut(8) {
+            w.copy_from_slice(&rng.next_u64().to_ne_bytes());
+        }
+        let n = (size - off).min(chunk.len() as u64) as usize;
+        f.write_all_at(&chunk[..n], off)?;
+        off += n as u64;
+    }
+    f.sync_all()?;
+    Ok(())
+}

@@ -9,10 +9,8 @@
 //! `--wait` blocks in `submit_and_wait(1)` when a cycle reaped nothing.
 
 use std::alloc::{self, Layout};
-use std::fs::OpenOptions;
 use std::io::Write;
-use std::os::unix::fs::FileExt;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::Command;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -20,7 +18,7 @@ use std::time::{Duration, Instant};
 use hdrhistogram::Histogram;
 use quern_bdev::drivers::{UringBdev, UringOptions};
 use quern_bdev::{parse_size, EngineConfig, IoEngine, IoKind, IoRequest, MergeConfig};
-use quern_bench::{arg_value, pin_to_cpu, Rng};
+use quern_bench::{arg_value, pin_to_cpu, prepare_file, Rng};
 
 const BS: usize = 4096;
 
@@ -75,43 +73,6 @@ impl Drop for Buffers {
         // SAFETY: allocated with this layout.
         unsafe { alloc::dealloc(self.ptr, self.layout) }
     }
-}
-
-/// Create (if needed) and fully write the file so reads hit real blocks.
-fn prepare_file(path: &Path, size: u64) -> std::io::Result<()> {
-    if let Ok(m) = std::fs::metadata(path) {
-        // st_blocks counts 512-byte units actually allocated
-        use std::os::unix::fs::MetadataExt;
-        if m.len() >= size && m.blocks() * 512 >= size {
-            return Ok(());
-        }
-    }
-    if let Some(d) = path.parent() {
-        std::fs::create_dir_all(d)?;
-    }
-    eprintln!(
-        "filling {} with {} MiB of random data ...",
-        path.display(),
-        size >> 20
-    );
-    let f = OpenOptions::new()
-        .create(true)
-        .write(true)
-        .truncate(false)
-        .open(path)?;
-    let mut rng = Rng::new(42);
-    let mut chunk = vec![0u8; 1 << 20];
-    let mut off = 0u64;
-    while off < size {
-        for w in chunk.chunks_exact_mut(8) {
-            w.copy_from_slice(&rng.next_u64().to_ne_bytes());
-        }
-        let n = (size - off).min(chunk.len() as u64) as usize;
-        f.write_all_at(&chunk[..n], off)?;
-        off += n as u64;
-    }
-    f.sync_all()?;
-    Ok(())
 }
 
 fn run_quern(o: &Opts, kind: IoKind, qd: usize) -> Figures {

@@ -14,17 +14,16 @@
 //! comments ignored): rw=randread|randwrite|read|write, bs, iodepth,
 //! numjobs (= queues, one pinned client thread per queue), runtime, size.
 
-use std::fs::{File, OpenOptions};
+use std::fs::File;
 use std::io::Write;
 use std::mem::MaybeUninit;
-use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use blkio::{Blkio, Completion, ReqFlags};
 use hdrhistogram::Histogram;
-use quern_bench::{arg_value, pin_to_cpu, Rng};
+use quern_bench::{arg_value, pin_to_cpu, prepare_file, Rng};
 use serde_json::{json, Value};
 
 const PCTS: [f64; 8] = [1.0, 5.0, 10.0, 50.0, 90.0, 99.0, 99.9, 99.99];
@@ -274,40 +273,6 @@ fn proc_cpu(pid: u32) -> f64 {
     // SAFETY: sysconf has no preconditions.
     let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
     t as f64 / hz
-}
-
-fn prepare_file(path: &Path, size: u64) -> std::io::Result<()> {
-    if let Ok(m) = std::fs::metadata(path) {
-        use std::os::unix::fs::MetadataExt;
-        if m.len() >= size && m.blocks() * 512 >= size {
-            return Ok(());
-        }
-    }
-    if let Some(d) = path.parent() {
-        std::fs::create_dir_all(d)?;
-    }
-    eprintln!(
-        "filling {} with {} MiB of random data ...",
-        path.display(),
-        size >> 20
-    );
-    let f = OpenOptions::new()
-        .create(true)
-        .write(true)
-        .truncate(false)
-        .open(path)?;
-    let mut rng = Rng::new(42);
-    let mut chunk = vec![0u8; 1 << 20];
-    let mut off = 0u64;
-    while off < size {
-        for w in chunk.chunks_exact_mut(8) {
-            w.copy_from_slice(&rng.next_u64().to_ne_bytes());
-        }
-        let n = (size - off).min(chunk.len() as u64) as usize;
-        f.write_all_at(&chunk[..n], off)?;
-        off += n as u64;
-    }
-    f.sync_all()
 }
 
 struct Opts {
