@@ -273,7 +273,7 @@ fn two_queues_run_on_two_reactors_under_load() {
                         let slot = next % 16;
                         let off = ((next * 7919) % 8192) as u64 * 4096;
                         let p = (base + slot * 4096) as *mut u8;
-                        if next % 2 == 0 {
+                        if next.is_multiple_of(2) {
                             q.write(off, p, 4096, next, ReqFlags::empty());
                         } else {
                             q.read(off, p, 4096, next, ReqFlags::empty());
