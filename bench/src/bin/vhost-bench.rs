@@ -489,6 +489,7 @@ fn compare(job: &Job, o: &Opts) {
     }
     let _ = pin_to_cpu(0);
     let mut rows = Vec::new();
+    let mut series = Vec::new();
     let mode = if o.null { "null" } else { "file" };
     for be in &o.backends {
         let res = match be.as_str() {
@@ -516,6 +517,7 @@ fn compare(job: &Job, o: &Opts) {
         let path = o.out.join(format!("{}-{mode}-{tag}.json", job.name));
         let mut f = File::create(&path).unwrap();
         writeln!(f, "{}", serde_json::to_string_pretty(&v).unwrap()).unwrap();
+        series.push((tag.clone(), percentiles(&v, &job.rw)));
         let row = figures(&tag, &v, &job.rw, cpu);
         eprintln!(
             "{}: {:.0} IOPS, p50 {:.1} µs, p99 {:.1} µs, cpu {:.2} s -> {}",
@@ -539,6 +541,13 @@ fn compare(job: &Job, o: &Opts) {
         o.poll,
         if o.merge { "on" } else { "off" }
     );
+    let svg = o.out.join(format!("{}-{mode}-latency.svg", job.name));
+    std::fs::write(
+        &svg,
+        latency_svg(&format!("{} ({mode})", job.name), &series),
+    )
+    .unwrap();
+    eprintln!("latency plot -> {}", svg.display());
     println!("| backend | IOPS | p50 µs | p99 µs | backend CPU s | CPU µs/IO |");
     println!("|---|---:|---:|---:|---:|---:|");
     for r in &rows {
@@ -612,4 +621,90 @@ fn main() {
             std::process::exit(2);
         }
     }
+}
+
+/// (percentile, latency ns) pairs from a fio-style JSON's clat percentiles.
+fn percentiles(v: &Value, rw: &str) -> Vec<(f64, f64)> {
+    let dir = if is_read(rw) { "read" } else { "write" };
+    let mut out: Vec<(f64, f64)> = v["jobs"][0][dir]["clat_ns"]["percentile"]
+        .as_object()
+        .map(|m| {
+            m.iter()
+                .filter_map(|(k, x)| Some((k.parse::<f64>().ok()?, x.as_f64()?)))
+                .collect()
+        })
+        .unwrap_or_default();
+    out.sort_by(|a, b| a.0.total_cmp(&b.0));
+    out
+}
+
+/// An SVG of latency against percentile, one line per backend. The x axis
+/// counts nines (-log10(1 - p)), the y axis is logarithmic.
+fn latency_svg(title: &str, series: &[(String, Vec<(f64, f64)>)]) -> String {
+    const W: f64 = 720.0;
+    const H: f64 = 420.0;
+    const M: f64 = 60.0;
+    const COLORS: [&str; 4] = ["#1b6ac9", "#d1495b", "#2e933c", "#8d5cc4"];
+    let nines = |p: f64| -(1.0 - (p / 100.0).min(0.99999)).log10();
+    let pts = series
+        .iter()
+        .flat_map(|(_, s)| s.iter())
+        .filter(|(_, ns)| *ns > 0.0);
+    let (lo, hi) = pts.fold((f64::MAX, 1.0f64), |(lo, hi), (_, ns)| {
+        (lo.min(*ns), hi.max(*ns))
+    });
+    let (ylo, yhi) = (
+        lo.max(1.0).log10().floor(),
+        hi.log10().ceil().max(lo.max(1.0).log10().floor() + 1.0),
+    );
+    let xmax = 5.0;
+    let x = |p: f64| M + nines(p) / xmax * (W - 2.0 * M);
+    let y = |ns: f64| H - M - (ns.max(1.0).log10() - ylo) / (yhi - ylo) * (H - 2.0 * M);
+    let mut s = format!(
+        "<svg xmlns='http://www.w3.org/2000/svg' width='{W}' height='{H}' font-family='sans-serif' font-size='12'>\n\
+         <rect width='100%' height='100%' fill='white'/>\n<text x='{M}' y='24' font-size='15'>{title}: completion latency by percentile</text>\n"
+    );
+    for d in (ylo as i32)..=(yhi as i32) {
+        let ns = 10f64.powi(d);
+        let label = if ns >= 1e6 {
+            format!("{} ms", ns / 1e6)
+        } else if ns >= 1e3 {
+            format!("{} µs", ns / 1e3)
+        } else {
+            format!("{ns} ns")
+        };
+        let (yy, x2) = (y(ns), W - M);
+        s += &format!("<line x1='{M}' x2='{x2}' y1='{yy}' y2='{yy}' stroke='#ddd'/><text x='4' y='{yy}'>{label}</text>\n");
+    }
+    for (p, label) in [
+        (50.0, "p50"),
+        (90.0, "p90"),
+        (99.0, "p99"),
+        (99.9, "p99.9"),
+        (99.99, "p99.99"),
+    ] {
+        s += &format!(
+            "<line x1='{0}' x2='{0}' y1='{M}' y2='{1}' stroke='#eee'/><text x='{0}' y='{2}' text-anchor='middle'>{label}</text>\n",
+            x(p),
+            H - M,
+            H - M + 18.0
+        );
+    }
+    for (i, (name, pts)) in series.iter().enumerate() {
+        let c = COLORS[i % COLORS.len()];
+        let path: Vec<String> = pts
+            .iter()
+            .map(|(p, ns)| format!("{:.1},{:.1}", x(*p), y(*ns)))
+            .collect();
+        s += &format!(
+            "<polyline fill='none' stroke='{c}' stroke-width='2' points='{}'/>\n",
+            path.join(" ")
+        );
+        s += &format!(
+            "<text x='{}' y='{}' fill='{c}'>{name}</text>\n",
+            W - M - 150.0,
+            M + 16.0 * i as f64
+        );
+    }
+    s + "</svg>\n"
 }
