@@ -8,4 +8,5 @@ if [ "$(id -u)" = 0 ]; then
 else
   sudo scripts/install-test-deps.sh
 fi
-cargo test --workspace --release -- --test-threads=2
+# bounded, so a hung test fails CI with a message instead of running out its clock
+timeout --kill-after=30 3000 cargo test --workspace --release -- --test-threads=2

@@ -342,8 +342,20 @@ impl Reactor {
             for ev in evs.iter().take(n.max(0) as usize) {
                 let fd = ev.u64 as RawFd;
                 let mut v: u64 = 0;
-                // SAFETY: all watched fds are eventfds opened non-blocking.
-                unsafe { libc::read(fd, (&mut v as *mut u64).cast(), 8) };
+                // Drain the eventfd's count. Pollers hand over non-blocking
+                // fds; the poll with a zero timeout guards against one that
+                // is not, so a reactor never blocks here.
+                let mut pfd = libc::pollfd {
+                    fd,
+                    events: libc::POLLIN,
+                    revents: 0,
+                };
+                // SAFETY: one valid pollfd; then an 8-byte read into a u64.
+                unsafe {
+                    if libc::poll(&mut pfd, 1, 0) == 1 && pfd.revents & libc::POLLIN != 0 {
+                        libc::read(fd, (&mut v as *mut u64).cast(), 8);
+                    }
+                }
             }
         }
         self.bell.clear();

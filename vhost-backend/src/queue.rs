@@ -74,6 +74,17 @@ pub(crate) struct QueueParts {
 
 impl QueuePoller {
     pub(crate) fn new(p: QueueParts) -> Self {
+        // The reactor drains the kick eventfd after epoll reports it; the
+        // frontend may have drained it first (libblkio does), and a blocking
+        // read would then stall the whole reactor.
+        // SAFETY: fcntl on an fd we own; failure leaves it as it was.
+        unsafe {
+            let fd = p.kick.as_raw_fd();
+            let fl = libc::fcntl(fd, libc::F_GETFL);
+            if fl >= 0 {
+                libc::fcntl(fd, libc::F_SETFL, fl | libc::O_NONBLOCK);
+            }
+        }
         let size = p.q.size() as usize;
         let mut q = p.q;
         q.set_notification(false);
