@@ -50,7 +50,32 @@ pub struct QueuePoller {
     inflight: usize,
     serial: [u8; blk::ID_BYTES],
     stats: Arc<QueueStats>,
+    /// This queue's counters, kept locally (no atomic read-modify-write per
+    /// request) and published to `stats` once per cycle.
+    counts: Counts,
+    published: Counts,
     name: Arc<str>,
+}
+
+#[derive(Clone, Copy, Default, PartialEq, Eq)]
+struct Counts {
+    requests: u64,
+    completed: u64,
+    errors: u64,
+    malformed: u64,
+    notifies: u64,
+}
+
+impl Counts {
+    fn load(st: &QueueStats) -> Self {
+        Counts {
+            requests: st.requests.load(Ordering::Relaxed),
+            completed: st.completed.load(Ordering::Relaxed),
+            errors: st.errors.load(Ordering::Relaxed),
+            malformed: st.malformed.load(Ordering::Relaxed),
+            notifies: st.notifies.load(Ordering::Relaxed),
+        }
+    }
 }
 
 // SAFETY: raw pointers into guest memory kept mapped by `mem`; the poller
@@ -86,6 +111,8 @@ impl QueuePoller {
             }
         }
         let size = p.q.size() as usize;
+        // a restarted queue carries on from its predecessor's counts
+        let start = Counts::load(&p.stats);
         let mut q = p.q;
         q.set_notification(false);
         QueuePoller {
@@ -111,6 +138,8 @@ impl QueuePoller {
             inflight: 0,
             serial: p.serial,
             stats: p.stats,
+            counts: start,
+            published: start,
             name: p.name,
         }
     }
@@ -131,13 +160,13 @@ impl QueuePoller {
         };
         self.q.push_used(head, len);
         if st != blk::VIRTIO_BLK_S_OK {
-            self.stats.errors.fetch_add(1, Ordering::Relaxed);
+            self.counts.errors += 1;
         }
     }
 
     fn handle(&mut self, io: &mut IoEngine, base: u64, head: u16) {
         if let Err(e) = self.q.chain(&self.mem, head, &mut self.segs, self.max_segs) {
-            self.stats.malformed.fetch_add(1, Ordering::Relaxed);
+            self.counts.malformed += 1;
             tracing::warn!(device = %self.name, head, "malformed descriptor chain: {e}");
             // no trustworthy status byte: return the head with nothing written
             self.q.push_used(head, 0);
@@ -147,7 +176,7 @@ impl QueuePoller {
         match req.what {
             Decoded::Reject(st) => {
                 if req.status.is_none() {
-                    self.stats.malformed.fetch_add(1, Ordering::Relaxed);
+                    self.counts.malformed += 1;
                 }
                 self.finish(head, req.status, st, 1)
             }
@@ -184,11 +213,11 @@ impl QueuePoller {
         }
     }
 
-    fn signal(&self) {
+    fn signal(&mut self) {
         let one: u64 = 1;
         // SAFETY: an 8-byte write to the call eventfd.
         unsafe { libc::write(self.call.as_raw_fd(), (&one as *const u64).cast(), 8) };
-        self.stats.notifies.fetch_add(1, Ordering::Relaxed);
+        self.counts.notifies += 1;
     }
 }
 
@@ -202,13 +231,13 @@ impl Poller for QueuePoller {
             if head >= self.q.size() || self.slots[head as usize].busy {
                 // a head out of range, or one still in flight: the guest is
                 // broken; drop the entry rather than corrupt our state
-                self.stats.malformed.fetch_add(1, Ordering::Relaxed);
+                self.counts.malformed += 1;
                 tracing::warn!(device = %self.name, head, "invalid or in-flight head on the avail ring");
                 continue;
             }
             self.handle(io, base, head);
         }
-        self.stats.requests.fetch_add(n as u64, Ordering::Relaxed);
+        self.counts.requests += n as u64;
         n
     }
 
@@ -229,10 +258,22 @@ impl Poller for QueuePoller {
             blk::VIRTIO_BLK_S_IOERR
         };
         self.finish(head, Some(s.status), st, s.written);
-        self.stats.completed.fetch_add(1, Ordering::Relaxed);
+        self.counts.completed += 1;
     }
 
     fn end_cycle(&mut self) {
+        // statistics before the used ring, so a client that sees its
+        // completion sees it counted
+        let c = self.counts;
+        if c != self.published {
+            let st = &self.stats;
+            st.requests.store(c.requests, Ordering::Relaxed);
+            st.completed.store(c.completed, Ordering::Relaxed);
+            st.errors.store(c.errors, Ordering::Relaxed);
+            st.malformed.store(c.malformed, Ordering::Relaxed);
+            st.notifies.store(c.notifies, Ordering::Relaxed);
+            self.published = c;
+        }
         if self.q.publish() {
             self.signal();
         }
