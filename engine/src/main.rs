@@ -20,6 +20,7 @@ fn main() -> ExitCode {
                 .unwrap_or_else(|_| "info".into()),
         )
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     let args: Vec<String> = std::env::args().skip(1).collect();
     match args
@@ -89,6 +90,20 @@ fn run(path: PathBuf) -> ExitCode {
             busy_ms = s.busy_ns / 1_000_000,
             "reactor statistics"
         );
+    }
+    for d in &engine.devices {
+        for (q, st) in d.queues.iter().enumerate() {
+            let g = |a: &std::sync::atomic::AtomicU64| a.load(std::sync::atomic::Ordering::Relaxed);
+            tracing::info!(
+                device = %d.name,
+                queue = q,
+                requests = g(&st.requests),
+                completed = g(&st.completed),
+                errors = g(&st.errors),
+                malformed = g(&st.malformed),
+                "queue statistics"
+            );
+        }
     }
     tracing::info!("quern stopped");
     ExitCode::SUCCESS

@@ -226,6 +226,10 @@ fn runs_the_default_config_serves_a_disk_and_stops_cleanly_on_sigterm() {
         "{log}"
     );
     assert!(log.contains("queue bound to reactor"), "{log}");
+    assert!(
+        log.contains("queue statistics") && log.contains("completed=1"),
+        "{log}"
+    );
 }
 
 #[test]
