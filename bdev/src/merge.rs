@@ -145,10 +145,7 @@ impl MergePlanner {
         }
         let first = self.order.len();
         self.order.extend(from as u32..to as u32);
-        self.order[first..].sort_unstable_by_key(|&ix| {
-            let r = &batch[ix as usize];
-            (r.dev, r.offset, ix)
-        });
+        sort_by_offset(batch, &mut self.order[first..]);
         if !sorted_has_conflict(batch, &self.order[first..]) {
             if !self.cfg.enabled {
                 // merging off: keep submission order
@@ -177,10 +174,7 @@ impl MergePlanner {
         let first = self.order.len();
         self.order.extend(from as u32..to as u32);
         if self.cfg.enabled {
-            self.order[first..].sort_unstable_by_key(|&ix| {
-                let r = &batch[ix as usize];
-                (r.dev, r.offset, ix)
-            });
+            sort_by_offset(batch, &mut self.order[first..]);
         }
         self.group_segment(batch, first);
     }
@@ -231,6 +225,14 @@ impl MergePlanner {
             drain: drain || r.kind.is_barrier(),
         });
     }
+}
+
+/// Order requests by device, then offset (submission order breaks ties).
+fn sort_by_offset(batch: &[MergeInput], order: &mut [u32]) {
+    order.sort_unstable_by_key(|&ix| {
+        let r = &batch[ix as usize];
+        (r.dev, r.offset, ix)
+    });
 }
 
 /// Does `batch[i]` conflict with any request in `batch[seg_start..i]`?

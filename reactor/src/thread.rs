@@ -262,12 +262,12 @@ impl Reactor {
             work += mailbox::drain(inbox, &mut self.ctx);
         }
         let ReactorCtx { io, pollers, .. } = &mut self.ctx;
+        let before = io.stats();
         for (slot, p) in pollers.iter_mut().enumerate() {
             if let Some(p) = p {
                 work += p.poll(io, (slot as u64) << COOKIE_BITS);
             }
         }
-        let before = io.stats();
         io.flush();
         let done = io.reap(|cookie, res| {
             if let Some(Some(p)) = pollers.get_mut((cookie >> COOKIE_BITS) as usize) {

@@ -125,7 +125,6 @@ struct BlkDevice {
     /// The bdev's handle on each reactor's engine.
     dev_handles: Vec<u16>,
     acked_features: u64,
-    acked_protocol: u64,
     mem: Arc<MemTable>,
     vrings: Vec<Vring>,
     writeback: Arc<AtomicBool>,
@@ -277,7 +276,6 @@ impl BlkDevice {
             *v = Vring::default();
         }
         self.acked_features = 0;
-        self.acked_protocol = 0;
         self.writeback.store(true, Ordering::Relaxed);
     }
 }
@@ -414,8 +412,7 @@ impl VhostUserBackendReqHandlerMut for BlkDevice {
             | VhostUserProtocolFeatures::CONFIG
             | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS)
     }
-    fn set_protocol_features(&mut self, features: u64) -> VuResult<()> {
-        self.acked_protocol = features;
+    fn set_protocol_features(&mut self, _features: u64) -> VuResult<()> {
         Ok(())
     }
     fn get_queue_num(&mut self) -> VuResult<u64> {
@@ -560,7 +557,6 @@ pub fn serve(
         reactors,
         dev_handles,
         acked_features: 0,
-        acked_protocol: 0,
         mem: Arc::new(MemTable::default()),
         writeback: Arc::new(AtomicBool::new(true)),
         stats: stats.clone(),
