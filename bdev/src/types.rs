@@ -151,6 +151,14 @@ pub trait Bdev: Send + Sync {
         ring: &io_uring::IoUring,
         file_slot: u32,
     ) -> std::io::Result<Box<dyn BdevChannel>>;
+
+    /// How QEMU names this device's contents as a raw image (an absolute
+    /// file path, or an `rbd:pool/image:conf=...` string), so a qcow2
+    /// overlay over it can record it as its backing file. None if QEMU
+    /// cannot open it (malloc, null).
+    fn backing_spec(&self) -> Option<String> {
+        None
+    }
 }
 
 /// A reactor's private handle on a device.

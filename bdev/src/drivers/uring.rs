@@ -30,6 +30,7 @@ pub struct UringBdev {
     info: BdevInfo,
     file: File,
     direct: bool,
+    path: PathBuf,
 }
 
 const BLKGETSIZE64: libc::c_ulong = 0x8008_1272;
@@ -130,6 +131,7 @@ impl UringBdev {
             },
             file,
             direct,
+            path: std::fs::canonicalize(&o.path).unwrap_or_else(|_| o.path.clone()),
         })
     }
 
@@ -175,6 +177,10 @@ impl BdevChannel for UringChannel {
 impl Bdev for UringBdev {
     fn info(&self) -> &BdevInfo {
         &self.info
+    }
+
+    fn backing_spec(&self) -> Option<String> {
+        Some(self.path.display().to_string())
     }
 
     fn open_channel(
