@@ -485,7 +485,9 @@ impl IoEngine {
             let mut cq = self.ring.completion();
             cq.sync();
             for cqe in &mut cq {
-                self.done.push((cqe.user_data(), cqe.result()));
+                if cqe.user_data() != crate::drivers::uring::DELAY_USER_DATA {
+                    self.done.push((cqe.user_data(), cqe.result()));
+                }
             }
             drop(cq);
             for d in self.devs.iter_mut().flatten() {

@@ -87,6 +87,7 @@ fn temp_uring(direct: bool, size: u64) -> (tempfile::TempDir, BdevRef) {
         direct,
         read_only: false,
         block_size: None,
+        delay_us: 0,
     })
     .unwrap();
     (dir, Arc::new(b))
@@ -246,6 +247,7 @@ fn missing_file_without_size_is_refused() {
         direct: true,
         read_only: false,
         block_size: None,
+        delay_us: 0,
     })
     .err()
     .unwrap();
@@ -492,4 +494,37 @@ proptest! {
         prop_assert_eq!(&plain.1, &merged.1);
         prop_assert!(plain.2 == merged.2, "device contents differ");
     }
+}
+
+#[test]
+fn injected_delay_holds_each_request_and_keeps_data() {
+    let dir = tempfile::Builder::new()
+        .prefix("quern-bdev")
+        .tempdir_in("/var/tmp")
+        .unwrap();
+    let b = UringBdev::open(&UringOptions {
+        name: "slow".into(),
+        path: dir.path().join("disk.img"),
+        create_size: Some(1 << 20),
+        direct: true,
+        read_only: false,
+        block_size: None,
+        delay_us: 30_000,
+    })
+    .unwrap();
+    let mut e = engine(true);
+    let d = e.add_device(Arc::new(b)).unwrap();
+    let mut w = vec![0x3cu8; 4096];
+    let t0 = std::time::Instant::now();
+    assert_eq!(
+        one(&mut e, d, IoKind::Write, 8192, &mut [iov(&mut w)], 4096),
+        Ok(4096)
+    );
+    let mut r = vec![0u8; 4096];
+    assert_eq!(
+        one(&mut e, d, IoKind::Read, 8192, &mut [iov(&mut r)], 4096),
+        Ok(4096)
+    );
+    assert!(t0.elapsed() >= std::time::Duration::from_millis(60));
+    assert_eq!(r, w);
 }

@@ -118,6 +118,10 @@ pub struct BdevSection {
     #[serde(default)]
     pub read_only: bool,
     pub block_size: Option<u32>,
+    /// uring: microseconds of latency added to every request (emulates
+    /// slower storage; for tests and experiments).
+    #[serde(default)]
+    pub delay_us: u32,
 }
 
 #[derive(Debug, Deserialize)]
@@ -244,6 +248,15 @@ impl Config {
                         format!("{bs} is not a power of two in 512..=65536"),
                     ));
                 }
+            }
+            if b.delay_us > 0 && b.driver != "uring" {
+                return Err(invalid(
+                    key("delay_us"),
+                    format!("only the uring driver takes delay_us, not {}", b.driver),
+                ));
+            }
+            if b.delay_us > 10_000_000 {
+                return Err(invalid(key("delay_us"), "at most 10000000 (10 s)"));
             }
             match b.driver.as_str() {
                 "malloc" | "null" => {

@@ -62,6 +62,7 @@ fn open_bdev(cfg: &Config, b: &BdevSection) -> std::io::Result<BdevRef> {
             direct: b.direct,
             read_only: b.read_only,
             block_size: b.block_size,
+            delay_us: b.delay_us,
         })?),
         other => return Err(std::io::Error::other(format!("unknown driver {other}"))),
     })

@@ -2,7 +2,10 @@
 //! a TOML text, and the guest scripts in `tests/guest/`.
 
 use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+pub mod client;
 
 use quern::config::Config;
 use quern::startup::Engine;
@@ -66,4 +69,115 @@ pub fn run_guest(socket: &Path, args: &[&str], log: &Path) -> (bool, String) {
         .expect("run run-guest.sh");
     let text = std::fs::read_to_string(log).unwrap_or_default();
     (st.success(), text)
+}
+
+/// The `quern` binary cargo built next to this test executable.
+pub fn quern_bin() -> PathBuf {
+    let exe = std::env::current_exe().expect("test executable path");
+    // target/<profile>/deps/<test> -> target/<profile>/quern
+    let p = exe
+        .parent()
+        .and_then(Path::parent)
+        .expect("target dir")
+        .join("quern");
+    assert!(
+        p.exists(),
+        "{} missing: `cargo test --workspace` builds it (or `cargo build -p quern`)",
+        p.display()
+    );
+    p
+}
+
+/// The `quern` program run as a child process, so tests can SIGKILL it and
+/// start it again on the same configuration and disks.
+pub struct QuernProcess {
+    pub dir: PathBuf,
+    pub config: PathBuf,
+    child: Option<Child>,
+    /// Starts so far; run n logs to `quern-<n>.log`.
+    pub starts: u32,
+}
+
+impl QuernProcess {
+    /// Write `config` (with `@DIR@` replaced by `dir`) and start quern on it.
+    pub fn start(dir: &Path, config: &str) -> QuernProcess {
+        let path = dir.join("quern.toml");
+        std::fs::write(&path, config.replace("@DIR@", dir.to_str().expect("utf-8")))
+            .expect("write config");
+        let mut p = QuernProcess {
+            dir: dir.to_path_buf(),
+            config: path,
+            child: None,
+            starts: 0,
+        };
+        p.restart();
+        p
+    }
+
+    pub fn log_path(&self) -> PathBuf {
+        self.dir.join(format!("quern-{}.log", self.starts))
+    }
+
+    /// The current run's log.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.log_path()).unwrap_or_default()
+    }
+
+    /// Start again (after `kill`), logging to a new file.
+    pub fn restart(&mut self) {
+        assert!(self.child.is_none(), "quern is still running");
+        self.starts += 1;
+        let log = std::fs::File::create(self.log_path()).expect("log file");
+        let child = Command::new(quern_bin())
+            .arg("--config")
+            .arg(&self.config)
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().expect("dup log"))
+            .stderr(log)
+            .spawn()
+            .expect("spawn quern");
+        self.child = Some(child);
+    }
+
+    /// Wait until the current run's log contains `needle`.
+    pub fn wait_log(&mut self, needle: &str, timeout: Duration) -> bool {
+        let t0 = Instant::now();
+        while t0.elapsed() < timeout {
+            if self.log().contains(needle) {
+                return true;
+            }
+            if let Some(c) = &mut self.child {
+                if let Ok(Some(st)) = c.try_wait() {
+                    panic!("quern exited ({st}) early:\n{}", self.log());
+                }
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        false
+    }
+
+    /// SIGKILL: no shutdown path runs, nothing is drained or flushed.
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// SIGTERM and wait for a clean exit; returns whether it exited 0.
+    pub fn stop(&mut self) -> bool {
+        let Some(mut c) = self.child.take() else {
+            return false;
+        };
+        // SAFETY: signalling our own child.
+        unsafe { libc::kill(c.id() as i32, libc::SIGTERM) };
+        c.wait().map(|s| s.success()).unwrap_or(false)
+    }
+}
+
+impl Drop for QuernProcess {
+    fn drop(&mut self) {
+        self.kill();
+    }
 }

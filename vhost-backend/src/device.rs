@@ -24,6 +24,7 @@ use vhost::vhost_user::{
 use vhost::VhostUserMemoryRegionBase;
 
 use crate::blk::ID_BYTES;
+use crate::inflight::{self, InflightRegion};
 use crate::memory::MemTable;
 use crate::queue::{QueueParts, QueuePoller, QueueStats};
 use crate::virtq::SplitQueue;
@@ -131,6 +132,9 @@ struct BlkDevice {
     stats: Vec<Arc<QueueStats>>,
     serial: [u8; ID_BYTES],
     name: Arc<str>,
+    /// The frontend's in-flight region (SET_INFLIGHT_FD), kept across
+    /// backend restarts by the frontend.
+    inflight: Option<Arc<InflightRegion>>,
 }
 
 fn vu_err(msg: &'static str) -> VuError {
@@ -200,10 +204,27 @@ impl BlkDevice {
             return Ok(());
         }
         let event_idx = self.acked_features & VIRTIO_RING_F_EVENT_IDX != 0;
-        let q = SplitQueue::new(
+        let mut q = SplitQueue::new(
             &self.mem, v.size, v.desc, v.avail, v.used, v.base, event_idx,
         )
         .ok_or(vu_err("vring addresses are outside the memory table"))?;
+        let mut inflight_region = None;
+        let mut resubmit = Vec::new();
+        if let Some(region) = &self.inflight {
+            let mut iq = region
+                .queue(i, v.size)
+                .ok_or(vu_err("the in-flight region does not cover this vring"))?;
+            let used = q.used_ring_idx();
+            if let Some(heads) = iq.recover(used) {
+                let next_avail = used.wrapping_add(heads.len() as u16);
+                if next_avail != v.base {
+                    tracing::info!(device = %self.name, queue = i, used, in_flight = heads.len(), frontend_base = v.base, "resuming from the in-flight region");
+                }
+                q.resume_at(next_avail, used);
+                resubmit = heads;
+            }
+            inflight_region = Some(iq);
+        }
         let kick = v
             .kick
             .as_ref()
@@ -229,6 +250,8 @@ impl BlkDevice {
             serial: self.serial,
             stats: self.stats[i].clone(),
             name: self.name.clone(),
+            inflight_region,
+            resubmit,
         });
         let slot = self.reactors[r].call(move |ctx| ctx.add_poller(Box::new(poller)));
         self.stats[i].reactor.store(r as u64, Ordering::Relaxed);
@@ -277,10 +300,11 @@ impl BlkDevice {
         }
         self.acked_features = 0;
         self.writeback.store(true, Ordering::Relaxed);
+        self.inflight = None;
     }
 }
 
-fn new_eventfd() -> std::io::Result<File> {
+pub(crate) fn new_eventfd() -> std::io::Result<File> {
     use std::os::fd::FromRawFd;
     // SAFETY: eventfd returns a new fd or -1.
     let fd = unsafe { libc::eventfd(0, libc::EFD_NONBLOCK | libc::EFD_CLOEXEC) };
@@ -410,7 +434,8 @@ impl VhostUserBackendReqHandlerMut for BlkDevice {
         Ok(VhostUserProtocolFeatures::MQ
             | VhostUserProtocolFeatures::REPLY_ACK
             | VhostUserProtocolFeatures::CONFIG
-            | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS)
+            | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS
+            | VhostUserProtocolFeatures::INFLIGHT_SHMFD)
     }
     fn set_protocol_features(&mut self, _features: u64) -> VuResult<()> {
         Ok(())
@@ -461,14 +486,39 @@ impl VhostUserBackendReqHandlerMut for BlkDevice {
     fn get_shared_object(&mut self, _uuid: VhostUserSharedMsg) -> VuResult<File> {
         Err(vu_err("shared objects are not supported"))
     }
-    fn get_inflight_fd(
-        &mut self,
-        _inflight: &VhostUserInflight,
-    ) -> VuResult<(VhostUserInflight, File)> {
-        Err(vu_err("in-flight tracking is not offered"))
+    fn get_inflight_fd(&mut self, req: &VhostUserInflight) -> VuResult<(VhostUserInflight, File)> {
+        let (file, size) = inflight::create(req.num_queues, req.queue_size, self.cfg.num_queues)
+            .map_err(|e| {
+                tracing::warn!(device = %self.name, "GET_INFLIGHT_FD: {e}");
+                VuError::InvalidParam
+            })?;
+        tracing::debug!(device = %self.name, queues = req.num_queues, queue_size = req.queue_size, size, "in-flight region created");
+        Ok((
+            VhostUserInflight {
+                mmap_size: size,
+                mmap_offset: 0,
+                num_queues: req.num_queues,
+                queue_size: req.queue_size,
+            },
+            file,
+        ))
     }
-    fn set_inflight_fd(&mut self, _inflight: &VhostUserInflight, _file: File) -> VuResult<()> {
-        Err(vu_err("in-flight tracking is not offered"))
+    fn set_inflight_fd(&mut self, req: &VhostUserInflight, file: File) -> VuResult<()> {
+        let region = InflightRegion::map(
+            &file,
+            req.mmap_size,
+            req.mmap_offset,
+            req.num_queues,
+            req.queue_size,
+            self.cfg.num_queues,
+        )
+        .map_err(|e| {
+            tracing::warn!(device = %self.name, "SET_INFLIGHT_FD: {e}");
+            VuError::InvalidParam
+        })?;
+        tracing::info!(device = %self.name, queues = req.num_queues, queue_size = req.queue_size, "in-flight tracking on");
+        self.inflight = Some(Arc::new(region));
+        Ok(())
     }
     fn get_max_mem_slots(&mut self) -> VuResult<u64> {
         Ok(MAX_MEM_SLOTS)
@@ -563,6 +613,7 @@ pub fn serve(
         serial,
         name,
         cfg: cfg.clone(),
+        inflight: None,
     };
     let dev = Arc::new(Mutex::new(dev));
     let shutdown = Arc::new(AtomicBool::new(false));

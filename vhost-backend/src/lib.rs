@@ -10,11 +10,14 @@
 
 pub mod blk;
 pub mod device;
+pub mod inflight;
 pub mod memory;
 pub mod queue;
 pub mod virtq;
 
 pub use device::{serve, DeviceConfig, DeviceHandle, QueueBinding};
 
+#[cfg(test)]
+mod fuzz;
 #[cfg(test)]
 mod tests;

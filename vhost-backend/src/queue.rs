@@ -12,6 +12,7 @@ use quern_bdev::{IoEngine, IoKind, IoRequest, IoResult};
 use quern_reactor::Poller;
 
 use crate::blk::{self, Decoded};
+use crate::inflight::InflightQueue;
 use crate::memory::MemTable;
 use crate::virtq::{Seg, SplitQueue};
 
@@ -25,6 +26,8 @@ pub struct QueueStats {
     pub errors: AtomicU64,
     pub malformed: AtomicU64,
     pub notifies: AtomicU64,
+    /// Requests found in flight after a backend restart and run again.
+    pub resubmitted: AtomicU64,
 }
 
 #[derive(Clone, Copy)]
@@ -55,6 +58,11 @@ pub struct QueuePoller {
     counts: Counts,
     published: Counts,
     name: Arc<str>,
+    /// Shared in-flight tracking, when the frontend set up a region.
+    inflight_region: Option<InflightQueue>,
+    /// Heads left in flight by a previous backend, still to run again.
+    resubmit: Vec<u16>,
+    resubmit_next: usize,
 }
 
 #[derive(Clone, Copy, Default, PartialEq, Eq)]
@@ -95,6 +103,8 @@ pub(crate) struct QueueParts {
     pub serial: [u8; blk::ID_BYTES],
     pub stats: Arc<QueueStats>,
     pub name: Arc<str>,
+    pub inflight_region: Option<InflightQueue>,
+    pub resubmit: Vec<u16>,
 }
 
 impl QueuePoller {
@@ -113,6 +123,12 @@ impl QueuePoller {
         let size = p.q.size() as usize;
         // a restarted queue carries on from its predecessor's counts
         let start = Counts::load(&p.stats);
+        if !p.resubmit.is_empty() {
+            p.stats
+                .resubmitted
+                .fetch_add(p.resubmit.len() as u64, Ordering::Relaxed);
+            tracing::info!(device = %p.name, heads = ?p.resubmit, "resubmitting requests left in flight by the previous backend");
+        }
         let mut q = p.q;
         q.set_notification(false);
         QueuePoller {
@@ -141,6 +157,9 @@ impl QueuePoller {
             counts: start,
             published: start,
             name: p.name,
+            inflight_region: p.inflight_region,
+            resubmit: p.resubmit,
+            resubmit_next: 0,
         }
     }
 
@@ -159,6 +178,9 @@ impl QueuePoller {
             0
         };
         self.q.push_used(head, len);
+        if let Some(r) = &mut self.inflight_region {
+            r.completed(head);
+        }
         if st != blk::VIRTIO_BLK_S_OK {
             self.counts.errors += 1;
         }
@@ -223,8 +245,22 @@ impl QueuePoller {
 
 impl Poller for QueuePoller {
     fn poll(&mut self, io: &mut IoEngine, base: u64) -> usize {
-        let avail = self.q.avail_idx();
         let mut n = 0;
+        // requests a killed predecessor left unfinished go first, in the
+        // order they were submitted
+        while self.resubmit_next < self.resubmit.len() && io.free_slots() > 0 {
+            let head = self.resubmit[self.resubmit_next];
+            self.resubmit_next += 1;
+            n += 1;
+            if !self.slots[head as usize].busy {
+                self.handle(io, base, head);
+            }
+        }
+        if self.resubmit_next < self.resubmit.len() {
+            self.counts.requests += n as u64;
+            return n;
+        }
+        let avail = self.q.avail_idx();
         while io.free_slots() > 0 {
             let Some(head) = self.q.pop(avail) else { break };
             n += 1;
@@ -234,6 +270,9 @@ impl Poller for QueuePoller {
                 self.counts.malformed += 1;
                 tracing::warn!(device = %self.name, head, "invalid or in-flight head on the avail ring");
                 continue;
+            }
+            if let Some(r) = &mut self.inflight_region {
+                r.begin(head);
             }
             self.handle(io, base, head);
         }
@@ -277,9 +316,15 @@ impl Poller for QueuePoller {
         if self.q.publish() {
             self.signal();
         }
+        if let Some(r) = &mut self.inflight_region {
+            r.published(self.q.used_idx);
+        }
     }
 
     fn prepare_sleep(&mut self) -> bool {
+        if self.resubmit_next < self.resubmit.len() {
+            return false;
+        }
         self.q.set_notification(true);
         self.q.avail_idx() == self.q.last_avail
     }
@@ -293,7 +338,7 @@ impl Poller for QueuePoller {
     }
 
     fn in_flight(&self) -> usize {
-        self.inflight
+        self.inflight + (self.resubmit.len() - self.resubmit_next)
     }
 
     fn resume_index(&self) -> Option<u16> {

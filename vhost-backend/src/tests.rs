@@ -12,9 +12,9 @@ use crate::virtq::{
     ChainError, Seg, SplitQueue, VRING_DESC_F_INDIRECT, VRING_DESC_F_NEXT, VRING_DESC_F_WRITE,
 };
 
-const MEM: u64 = 1 << 20;
-const GPA: u64 = 0x10000;
-const UVA: u64 = 0x7f00_0000_0000;
+pub(crate) const MEM: u64 = 1 << 20;
+pub(crate) const GPA: u64 = 0x10000;
+pub(crate) const UVA: u64 = 0x7f00_0000_0000;
 const QSIZE: u16 = 8;
 // ring layout (guest-physical): desc table, avail, used, then buffers
 const DESC: u64 = GPA;
@@ -23,7 +23,7 @@ const USED: u64 = GPA + 0x2000;
 const BUF: u64 = GPA + 0x10000;
 
 pub(crate) struct Guest {
-    pub mem: MemTable,
+    pub mem: std::sync::Arc<MemTable>,
 }
 
 impl Guest {
@@ -37,7 +37,7 @@ impl Guest {
         let mem = MemTable::default()
             .with_region(GPA, MEM, UVA, 0, &f)
             .unwrap();
-        Guest { mem }
+        Guest { mem: mem.into() }
     }
 
     pub fn write(&self, gpa: u64, data: &[u8]) {

@@ -96,6 +96,21 @@ impl SplitQueue {
         self.size
     }
 
+    /// The used index as the guest sees it.
+    pub fn used_ring_idx(&self) -> u16 {
+        // SAFETY: used+2 is the used index.
+        rd16(unsafe { self.used.add(2) })
+    }
+
+    /// Resume after a backend restart: the used ring continues at
+    /// `used_idx` and the avail ring at `last_avail` (heads in between are
+    /// being resubmitted).
+    pub fn resume_at(&mut self, last_avail: u16, used_idx: u16) {
+        self.last_avail = last_avail;
+        self.used_idx = used_idx;
+        self.signalled_used = used_idx;
+    }
+
     /// The guest's avail index (acquire: descriptors it covers are visible).
     #[inline]
     pub fn avail_idx(&self) -> u16 {

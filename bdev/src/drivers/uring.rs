@@ -24,6 +24,10 @@ pub struct UringOptions {
     pub read_only: bool,
     /// Logical block size; by default the device's (block devices) or 512.
     pub block_size: Option<u32>,
+    /// Added latency per request in microseconds (0: none), to emulate
+    /// slower storage: every operation waits on a linked io_uring timeout
+    /// first. For tests and experiments.
+    pub delay_us: u32,
 }
 
 pub struct UringBdev {
@@ -31,6 +35,7 @@ pub struct UringBdev {
     file: File,
     direct: bool,
     path: PathBuf,
+    delay_us: u32,
 }
 
 const BLKGETSIZE64: libc::c_ulong = 0x8008_1272;
@@ -132,6 +137,7 @@ impl UringBdev {
             file,
             direct,
             path: std::fs::canonicalize(&o.path).unwrap_or_else(|_| o.path.clone()),
+            delay_us: o.delay_us,
         })
     }
 
@@ -142,12 +148,29 @@ impl UringBdev {
 
 struct UringChannel {
     slot: types::Fixed,
+    /// The injected latency; boxed so the address the SQEs carry stays put
+    /// until the kernel reads it at submission.
+    delay: Option<Box<types::Timespec>>,
 }
+
+/// user_data of injected-delay timeouts (their CQEs are skipped anyway).
+pub const DELAY_USER_DATA: u64 = u64::MAX;
 
 impl BdevChannel for UringChannel {
     fn submit(&mut self, op: &Op<'_>, tag: u64, sub: &mut Submitter<'_>) -> bool {
-        if sub.sq_room() == 0 {
+        let need = if self.delay.is_some() { 2 } else { 1 };
+        if sub.sq_room() < need {
             return false;
+        }
+        if let Some(ts) = &self.delay {
+            // a timer linked before the op: ETIME counts as success so the
+            // link holds, and a successful timer posts no completion
+            let t = opcode::Timeout::new(&**ts)
+                .flags(types::TimeoutFlags::ETIME_SUCCESS)
+                .build()
+                .flags(io_uring::squeue::Flags::IO_LINK | io_uring::squeue::Flags::SKIP_SUCCESS)
+                .user_data(DELAY_USER_DATA);
+            sub.push_sqe(&t);
         }
         let fd = self.slot;
         let sqe = match op.kind {
@@ -190,8 +213,16 @@ impl Bdev for UringBdev {
     ) -> std::io::Result<Box<dyn BdevChannel>> {
         ring.submitter()
             .register_files_update(slot, &[self.file.as_raw_fd()])?;
+        let delay = (self.delay_us > 0).then(|| {
+            Box::new(
+                types::Timespec::new()
+                    .nsec(self.delay_us % 1_000_000 * 1000)
+                    .sec(u64::from(self.delay_us / 1_000_000)),
+            )
+        });
         Ok(Box::new(UringChannel {
             slot: types::Fixed(slot),
+            delay,
         }))
     }
 }

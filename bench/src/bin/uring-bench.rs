@@ -83,6 +83,7 @@ fn run_quern(o: &Opts, kind: IoKind, qd: usize) -> Figures {
         direct: true,
         read_only: false,
         block_size: Some(4096),
+        delay_us: 0,
     })
     .expect("open uring bdev");
     assert!(
