@@ -44,6 +44,29 @@ pub struct Config {
     /// Where Quern keeps its state and, by default, created backing files.
     #[serde(default = "default_state_dir")]
     pub state_dir: PathBuf,
+    #[serde(default)]
+    pub management: ManagementSection,
+}
+
+/// The management socket (statistics and bindings as JSON; `quern ctl`).
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ManagementSection {
+    /// UNIX socket path (relative: under state_dir); empty disables it.
+    #[serde(default = "default_mgmt_socket")]
+    pub socket: PathBuf,
+}
+
+impl Default for ManagementSection {
+    fn default() -> Self {
+        ManagementSection {
+            socket: default_mgmt_socket(),
+        }
+    }
+}
+
+fn default_mgmt_socket() -> PathBuf {
+    PathBuf::from("quern.sock")
 }
 
 fn default_state_dir() -> PathBuf {
@@ -334,6 +357,15 @@ impl Config {
                     format!("{} is used by another device", v.socket.display()),
                 ));
             }
+            if self.management_socket() == Some(self.resolve(&v.socket)) {
+                return Err(invalid(
+                    key("socket"),
+                    format!(
+                        "{} is the management socket (management.socket)",
+                        v.socket.display()
+                    ),
+                ));
+            }
             if v.num_queues == 0 || v.num_queues > 64 {
                 return Err(invalid(
                     key("num_queues"),
@@ -398,6 +430,12 @@ impl Config {
             (None, Some(c)) => (false, c.iter().map(idx).collect()),
             (None, None) => (false, (0..self.reactor.cores.len()).collect()),
         }
+    }
+
+    /// The management socket's path, if it is enabled.
+    pub fn management_socket(&self) -> Option<PathBuf> {
+        let p = &self.management.socket;
+        (!p.as_os_str().is_empty()).then(|| self.resolve(p))
     }
 
     /// A path from the file, relative ones taken under `state_dir`.

@@ -1,4 +1,5 @@
 //! The `quern` program's library half: configuration and start-up.
 
 pub mod config;
+pub mod mgmt;
 pub mod startup;

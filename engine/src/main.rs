@@ -3,6 +3,8 @@
 //! ```text
 //! quern --config FILE.toml        run until SIGINT/SIGTERM
 //! quern check-config FILE.toml    validate only
+//! quern ctl [-c FILE.toml | -s SOCKET] REQUEST
+//!                                 ask a running quern (stats, devices, ...)
 //! ```
 
 use std::path::PathBuf;
@@ -11,7 +13,12 @@ use std::process::ExitCode;
 use quern::config::Config;
 use quern::startup::Engine;
 
-const USAGE: &str = "usage: quern --config FILE.toml | quern check-config FILE.toml";
+const USAGE: &str = "usage: quern --config FILE.toml
+       quern check-config FILE.toml
+       quern ctl [--config FILE.toml | --socket SOCKET] REQUEST
+                 (REQUEST: stats, reactors, bdevs, devices, version, help;
+                  the socket defaults to the one FILE.toml configures, or
+                  $TMPDIR/quern/quern.sock)";
 
 fn main() -> ExitCode {
     tracing_subscriber::fmt()
@@ -31,6 +38,7 @@ fn main() -> ExitCode {
     {
         ["check-config", path] | ["--check-config", path] => check(PathBuf::from(path)),
         ["--config", path] | ["-c", path] => run(PathBuf::from(path)),
+        ["ctl", rest @ ..] => ctl(rest),
         ["--help"] | ["-h"] => {
             println!("{USAGE}");
             ExitCode::SUCCESS
@@ -50,6 +58,44 @@ fn check(path: PathBuf) -> ExitCode {
         }
         Err(e) => {
             eprintln!("quern: invalid configuration: {e}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+fn ctl(args: &[&str]) -> ExitCode {
+    let (socket, request) = match args {
+        ["--socket" | "-s", s, req] => (PathBuf::from(s), *req),
+        ["--config" | "-c", c, req] => match Config::load(std::path::Path::new(c)) {
+            Ok(cfg) => match cfg.management_socket() {
+                Some(s) => (s, *req),
+                None => {
+                    eprintln!("quern ctl: {c} disables the management socket");
+                    return ExitCode::from(1);
+                }
+            },
+            Err(e) => {
+                eprintln!("quern ctl: invalid configuration: {e}");
+                return ExitCode::from(1);
+            }
+        },
+        [req] => (std::env::temp_dir().join("quern/quern.sock"), *req),
+        _ => {
+            eprintln!("{USAGE}");
+            return ExitCode::from(2);
+        }
+    };
+    match quern::mgmt::request(&socket, request) {
+        Ok(answer) => {
+            println!("{answer}");
+            if answer.starts_with("{\"error\"") {
+                ExitCode::from(1)
+            } else {
+                ExitCode::SUCCESS
+            }
+        }
+        Err(e) => {
+            eprintln!("quern ctl: {}: {e}", socket.display());
             ExitCode::from(1)
         }
     }

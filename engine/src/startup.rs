@@ -11,12 +11,15 @@ use quern_reactor::{spawn_reactor, ReactorConfig, ReactorHandle};
 use quern_vhost::{DeviceConfig, DeviceHandle, QueueBinding};
 
 use crate::config::{BdevSection, Config};
+use crate::mgmt::{Management, View};
 
 /// A running engine.
 pub struct Engine {
     pub reactors: Vec<Arc<ReactorHandle>>,
     pub bdevs: Vec<(String, BdevRef)>,
-    pub devices: Vec<DeviceHandle>,
+    pub devices: Vec<Arc<DeviceHandle>>,
+    /// The management socket, if configured.
+    pub management: Option<Management>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -29,6 +32,11 @@ pub enum StartError {
     #[error("vhost_blk `{name}`: {source}")]
     Device {
         name: String,
+        source: std::io::Error,
+    },
+    #[error("management socket {path}: {source}")]
+    Management {
+        path: std::path::PathBuf,
         source: std::io::Error,
     },
     #[error("reactor on core {core}: {source}")]
@@ -115,6 +123,7 @@ impl Engine {
             reactors,
             bdevs,
             devices: Vec::new(),
+            management: None,
         };
         // handles[b][r]: bdev b's handle on reactor r's engine
         let mut handles: Vec<Vec<u16>> = Vec::new();
@@ -157,7 +166,7 @@ impl Engine {
             };
             let bdev = engine.bdevs[bi].1.clone();
             match quern_vhost::serve(dc, bdev, engine.reactors.clone(), handles[bi].clone()) {
-                Ok(d) => engine.devices.push(d),
+                Ok(d) => engine.devices.push(Arc::new(d)),
                 Err(source) => {
                     engine.stop();
                     return Err(StartError::Device {
@@ -167,11 +176,28 @@ impl Engine {
                 }
             }
         }
+        if let Some(path) = cfg.management_socket() {
+            let view = View {
+                reactors: engine.reactors.clone(),
+                bdevs: engine.bdevs.clone(),
+                devices: engine.devices.clone(),
+            };
+            match Management::serve(&path, view) {
+                Ok(m) => engine.management = Some(m),
+                Err(source) => {
+                    engine.stop();
+                    return Err(StartError::Management { path, source });
+                }
+            }
+        }
         Ok(engine)
     }
 
     /// Stop serving devices, drain in-flight I/O on every reactor, stop them.
     pub fn stop(&self) {
+        if let Some(m) = &self.management {
+            m.stop();
+        }
         for d in &self.devices {
             d.stop();
         }

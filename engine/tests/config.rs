@@ -114,6 +114,16 @@ fn merge_limits_are_checked() {
     assert!(e.contains("merge.max_bytes"), "{e}");
 }
 
+/// SIGKILL a child process when dropped (a test that panics).
+struct KillOnDrop(i32);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        // SAFETY: signalling our own child, not yet reaped.
+        unsafe { libc::kill(self.0, libc::SIGKILL) };
+    }
+}
+
 fn quern() -> Command {
     Command::new(env!("CARGO_BIN_EXE_quern"))
 }
@@ -160,9 +170,12 @@ fn runs_the_default_config_serves_a_disk_and_stops_cleanly_on_sigterm() {
     std::fs::write(&cfg, text).unwrap();
     let child = quern()
         .args(["--config", cfg.to_str().unwrap()])
+        .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
+    // a failed assertion must not leave quern running (and holding pipes)
+    let guard = KillOnDrop(child.id() as i32);
     let sock = dir.path().join("vm0-disk0.sock");
     let t = Instant::now();
     while !sock.exists() && t.elapsed() < Duration::from_secs(20) {
@@ -216,9 +229,62 @@ fn runs_the_default_config_serves_a_disk_and_stops_cleanly_on_sigterm() {
         );
         assert_eq!(wait(&mut queues[1]), 0);
         assert!(mem[..65536] == mem[65536..131072]);
+
+        // the management socket shows each queue's reactor and counts
+        let ctl = |req: &str| {
+            let out = quern()
+                .args(["ctl", "--config", cfg.to_str().unwrap(), req])
+                .output()
+                .unwrap();
+            (
+                out.status.code(),
+                String::from_utf8_lossy(&out.stdout).to_string(),
+            )
+        };
+        let (code, text) = ctl("devices");
+        assert_eq!(code, Some(0), "{text}");
+        let v: serde_json::Value = serde_json::from_str(&text).unwrap();
+        let q = &v["devices"][0]["queues"];
+        assert_eq!(v["devices"][0]["name"], "vm0-disk0");
+        assert_eq!(q.as_array().unwrap().len(), 2);
+        assert!(
+            q[0]["reactor"].is_u64() && q[1]["reactor"].is_u64(),
+            "{text}"
+        );
+        assert_ne!(q[0]["reactor"], q[1]["reactor"], "{text}");
+        assert_eq!(q[0]["completed"], 1, "{text}");
+        assert_eq!(q[1]["completed"], 1, "{text}");
+        let (code, text) = ctl("stats");
+        assert_eq!(code, Some(0));
+        let v: serde_json::Value = serde_json::from_str(&text).unwrap();
+        assert_eq!(v["bdevs"].as_array().unwrap().len(), 2, "{text}");
+        assert_eq!(v["reactors"].as_array().unwrap().len(), 2, "{text}");
+        assert!(
+            v["reactors"][0]["ios_completed"].as_u64().unwrap() >= 1,
+            "{text}"
+        );
+        // unknown and over-long requests: a clear error, the socket lives on
+        let (code, text) = ctl("frobnicate");
+        assert_eq!(code, Some(1));
+        assert!(
+            text.contains("unknown request `frobnicate`") && text.contains("stats"),
+            "{text}"
+        );
+        {
+            use std::io::{BufRead, Write};
+            let mut s =
+                std::os::unix::net::UnixStream::connect(dir.path().join("quern.sock")).unwrap();
+            // the server stops reading after 1025 bytes: the rest may fail
+            let _ = writeln!(s, "{}", "x".repeat(5000));
+            let mut line = String::new();
+            std::io::BufReader::new(s).read_line(&mut line).unwrap();
+            assert!(line.contains("longer than 1024 bytes"), "{line}");
+        }
+        assert_eq!(ctl("version").0, Some(0));
     }
     unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
     let out = child.wait_with_output().unwrap();
+    std::mem::forget(guard);
     let log = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{log}");
     assert!(
