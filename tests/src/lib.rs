@@ -7,6 +7,8 @@ use std::process::Command;
 use quern::config::Config;
 use quern::startup::Engine;
 
+pub mod ceph;
+
 /// The repository root.
 pub fn root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))

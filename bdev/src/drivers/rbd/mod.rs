@@ -326,11 +326,12 @@ impl RbdBdev {
 }
 
 /// QEMU's rbd filename syntax takes `\` as an escape; `:` separates
-/// options and `/`, `@` separate pool, image and snapshot.
-fn qemu_escape(s: &str) -> String {
+/// options everywhere, and in the image part `/` and `@` separate pool,
+/// image and snapshot.
+fn qemu_escape(s: &str, image_part: bool) -> String {
     let mut out = String::with_capacity(s.len());
     for c in s.chars() {
-        if matches!(c, '\\' | ':' | '/' | '@') {
+        if matches!(c, '\\' | ':') || (image_part && matches!(c, '/' | '@')) {
             out.push('\\');
         }
         out.push(c);
@@ -347,18 +348,22 @@ impl Bdev for RbdBdev {
     /// escaped as QEMU's rbd driver expects.
     fn backing_spec(&self) -> Option<String> {
         let o = &self.opts;
-        let mut s = format!("rbd:{}/{}", qemu_escape(&o.pool), qemu_escape(&o.image));
+        let mut s = format!(
+            "rbd:{}/{}",
+            qemu_escape(&o.pool, true),
+            qemu_escape(&o.image, true)
+        );
         if let Some(snap) = &o.snapshot {
             s.push('@');
-            s.push_str(&qemu_escape(snap));
+            s.push_str(&qemu_escape(snap, true));
         }
         s.push_str(":conf=");
-        s.push_str(&qemu_escape(&o.ceph_conf.to_string_lossy()));
+        s.push_str(&qemu_escape(&o.ceph_conf.to_string_lossy(), false));
         s.push_str(":id=");
-        s.push_str(&qemu_escape(&o.client_id));
+        s.push_str(&qemu_escape(&o.client_id, false));
         if let Some(k) = &o.keyring {
             s.push_str(":keyring=");
-            s.push_str(&qemu_escape(&k.to_string_lossy()));
+            s.push_str(&qemu_escape(&k.to_string_lossy(), false));
         }
         Some(s)
     }
@@ -575,6 +580,7 @@ mod tests {
 
     #[test]
     fn backing_spec_escapes() {
-        assert_eq!(qemu_escape("a:b/c@d\\e"), "a\\:b\\/c\\@d\\\\e");
+        assert_eq!(qemu_escape("a:b/c@d\\e", true), "a\\:b\\/c\\@d\\\\e");
+        assert_eq!(qemu_escape("/x/a:b@c", false), "/x/a\\:b@c");
     }
 }
