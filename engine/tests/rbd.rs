@@ -28,7 +28,7 @@ fn quern_serves_an_rbd_image_that_qemu_img_reads_identically() {
         format!(
             r#"state_dir = "{dir}"
 [reactor]
-cores = [0]
+cores = [0, 1]
 [[bdev]]
 name = "vm0"
 driver = "rbd"
@@ -42,6 +42,8 @@ timeout_secs = 10
 name = "vm0"
 bdev = "vm0"
 socket = "{sock}"
+num_queues = 2
+cores = [0, 1]
 "#,
             dir = dir.path().display(),
             conf = c.conf.display(),
@@ -65,13 +67,13 @@ socket = "{sock}"
         let mut b = blkio::Blkio::new("virtio-blk-vhost-user").unwrap();
         b.set_str("path", sock.to_str().unwrap()).unwrap();
         b.connect().unwrap();
+        b.set_i32("num-queues", 2).unwrap();
         let mut queues = b.start().unwrap().queues;
         assert_eq!(b.get_u64("capacity").unwrap(), size as u64);
         let region = b.alloc_mem_region(size + MIB).unwrap();
         b.map_mem_region(&region).unwrap();
         // SAFETY: the region is ours, size + 1 MiB long.
         let mem = unsafe { std::slice::from_raw_parts_mut(region.addr as *mut u8, size + MIB) };
-        let q = &mut queues[0];
         let wait = |q: &mut blkio::Blkioq| {
             let mut c = [std::mem::MaybeUninit::<blkio::Completion>::uninit()];
             let mut to = Duration::from_secs(30);
@@ -79,22 +81,37 @@ socket = "{sock}"
             // SAFETY: do_io filled one completion.
             unsafe { c[0].assume_init_read() }.ret
         };
+        // queues 0 and 1 run on two reactors, each with its own image
+        // handle: a write on one is read back on the other
+        let (q0, q1) = queues.split_at_mut(1);
+        let (q0, q1) = (&mut q0[0], &mut q1[0]);
         // a write through Quern lands in the image
         for (i, x) in mem[size..size + 65536].iter_mut().enumerate() {
             *x = (i % 13) as u8 + 1;
         }
-        q.write(
+        q0.write(
             3 * MIB as u64 + 4096,
             mem[size..].as_mut_ptr(),
             65536,
             1,
             blkio::ReqFlags::empty(),
         );
-        assert_eq!(wait(q), 0);
-        q.flush(2, blkio::ReqFlags::empty());
-        assert_eq!(wait(q), 0);
+        assert_eq!(wait(q0), 0);
+        // and a write on the other queue's handle (librbd passes the
+        // image's exclusive lock between the two handles)
+        q1.write(
+            5 * MIB as u64,
+            mem[size + 4096..].as_mut_ptr(),
+            8192,
+            4,
+            blkio::ReqFlags::empty(),
+        );
+        assert_eq!(wait(q1), 0);
+        q0.flush(2, blkio::ReqFlags::empty());
+        assert_eq!(wait(q0), 0);
         // read the whole device back through Quern
         for k in 0..size / MIB {
+            let q = if k % 2 == 0 { &mut *q1 } else { &mut *q0 };
             q.read(
                 (k * MIB) as u64,
                 mem[k * MIB..].as_mut_ptr(),
@@ -106,6 +123,7 @@ socket = "{sock}"
         }
         let mut expect = image.clone();
         expect[3 * MIB + 4096..3 * MIB + 4096 + 65536].copy_from_slice(&mem[size..size + 65536]);
+        expect[5 * MIB..5 * MIB + 8192].copy_from_slice(&mem[size + 4096..size + 4096 + 8192]);
         assert!(
             mem[..size] == expect[..],
             "quern serves the image and the write"

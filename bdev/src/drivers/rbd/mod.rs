@@ -19,12 +19,15 @@
 //! Request path: `submit` takes a slot from the channel's preallocated slot
 //! table, asks librbd for a completion whose argument is the slot index and
 //! starts `rbd_aio_readv` / `writev` / `flush` / `discard` /
-//! `write_zeroes` with the operation's iovecs. librbd completes on its own
-//! threads: it queues the completion on the image handle and bumps the
-//! eventfd. `poll` (called by the engine on every reap) pops completions
-//! with `rbd_poll_io_events` while anything is in flight, with no syscall,
-//! and reads the eventfd only when the channel goes idle so that a sleeping
-//! reactor is not woken for completions it has already taken.
+//! `write_zeroes` with the operation's iovecs (librbd allocates its own
+//! completion object per request; that allocation is librbd's). librbd
+//! completes on its own threads: a tiny callback bumps the channel's atomic
+//! completion counter, then librbd queues the completion on the image
+//! handle and signals the eventfd. `poll` (called by the engine on every
+//! reap) does one atomic load, and only when something has finished takes
+//! the completions with `rbd_poll_io_events` (no syscall). It reads the
+//! eventfd only when the channel goes idle, so that a sleeping reactor is
+//! not woken for completions it has already taken.
 //!
 //! Durability: the librbd cache is turned off (`rbd_cache = false`), so a
 //! write completes when the OSDs have it; FUA needs nothing more and flush
@@ -41,6 +44,7 @@ use std::ffi::{c_void, CString};
 use std::io::{Error, ErrorKind};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use crate::types::{Bdev, BdevChannel, BdevInfo, IoKind, Op, Submitter};
@@ -411,14 +415,38 @@ struct Slot {
     len: u32,
 }
 
+/// What librbd's completion callback gets: where to count the completion.
+/// One per slot, so that the argument also names the slot (by address).
+#[repr(C)]
+struct CbArg {
+    completed: *const AtomicU64,
+}
+
+/// Runs on a librbd thread when an I/O finishes, just before librbd queues
+/// the completion for `rbd_poll_io_events` and signals the eventfd. It only
+/// counts, so `poll` knows without a call into librbd whether to look.
+unsafe extern "C" fn on_complete(_c: RbdCompletionT, arg: *mut c_void) {
+    // SAFETY: arg points at one of the channel's CbArgs, whose counter lives
+    // in the channel; the channel closes its image (which waits for every
+    // I/O, callbacks included) before it frees either.
+    unsafe { (*(*arg.cast::<CbArg>()).completed).fetch_add(1, Ordering::Release) };
+}
+
 struct RbdChannel {
     lib: &'static Lib,
+    /// Declared (so dropped) before what the callback touches: closing the
+    /// image waits for outstanding I/O.
     img: Image,
     efd: OwnedFd,
     slots: Vec<Slot>,
     free: Vec<u32>,
     comps: Vec<RbdCompletionT>,
     inflight: usize,
+    /// Completions librbd has reported through `on_complete`.
+    completed: Box<AtomicU64>,
+    /// Completions taken with `rbd_poll_io_events`.
+    taken: u64,
+    cb_args: Box<[CbArg]>,
 }
 
 impl RbdChannel {
@@ -438,7 +466,25 @@ impl RbdChannel {
             free: (0..SLOTS as u32).rev().collect(),
             comps: vec![std::ptr::null_mut(); POLL_BATCH],
             inflight: 0,
+            completed: Box::new(AtomicU64::new(0)),
+            taken: 0,
+            cb_args: Box::new([]),
         }
+        .with_cb_args()
+    }
+
+    fn with_cb_args(mut self) -> Self {
+        let counter: *const AtomicU64 = &*self.completed;
+        self.cb_args = (0..SLOTS).map(|_| CbArg { completed: counter }).collect();
+        self
+    }
+
+    /// The slot a callback argument names, if it is one of ours.
+    fn slot_of(&self, arg: *mut c_void) -> Option<usize> {
+        let base = self.cb_args.as_ptr() as usize;
+        let off = (arg as usize).checked_sub(base)?;
+        let ix = off / std::mem::size_of::<CbArg>();
+        (off % std::mem::size_of::<CbArg>() == 0 && ix < self.cb_args.len()).then_some(ix)
     }
 
     fn drain_eventfd(&self) {
@@ -455,10 +501,12 @@ impl BdevChannel for RbdChannel {
         };
         let lib = self.lib;
         let mut c: RbdCompletionT = std::ptr::null_mut();
-        // SAFETY: out-pointer to a local; the argument is the slot index,
-        // carried as a pointer-sized integer and never dereferenced.
-        let r =
-            unsafe { (lib.rbd_aio_create_completion)(ix as usize as *mut c_void, None, &mut c) };
+        let arg: *const CbArg = &self.cb_args[ix as usize];
+        // SAFETY: out-pointer to a local; the argument outlives the I/O
+        // (see `on_complete`), which only reads it.
+        let r = unsafe {
+            (lib.rbd_aio_create_completion)(arg as *mut c_void, Some(on_complete), &mut c)
+        };
         if r < 0 {
             self.free.push(ix);
             sub.complete(tag, r);
@@ -501,7 +549,8 @@ impl BdevChannel for RbdChannel {
     }
 
     fn poll(&mut self, done: &mut Vec<(u64, i32)>) -> usize {
-        if self.inflight == 0 {
+        // one atomic load while nothing has finished: no call into librbd
+        if self.inflight == 0 || self.completed.load(Ordering::Acquire) == self.taken {
             return 0;
         }
         let lib = self.lib;
@@ -518,15 +567,17 @@ impl BdevChannel for RbdChannel {
                 // SAFETY: c is a completed completion librbd just handed
                 // back; it is released exactly once, here.
                 let (arg, ret) = unsafe {
-                    let arg = (lib.rbd_aio_get_arg)(c) as usize;
+                    let arg = (lib.rbd_aio_get_arg)(c);
                     let ret = (lib.rbd_aio_get_return_value)(c);
                     (lib.rbd_aio_release)(c);
                     (arg, ret)
                 };
-                let Some(s) = self.slots.get(arg).copied() else {
-                    tracing::error!(arg, "librbd returned a completion we did not start");
+                self.taken += 1;
+                let Some(ix) = self.slot_of(arg) else {
+                    tracing::error!(?arg, "librbd returned a completion we did not start");
                     continue;
                 };
+                let s = self.slots[ix];
                 let res = if ret < 0 {
                     ret.max(i32::MIN as isize) as i32
                 } else if s.kind.has_data() {
@@ -538,7 +589,7 @@ impl BdevChannel for RbdChannel {
                     0
                 };
                 done.push((s.tag, res));
-                self.free.push(arg as u32);
+                self.free.push(ix as u32);
                 self.inflight -= 1;
                 total += 1;
             }
