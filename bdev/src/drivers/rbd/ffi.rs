@@ -31,38 +31,70 @@ pub struct RbdImageInfo {
     pub parent_name: [c_char; 96],
 }
 
-/// Entry points resolved from librados.so.2 and librbd.so.1.
-pub struct Lib {
-    pub rados_create: unsafe extern "C" fn(*mut RadosT, *const c_char) -> c_int,
-    pub rados_conf_read_file: unsafe extern "C" fn(RadosT, *const c_char) -> c_int,
-    pub rados_conf_set: unsafe extern "C" fn(RadosT, *const c_char, *const c_char) -> c_int,
-    pub rados_connect: unsafe extern "C" fn(RadosT) -> c_int,
-    pub rados_shutdown: unsafe extern "C" fn(RadosT),
-    pub rados_ioctx_create: unsafe extern "C" fn(RadosT, *const c_char, *mut RadosIoctxT) -> c_int,
-    pub rados_ioctx_destroy: unsafe extern "C" fn(RadosIoctxT),
-    pub rbd_open:
+/// Declares the function table: each entry is `library: name: type`, the
+/// type copied from the C prototype.
+macro_rules! lib_table {
+    ($($lib:ident: $name:ident: $ty:ty,)*) => {
+        /// Entry points resolved from librados.so.2 and librbd.so.1.
+        pub struct Lib {
+            $(pub $name: $ty,)*
+        }
+
+        impl Lib {
+            fn resolve(rados: *mut c_void, rbd: *mut c_void) -> Result<Lib, String> {
+                Ok(Lib {
+                    $($name: {
+                        let (h, lib) = match stringify!($lib) {
+                            "rados" => (rados, RADOS_SO),
+                            _ => (rbd, RBD_SO),
+                        };
+                        let name = concat!(stringify!($name), "\0");
+                        let p = sym(h, lib, name)?;
+                        // SAFETY: the symbol is the C function of this name,
+                        // whose prototype in librados.h / librbd.h is `$ty`.
+                        unsafe { std::mem::transmute::<*mut c_void, $ty>(p) }
+                    },)*
+                })
+            }
+        }
+    };
+}
+
+const RADOS_SO: &CStr = c"librados.so.2";
+const RBD_SO: &CStr = c"librbd.so.1";
+
+lib_table! {
+    rados: rados_create: unsafe extern "C" fn(*mut RadosT, *const c_char) -> c_int,
+    rados: rados_conf_read_file: unsafe extern "C" fn(RadosT, *const c_char) -> c_int,
+    rados: rados_conf_set: unsafe extern "C" fn(RadosT, *const c_char, *const c_char) -> c_int,
+    rados: rados_connect: unsafe extern "C" fn(RadosT) -> c_int,
+    rados: rados_shutdown: unsafe extern "C" fn(RadosT),
+    rados: rados_ioctx_create:
+        unsafe extern "C" fn(RadosT, *const c_char, *mut RadosIoctxT) -> c_int,
+    rados: rados_ioctx_destroy: unsafe extern "C" fn(RadosIoctxT),
+    rbd: rbd_open:
         unsafe extern "C" fn(RadosIoctxT, *const c_char, *mut RbdImageT, *const c_char) -> c_int,
-    pub rbd_open_read_only:
+    rbd: rbd_open_read_only:
         unsafe extern "C" fn(RadosIoctxT, *const c_char, *mut RbdImageT, *const c_char) -> c_int,
-    pub rbd_close: unsafe extern "C" fn(RbdImageT) -> c_int,
-    pub rbd_get_size: unsafe extern "C" fn(RbdImageT, *mut u64) -> c_int,
-    pub rbd_stat: unsafe extern "C" fn(RbdImageT, *mut RbdImageInfo, usize) -> c_int,
-    pub rbd_set_image_notification: unsafe extern "C" fn(RbdImageT, c_int, c_int) -> c_int,
-    pub rbd_aio_create_completion:
+    rbd: rbd_close: unsafe extern "C" fn(RbdImageT) -> c_int,
+    rbd: rbd_get_size: unsafe extern "C" fn(RbdImageT, *mut u64) -> c_int,
+    rbd: rbd_stat: unsafe extern "C" fn(RbdImageT, *mut RbdImageInfo, usize) -> c_int,
+    rbd: rbd_set_image_notification: unsafe extern "C" fn(RbdImageT, c_int, c_int) -> c_int,
+    rbd: rbd_aio_create_completion:
         unsafe extern "C" fn(*mut c_void, RbdCallbackT, *mut RbdCompletionT) -> c_int,
-    pub rbd_aio_readv:
+    rbd: rbd_aio_readv:
         unsafe extern "C" fn(RbdImageT, *const libc::iovec, c_int, u64, RbdCompletionT) -> c_int,
-    pub rbd_aio_writev:
+    rbd: rbd_aio_writev:
         unsafe extern "C" fn(RbdImageT, *const libc::iovec, c_int, u64, RbdCompletionT) -> c_int,
-    pub rbd_aio_flush: unsafe extern "C" fn(RbdImageT, RbdCompletionT) -> c_int,
-    pub rbd_aio_discard: unsafe extern "C" fn(RbdImageT, u64, u64, RbdCompletionT) -> c_int,
-    pub rbd_aio_write_zeroes:
+    rbd: rbd_aio_flush: unsafe extern "C" fn(RbdImageT, RbdCompletionT) -> c_int,
+    rbd: rbd_aio_discard: unsafe extern "C" fn(RbdImageT, u64, u64, RbdCompletionT) -> c_int,
+    rbd: rbd_aio_write_zeroes:
         unsafe extern "C" fn(RbdImageT, u64, usize, RbdCompletionT, c_int, c_int) -> c_int,
-    pub rbd_poll_io_events: unsafe extern "C" fn(RbdImageT, *mut RbdCompletionT, c_int) -> c_int,
-    pub rbd_aio_get_return_value: unsafe extern "C" fn(RbdCompletionT) -> isize,
-    pub rbd_aio_get_arg: unsafe extern "C" fn(RbdCompletionT) -> *mut c_void,
-    pub rbd_aio_release: unsafe extern "C" fn(RbdCompletionT),
-    pub rbd_version: unsafe extern "C" fn(*mut c_int, *mut c_int, *mut c_int),
+    rbd: rbd_poll_io_events: unsafe extern "C" fn(RbdImageT, *mut RbdCompletionT, c_int) -> c_int,
+    rbd: rbd_aio_get_return_value: unsafe extern "C" fn(RbdCompletionT) -> isize,
+    rbd: rbd_aio_get_arg: unsafe extern "C" fn(RbdCompletionT) -> *mut c_void,
+    rbd: rbd_aio_release: unsafe extern "C" fn(RbdCompletionT),
+    rbd: rbd_version: unsafe extern "C" fn(*mut c_int, *mut c_int, *mut c_int),
 }
 
 fn dl_error() -> String {
@@ -90,14 +122,17 @@ fn open(name: &CStr, package: &str) -> Result<*mut c_void, String> {
     Ok(h)
 }
 
-fn sym(h: *mut c_void, lib: &CStr, name: &CStr) -> Result<*mut c_void, String> {
-    // SAFETY: h is a live dlopen handle and name is NUL-terminated.
-    let p = unsafe { libc::dlsym(h, name.as_ptr()) };
+fn sym(h: *mut c_void, lib: &CStr, name: &str) -> Result<*mut c_void, String> {
+    let shown = name.trim_end_matches('\0');
+    let Ok(cname) = CStr::from_bytes_with_nul(name.as_bytes()) else {
+        return Err(format!("bad symbol name {shown}"));
+    };
+    // SAFETY: h is a live dlopen handle and cname is NUL-terminated.
+    let p = unsafe { libc::dlsym(h, cname.as_ptr()) };
     if p.is_null() {
         return Err(format!(
-            "{} has no symbol {} (is it older than Ceph 16 / Pacific?)",
-            lib.to_string_lossy(),
-            name.to_string_lossy()
+            "{} has no symbol {shown} (is it older than Ceph 16 / Pacific?)",
+            lib.to_string_lossy()
         ));
     }
     Ok(p)
@@ -105,52 +140,9 @@ fn sym(h: *mut c_void, lib: &CStr, name: &CStr) -> Result<*mut c_void, String> {
 
 impl Lib {
     fn load() -> Result<Lib, String> {
-        let rados_name = c"librados.so.2";
-        let rbd_name = c"librbd.so.1";
-        let rados = open(rados_name, "librados2")?;
-        let rbd = open(rbd_name, "librbd1")?;
-        macro_rules! f {
-            ($h:expr, $lib:expr, $name:ident) => {{
-                let p = sym($h, $lib, {
-                    const N: &CStr = match CStr::from_bytes_with_nul(
-                        concat!(stringify!($name), "\0").as_bytes(),
-                    ) {
-                        Ok(c) => c,
-                        Err(_) => panic!("symbol name"),
-                    };
-                    N
-                })?;
-                // SAFETY: the symbol is the C function of this name, whose
-                // prototype in librados.h/librbd.h matches the field's type.
-                unsafe { std::mem::transmute::<*mut c_void, _>(p) }
-            }};
-        }
-        Ok(Lib {
-            rados_create: f!(rados, rados_name, rados_create),
-            rados_conf_read_file: f!(rados, rados_name, rados_conf_read_file),
-            rados_conf_set: f!(rados, rados_name, rados_conf_set),
-            rados_connect: f!(rados, rados_name, rados_connect),
-            rados_shutdown: f!(rados, rados_name, rados_shutdown),
-            rados_ioctx_create: f!(rados, rados_name, rados_ioctx_create),
-            rados_ioctx_destroy: f!(rados, rados_name, rados_ioctx_destroy),
-            rbd_open: f!(rbd, rbd_name, rbd_open),
-            rbd_open_read_only: f!(rbd, rbd_name, rbd_open_read_only),
-            rbd_close: f!(rbd, rbd_name, rbd_close),
-            rbd_get_size: f!(rbd, rbd_name, rbd_get_size),
-            rbd_stat: f!(rbd, rbd_name, rbd_stat),
-            rbd_set_image_notification: f!(rbd, rbd_name, rbd_set_image_notification),
-            rbd_aio_create_completion: f!(rbd, rbd_name, rbd_aio_create_completion),
-            rbd_aio_readv: f!(rbd, rbd_name, rbd_aio_readv),
-            rbd_aio_writev: f!(rbd, rbd_name, rbd_aio_writev),
-            rbd_aio_flush: f!(rbd, rbd_name, rbd_aio_flush),
-            rbd_aio_discard: f!(rbd, rbd_name, rbd_aio_discard),
-            rbd_aio_write_zeroes: f!(rbd, rbd_name, rbd_aio_write_zeroes),
-            rbd_poll_io_events: f!(rbd, rbd_name, rbd_poll_io_events),
-            rbd_aio_get_return_value: f!(rbd, rbd_name, rbd_aio_get_return_value),
-            rbd_aio_get_arg: f!(rbd, rbd_name, rbd_aio_get_arg),
-            rbd_aio_release: f!(rbd, rbd_name, rbd_aio_release),
-            rbd_version: f!(rbd, rbd_name, rbd_version),
-        })
+        let rados = open(RADOS_SO, "librados2")?;
+        let rbd = open(RBD_SO, "librbd1")?;
+        Lib::resolve(rados, rbd)
     }
 }
 
@@ -158,4 +150,28 @@ impl Lib {
 pub fn lib() -> Result<&'static Lib, String> {
     static LIB: OnceLock<Result<Lib, String>> = OnceLock::new();
     LIB.get_or_init(Lib::load).as_ref().map_err(Clone::clone)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_missing_library_names_its_package() {
+        let e = open(c"libquern-absent.so.1", "quern-absent1").unwrap_err();
+        assert!(
+            e.starts_with("libquern-absent.so.1 not found: install quern-absent1"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn the_table_resolves_where_ceph_is_installed() {
+        // the test machines have librbd1 (scripts/install-test-deps.sh)
+        let lib = lib().expect("librbd.so.1 and librados.so.2 load");
+        let (mut a, mut b, mut c) = (0, 0, 0);
+        // SAFETY: three out-pointers to locals.
+        unsafe { (lib.rbd_version)(&mut a, &mut b, &mut c) };
+        assert!(a >= 1, "librbd {a}.{b}.{c}");
+    }
 }
