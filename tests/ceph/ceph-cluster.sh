@@ -59,6 +59,12 @@ if [ -e "$D/run/mon.a.pid" ] && kill -0 "$(cat "$D/run/mon.a.pid")" 2>/dev/null;
   echo "ceph-cluster.sh: a cluster is already running in $D" >&2
   exit 1
 fi
+# DIR is ours to wipe only if it is empty or holds an earlier cluster
+if [ -d "$D" ] && [ -n "$(ls -A "$D")" ] && [ ! -f "$C" ]; then
+  echo "ceph-cluster.sh: $D is not empty and holds no ceph.conf; refusing to wipe it" >&2
+  exit 1
+fi
+"$0" stop "$D"
 rm -rf "$D"
 mkdir -p "$D"/{run,log,mon.a,osd.0}
 FSID=$(uuidgen)

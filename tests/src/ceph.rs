@@ -12,6 +12,19 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::Mutex;
+
+/// Folders of the clusters this process runs, for [`stop_all`].
+static RUNNING: Mutex<Vec<PathBuf>> = Mutex::new(Vec::new());
+
+/// Stop every cluster this process started (for a watchdog that ends the
+/// process without running destructors).
+pub fn stop_all() {
+    let dirs = RUNNING.lock().map(|v| v.clone()).unwrap_or_default();
+    for d in dirs {
+        let _ = Command::new(script()).arg("stop").arg(&d).status();
+    }
+}
 
 /// The cluster script, in the source tree.
 pub fn script() -> PathBuf {
@@ -73,6 +86,9 @@ impl Cluster {
                 .output()
                 .expect("run ceph-cluster.sh");
             if out.status.success() {
+                if let Ok(mut v) = RUNNING.lock() {
+                    v.push(dir.path().to_path_buf());
+                }
                 let conf = PathBuf::from(String::from_utf8_lossy(&out.stdout).trim());
                 assert!(conf.is_file(), "ceph-cluster.sh printed {conf:?}");
                 return Cluster {
@@ -99,6 +115,9 @@ impl Cluster {
             .arg("stop")
             .arg(self.dir.path())
             .status();
+        if let Ok(mut v) = RUNNING.lock() {
+            v.retain(|d| d != self.dir.path());
+        }
     }
 
     /// Run the `rbd` CLI against this cluster.

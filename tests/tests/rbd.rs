@@ -142,6 +142,7 @@ fn watchdog(what: &'static str, secs: u64) -> std::sync::mpsc::Sender<()> {
             rx.recv_timeout(Duration::from_secs(secs))
         {
             eprintln!("{what}: still running after {secs} s; aborting");
+            quern_tests::ceph::stop_all();
             std::process::exit(101);
         }
     });
