@@ -85,3 +85,52 @@ num_queues = 1
         .expect("run debugfs");
     assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "second");
 }
+
+/// fio --verify in a guest over two queues on two reactors, each reactor
+/// with its own handle on the same RBD image.
+#[test]
+fn guest_fio_verify_on_rbd_over_two_queues() {
+    let c = Cluster::start();
+    c.rbd_ok(&["create", "--size", "128M", &c.spec("fio")]);
+    let r = quern_tests::start(&format!(
+        r#"
+state_dir = "@DIR@"
+[reactor]
+cores = [0, 1]
+poll_mode = "adaptive"
+[[bdev]]
+name = "fio"
+driver = "rbd"
+pool = "{pool}"
+image = "fio"
+ceph_conf = "{conf}"
+[[vhost_blk]]
+name = "vm0-fio"
+bdev = "fio"
+socket = "vm0.sock"
+num_queues = 2
+cores = [0, 1]
+"#,
+        pool = c.pool,
+        conf = c.conf.display()
+    ));
+    let sock = r.dir.path().join("vm0.sock");
+    let log = r.dir.path().join("console.log");
+    let t = std::time::Instant::now();
+    let (ok, console) = quern_tests::run_guest(
+        &sock,
+        &[
+            "-q",
+            "2",
+            "-a",
+            "quern.fio=verify quern.size=16",
+            "-t",
+            "400",
+        ],
+        &log,
+    );
+    eprintln!("fio verify on rbd: {:?}", t.elapsed());
+    assert!(ok, "guest run failed:\n{console}");
+    assert!(console.contains("QUERN-FIO-RC=0"), "{console}");
+    assert!(!console.contains("verify: bad"), "{console}");
+}
