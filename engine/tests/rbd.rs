@@ -180,3 +180,30 @@ fn quern_start_up_names_a_missing_rbd_image() {
         "{log}"
     );
 }
+
+#[test]
+fn the_rbd_example_config_is_valid() {
+    // the example names /etc/ceph/ceph.conf, which only exists on Ceph hosts:
+    // point it at a file that exists for the syntax and key check
+    let dir = tempfile::tempdir().unwrap();
+    let conf = dir.path().join("ceph.conf");
+    std::fs::write(&conf, "[global]\n").unwrap();
+    let text = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../examples/quern-rbd.toml"
+    ))
+    .unwrap()
+    .replace("/etc/ceph/ceph.conf", conf.to_str().unwrap());
+    let cfg = dir.path().join("quern-rbd.toml");
+    std::fs::write(&cfg, text).unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_quern"))
+        .args(["check-config", cfg.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}

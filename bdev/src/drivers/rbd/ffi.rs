@@ -140,8 +140,10 @@ fn sym(h: *mut c_void, lib: &CStr, name: &str) -> Result<*mut c_void, String> {
 
 impl Lib {
     fn load() -> Result<Lib, String> {
-        let rados = open(RADOS_SO, "librados2")?;
+        // librbd first: it needs librados, so without Ceph the message
+        // names the package to install (librbd1 pulls in librados2)
         let rbd = open(RBD_SO, "librbd1")?;
+        let rados = open(RADOS_SO, "librados2")?;
         Lib::resolve(rados, rbd)
     }
 }
