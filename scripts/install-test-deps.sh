@@ -35,13 +35,16 @@ GUEST_TEST_PACKAGES=(
 )
 
 # Packages for the Ceph/RBD backend tests: a single-host Ceph cluster
-# (monitor + OSD + CLI) and the C client libraries the engine links against.
+# (monitor + OSD + CLI), the C client libraries (Quern loads librbd.so.1 and
+# librados.so.2 at run time; the -dev packages are only for reference), and
+# QEMU's rbd: block driver (qemu-img compare/convert against RBD images).
 CEPH_TEST_PACKAGES=(
   ceph-mon
   ceph-osd
   ceph-common
   librbd-dev
   librados-dev
+  qemu-block-extra
 )
 
 ALL_PACKAGES=("${GUEST_TEST_PACKAGES[@]}" "${CEPH_TEST_PACKAGES[@]}")

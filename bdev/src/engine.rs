@@ -601,9 +601,36 @@ impl IoEngine {
                 return;
             }
             if self.inflight_ops > 0 {
-                let _ = self.ring.submit_and_wait(1);
+                self.wait_for_completion();
             }
         }
+    }
+
+    /// Block until a completion may be ready: in the kernel on the ring
+    /// alone, or, when devices have their own completion source (librbd),
+    /// in `poll` on the ring's fd and theirs (bounded, as a wake-up may have
+    /// been consumed already).
+    fn wait_for_completion(&mut self) {
+        use std::os::fd::AsRawFd;
+        let mut fds: Vec<libc::pollfd> = self
+            .device_wake_fds()
+            .map(|fd| libc::pollfd {
+                fd,
+                events: libc::POLLIN,
+                revents: 0,
+            })
+            .collect();
+        if fds.is_empty() {
+            let _ = self.ring.submit_and_wait(1);
+            return;
+        }
+        fds.push(libc::pollfd {
+            fd: self.ring.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        });
+        // SAFETY: fds is a valid array of fds.len() pollfds.
+        unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, 10) };
     }
 }
 

@@ -145,6 +145,50 @@ pub struct BdevSection {
     /// slower storage; for tests and experiments).
     #[serde(default)]
     pub delay_us: u32,
+    /// rbd: the Ceph pool.
+    pub pool: Option<String>,
+    /// rbd: the image in the pool.
+    pub image: Option<String>,
+    /// rbd: a snapshot of the image to open (read-only).
+    pub snapshot: Option<String>,
+    /// rbd: ceph.conf of the cluster (default /etc/ceph/ceph.conf).
+    pub ceph_conf: Option<PathBuf>,
+    /// rbd: the cephx user without `client.` (default `admin`).
+    pub client_id: Option<String>,
+    /// rbd: a keyring file (default: what ceph.conf says).
+    pub keyring: Option<PathBuf>,
+    /// rbd: connect, monitor and OSD operation timeout in seconds (default 10).
+    pub timeout_secs: Option<u32>,
+}
+
+/// Keys only the rbd driver takes.
+const RBD_KEYS: [&str; 7] = [
+    "pool",
+    "image",
+    "snapshot",
+    "ceph_conf",
+    "client_id",
+    "keyring",
+    "timeout_secs",
+];
+
+impl BdevSection {
+    /// The rbd-only keys this section sets.
+    fn rbd_keys_set(&self) -> impl Iterator<Item = &'static str> + '_ {
+        let set = [
+            self.pool.is_some(),
+            self.image.is_some(),
+            self.snapshot.is_some(),
+            self.ceph_conf.is_some(),
+            self.client_id.is_some(),
+            self.keyring.is_some(),
+            self.timeout_secs.is_some(),
+        ];
+        RBD_KEYS
+            .into_iter()
+            .zip(set)
+            .filter_map(|(k, s)| s.then_some(k))
+    }
 }
 
 #[derive(Debug, Deserialize)]
@@ -281,7 +325,16 @@ impl Config {
             if b.delay_us > 10_000_000 {
                 return Err(invalid(key("delay_us"), "at most 10000000 (10 s)"));
             }
+            if b.driver != "rbd" {
+                if let Some(k) = b.rbd_keys_set().next() {
+                    return Err(invalid(
+                        key(k),
+                        format!("only the rbd driver takes `{k}` (driver is {})", b.driver),
+                    ));
+                }
+            }
             match b.driver.as_str() {
+                "rbd" => self.validate_rbd(b, &key)?,
                 "malloc" | "null" => {
                     if b.path.is_some() {
                         return Err(invalid(
@@ -329,12 +382,76 @@ impl Config {
                 other => {
                     return Err(invalid(
                         key("driver"),
-                        format!("unknown driver `{other}` (expected uring, malloc or null)"),
+                        format!("unknown driver `{other}` (expected uring, rbd, malloc or null)"),
                     ))
                 }
             }
         }
         self.validate_vhost()
+    }
+
+    fn validate_rbd(
+        &self,
+        b: &BdevSection,
+        key: &dyn Fn(&str) -> String,
+    ) -> Result<(), ConfigError> {
+        if !cfg!(feature = "rbd") {
+            return Err(invalid(
+                key("driver"),
+                "this quern was built without the rbd feature",
+            ));
+        }
+        for (k, v) in [("path", b.path.is_some()), ("size", b.size.is_some())] {
+            if v {
+                return Err(invalid(key(k), format!("the rbd driver takes no {k}")));
+            }
+        }
+        for (k, v) in [
+            ("pool", &b.pool),
+            ("image", &b.image),
+            ("snapshot", &b.snapshot),
+            ("client_id", &b.client_id),
+        ] {
+            match v {
+                None if k == "pool" || k == "image" => {
+                    return Err(invalid(key(k), format!("the rbd driver needs {k}")))
+                }
+                Some(s) if s.is_empty() => return Err(invalid(key(k), "must not be empty")),
+                Some(s) if s.contains('\0') => {
+                    return Err(invalid(key(k), "must not contain a NUL byte"))
+                }
+                _ => {}
+            }
+        }
+        if b.image
+            .as_deref()
+            .is_some_and(|i| i.contains('@') || i.contains('/'))
+        {
+            return Err(invalid(
+                key("image"),
+                "must not contain `@` or `/` (give the snapshot as `snapshot`)",
+            ));
+        }
+        if let Some(t) = b.timeout_secs {
+            if !(1..=3600).contains(&t) {
+                return Err(invalid(
+                    key("timeout_secs"),
+                    format!("{t} is outside 1..=3600"),
+                ));
+            }
+        }
+        for (k, p) in [("ceph_conf", &b.ceph_conf), ("keyring", &b.keyring)] {
+            if let Some(p) = p {
+                let full = self.resolve(p);
+                if !full.is_file() {
+                    return Err(invalid(
+                        key(k),
+                        format!("{} does not exist or is not a file", full.display()),
+                    ));
+                }
+            }
+        }
+        Ok(())
     }
 
     fn validate_vhost(&self) -> Result<(), ConfigError> {

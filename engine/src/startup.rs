@@ -72,6 +72,29 @@ fn open_bdev(cfg: &Config, b: &BdevSection) -> std::io::Result<BdevRef> {
             block_size: b.block_size,
             delay_us: b.delay_us,
         })?),
+        #[cfg(feature = "rbd")]
+        "rbd" => {
+            use quern_bdev::drivers::{RbdBdev, RbdOptions};
+            let mut o = RbdOptions::new(
+                &b.name,
+                b.pool.as_deref().unwrap_or_default(),
+                b.image.as_deref().unwrap_or_default(),
+            );
+            o.snapshot = b.snapshot.clone();
+            if let Some(c) = &b.ceph_conf {
+                o.ceph_conf = cfg.resolve(c);
+            }
+            if let Some(id) = &b.client_id {
+                o.client_id = id.clone();
+            }
+            o.keyring = b.keyring.as_deref().map(|k| cfg.resolve(k));
+            o.read_only = b.read_only || b.snapshot.is_some();
+            if let Some(t) = b.timeout_secs {
+                o.timeout_secs = t;
+            }
+            o.block_size = b.block_size;
+            Arc::new(RbdBdev::open(&o)?)
+        }
         other => return Err(std::io::Error::other(format!("unknown driver {other}"))),
     })
 }

@@ -18,6 +18,12 @@
 #                           is pinned to its own CPU so each uses its own queue)
 #   quern.ioengine=ENGINE   io_uring (default) or libaio
 #   quern.wait=SECS         how long to wait for /dev/vda (default 30)
+#   quern.root=DEV          root mode instead of fio: mount DEV (ext4, read-
+#                           write) and switch_root to its /sbin/init (a disk
+#                           made by build-rootfs.sh). `root=DEV` selects the
+#                           same mode. Markers: QUERN-GUEST-START, QUERN-MQ,
+#                           QUERN-SERIAL, then the root's own; on failure
+#                           QUERN-ERROR=... and QUERN-FIO-RC=2.
 #
 # Console markers, one per line (host side greps for them):
 #   QUERN-GUEST-START
@@ -95,6 +101,33 @@ done
 mq=$(ls /sys/block/vda/mq | wc -l)
 echo "QUERN-MQ=$mq"
 echo "QUERN-SERIAL=$(cat /sys/block/vda/serial 2>/dev/null)"
+
+# Root mode: boot the disk's own userland.
+rootdev=$(param root "")
+if [ -z "$rootdev" ]; then
+	for w in $(cat /proc/cmdline); do
+		case "$w" in
+		root=*) rootdev="${w#root=}" ;;
+		esac
+	done
+fi
+if [ -n "$rootdev" ]; then
+	mkdir -p /newroot
+	if ! mount -t ext4 -o rw "$rootdev" /newroot; then
+		echo "QUERN-ERROR=cannot mount $rootdev"
+		finish 2
+	fi
+	if [ ! -x /newroot/sbin/init ]; then
+		echo "QUERN-ERROR=$rootdev has no /sbin/init"
+		umount /newroot
+		finish 2
+	fi
+	umount /tmp /dev/shm
+	mkdir -p /newroot/dev /newroot/proc /newroot/sys
+	mount --move /dev /newroot/dev
+	umount /proc /sys
+	exec switch_root /newroot /sbin/init
+fi
 
 # Parameters shared by the job files (fio expands ${VAR} from the environment).
 ncpu=$(grep -c ^processor /proc/cpuinfo)

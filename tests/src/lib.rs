@@ -10,6 +10,8 @@ pub mod client;
 use quern::config::Config;
 use quern::startup::Engine;
 
+pub mod ceph;
+
 /// The repository root.
 pub fn root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
