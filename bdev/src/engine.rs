@@ -599,7 +599,40 @@ impl IoEngine {
                 return;
             }
             if self.inflight_ops > 0 {
-                let _ = self.ring.submit_and_wait(1);
+                self.wait_idle();
+            }
+        }
+    }
+
+    /// Block until a completion may be ready: on the ring alone, or, when a
+    /// device completes through its own source (`wake_fd`), on the ring's fd
+    /// and those fds together (with a timeout bounding any missed wake-up).
+    fn wait_idle(&mut self) {
+        let mut fds = [libc::pollfd {
+            fd: -1,
+            events: libc::POLLIN,
+            revents: 0,
+        }; 16];
+        let mut n = 0;
+        for fd in self.devs.iter().flatten().filter_map(|d| d.chan.wake_fd()) {
+            if n + 1 < fds.len() {
+                n += 1;
+                fds[n].fd = fd;
+            }
+        }
+        if n == 0 {
+            let _ = self.ring.submit_and_wait(1);
+            return;
+        }
+        fds[0].fd = std::os::fd::AsRawFd::as_raw_fd(&self.ring);
+        // SAFETY: `fds` holds n+1 initialised pollfds.
+        unsafe { libc::poll(fds.as_mut_ptr(), (n + 1) as libc::nfds_t, 10) };
+        for p in &fds[1..=n] {
+            if p.revents & libc::POLLIN != 0 {
+                let mut v: u64 = 0;
+                // SAFETY: an 8-byte read into a u64 from a readable fd (an
+                // eventfd's count; harmless failure for other fd kinds).
+                unsafe { libc::read(p.fd, (&mut v as *mut u64).cast(), 8) };
             }
         }
     }
