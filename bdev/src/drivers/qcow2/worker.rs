@@ -188,6 +188,9 @@ impl BaseReader {
     }
 }
 
+/// Where a channel takes its replies: a queue and the fd that wakes it.
+type ReplyTo = (Sender<(u32, i32)>, Arc<OwnedFd>);
+
 struct Reply {
     chan: u32,
     sub: u32,
@@ -204,7 +207,7 @@ pub(super) struct Worker {
     pending: HashMap<u64, u64>,
     /// L1 indices whose new L2 table is not yet recorded in the L1 table.
     new_l1: Vec<usize>,
-    chans: HashMap<u32, (Sender<(u32, i32)>, Arc<OwnedFd>)>,
+    chans: HashMap<u32, ReplyTo>,
     out: Vec<Reply>,
     fua: bool,
 }
