@@ -88,6 +88,8 @@ pub(super) struct Qcow2Channel {
     pieces: Vec<Piece>,
     sq_dirty: bool,
     copy_on_read: bool,
+    /// Sub-operations the worker holds (it reads their iovecs).
+    at_worker: u32,
 }
 
 impl Qcow2Channel {
@@ -142,6 +144,7 @@ impl Qcow2Channel {
             pieces: Vec::with_capacity(MAX_SEGS + 1),
             sq_dirty: false,
             copy_on_read: p.copy_on_read,
+            at_worker: 0,
         })
     }
 
@@ -251,7 +254,9 @@ impl Qcow2Channel {
                 cnt: s.iov.len(),
             },
         };
-        if self.jobs.try_send(job).is_err() {
+        if self.jobs.try_send(job).is_ok() {
+            self.at_worker += 1;
+        } else {
             tracing::warn!("qcow2: worker queue full or gone");
             // reported by the next poll
             self.base_done.push((u64::from(ix), -libc::EAGAIN));
@@ -398,9 +403,10 @@ impl BdevChannel for Qcow2Channel {
             IoKind::Flush => self.submit_flush(tag),
             IoKind::Read | IoKind::Write => {
                 self.plan(op.offset, op.len);
+                let write = op.kind == IoKind::Write;
                 let to_worker = self.pieces.len() > MAX_SEGS
-                    || (op.kind == IoKind::Write
-                        && self.pieces.iter().any(|p| !matches!(p.seg, Seg::Host(_))));
+                    || (write && op.fua && self.shared.unsynced.load(Ordering::Acquire))
+                    || (write && self.pieces.iter().any(|p| !matches!(p.seg, Seg::Host(_))));
                 if to_worker {
                     self.submit_to_worker(op, tag)
                 } else {
@@ -435,6 +441,7 @@ impl BdevChannel for Qcow2Channel {
             self.finish(ix as u32, res, done);
         }
         while let Ok((ix, res)) = self.replies.try_recv() {
+            self.at_worker -= 1;
             self.finish(ix, res, done);
         }
         done.len() - before
@@ -450,6 +457,13 @@ impl BdevChannel for Qcow2Channel {
 
 impl Drop for Qcow2Channel {
     fn drop(&mut self) {
+        // the worker may still read iovecs held in our sub slots: wait for it
+        while self.at_worker > 0 {
+            match self.replies.recv_timeout(std::time::Duration::from_secs(5)) {
+                Ok(_) => self.at_worker -= 1,
+                Err(_) => break,
+            }
+        }
         let _ = self.jobs.send(Job::Unregister { chan: self.id });
     }
 }

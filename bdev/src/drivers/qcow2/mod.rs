@@ -24,7 +24,7 @@ use std::io::{self, Error, ErrorKind};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicU32, AtomicU64};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64};
 use std::sync::Arc;
 
 use crossbeam_channel::Sender;
@@ -61,6 +61,10 @@ pub(crate) struct Shared {
     map: Box<[AtomicU64]>,
     cluster_bits: u32,
     capacity: u64,
+    /// Mappings were written since the worker's last `fdatasync`: a
+    /// forced-unit-access write must then go through the worker, whose
+    /// sync makes the mapping durable with the data.
+    unsynced: AtomicBool,
 }
 
 pub struct Qcow2Bdev {
@@ -204,6 +208,7 @@ fn load(o: &Qcow2Options, cap: u64) -> io::Result<(Meta, Shared)> {
         map,
         cluster_bits: h.cluster_bits,
         capacity: cap,
+        unsynced: AtomicBool::new(false),
     };
     Ok((meta, shared))
 }

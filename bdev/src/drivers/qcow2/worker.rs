@@ -485,6 +485,9 @@ impl Worker {
         }
         if r.is_ok() && self.fua {
             r = self.meta.file.sync_data();
+            if r.is_ok() {
+                self.shared.unsynced.store(false, Ordering::Release);
+            }
         }
         self.fua = false;
         if let Err(e) = &r {
@@ -524,6 +527,8 @@ impl Worker {
             let e = self.meta.l1[i] | COPIED;
             f.write_all_at(&e.to_be_bytes(), self.meta.l1_offset + 8 * i as u64)?;
         }
+        // before the mappings appear, so a reader of one sees the flag
+        self.shared.unsynced.store(true, Ordering::Release);
         for (g, host) in self.pending.drain() {
             self.shared.map[g as usize].store(host, Ordering::Release);
         }
