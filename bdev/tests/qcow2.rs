@@ -341,54 +341,58 @@ fn fragmented_and_vectored_requests() {
     qemu_compare(dir.path(), &o.path, &model);
 }
 
-#[test]
-fn opens_an_image_made_by_qemu() {
-    let dir = tempdir();
-    let size = 4 * MB;
-    let data = pattern(size);
-    let b = base(dir.path(), &data);
-    let ov = dir.path().join("ov.qcow2");
+/// `qemu-img create` an overlay over base.raw in `dir`, then run `qemu-io`
+/// commands on it.
+fn qemu_made(dir: &Path, compat: &str, cmds: &[&str]) -> std::path::PathBuf {
     let out = Command::new("qemu-img")
-        .current_dir(dir.path())
-        .args([
-            "create", "-f", "qcow2", "-b", "base.raw", "-F", "raw", "ov.qcow2",
-        ])
+        .current_dir(dir)
+        .args(["create", "-f", "qcow2", "-o"])
+        .arg(format!("compat={compat}"))
+        .args(["-b", "base.raw", "-F", "raw", "ov.qcow2"])
         .output()
         .expect("qemu-img is required for these tests");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let out = tool(
-        "qemu-io",
-        &[
-            "-c",
-            "write -P 0xab 0 64k",
-            "-c",
-            "write -P 0xcd 1M 4k",
-            ov.to_str().unwrap(),
-        ],
-    );
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let mut model = data.clone();
-    model[..65536].fill(0xab);
-    model[MB as usize..MB as usize + 4096].fill(0xcd);
-    let o = opts(dir.path(), &b, 65536);
-    {
-        let mut e = engine();
-        let d = e.add_device(overlay(&o)).unwrap();
-        assert_eq!(first_diff(&read_all(&mut e, d, size), &model), None);
-        write(&mut e, d, &mut model, 3 * MB + 512, 4096, 0x77); // a new cluster
-        write(&mut e, d, &mut model, 4096, 4096, 0x78); // qemu's cluster
-        assert_eq!(first_diff(&read_all(&mut e, d, size), &model), None);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    let ov = dir.join("ov.qcow2");
+    let mut args: Vec<&str> = cmds.iter().flat_map(|c| ["-c", c]).collect();
+    args.push(ov.to_str().unwrap());
+    let out = tool("qemu-io", &args);
+    let log = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success() && !log.contains("error"), "{log}");
+    ov
+}
+
+#[test]
+fn opens_images_made_by_qemu() {
+    for compat in ["1.1", "0.10"] {
+        let dir = tempdir();
+        let size = 4 * MB;
+        let data = pattern(size);
+        let b = base(dir.path(), &data);
+        let mut cmds = vec!["write -P 0xab 0 64k", "write -P 0xcd 1M 4k"];
+        if compat == "1.1" {
+            cmds.push("write -z 2M 128k"); // zero-flagged clusters
+        }
+        let ov = qemu_made(dir.path(), compat, &cmds);
+        let mut model = data.clone();
+        model[..65536].fill(0xab);
+        model[MB as usize..MB as usize + 4096].fill(0xcd);
+        if compat == "1.1" {
+            model[2 * MB as usize..(2 * MB as usize) + (128 << 10)].fill(0);
+        }
+        let o = opts(dir.path(), &b, 65536);
+        {
+            let mut e = engine();
+            let d = e.add_device(overlay(&o)).unwrap();
+            assert_eq!(first_diff(&read_all(&mut e, d, size), &model), None, "{compat}");
+            write(&mut e, d, &mut model, 3 * MB + 512, 4096, 0x77); // a new cluster
+            write(&mut e, d, &mut model, 4096, 4096, 0x78); // qemu's cluster
+            write(&mut e, d, &mut model, 2 * MB + 8192, 4096, 0x79); // a zero cluster
+            assert_eq!(first_diff(&read_all(&mut e, d, size), &model), None, "{compat}");
+        }
+        qemu_check(&ov);
+        qemu_compare(dir.path(), &ov, &model);
     }
-    qemu_check(&ov);
-    qemu_compare(dir.path(), &ov, &model);
 }
 
 #[test]

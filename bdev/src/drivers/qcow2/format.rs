@@ -158,10 +158,11 @@ impl Header {
             backing_format: None,
         };
         h.check_tables(file_len)?;
-        if version == 3 {
-            h.backing_format = parse_extensions(buf, header_len as usize)?;
-        }
         let (bf_off, bf_len) = (be64(buf, 8) as usize, be32(buf, 16) as usize);
+        // extensions end at the backing file name or the cluster's end
+        let ext_end = if bf_off != 0 { bf_off } else { buf.len() };
+        let ext_end = ext_end.min(buf.len()).min(h.cluster_size() as usize);
+        h.backing_format = parse_extensions(&buf[..ext_end], header_len as usize)?;
         if bf_off != 0 {
             let name = buf
                 .get(bf_off..bf_off + bf_len)
@@ -237,14 +238,13 @@ fn check_incompatible(bits: u64) -> Result<(), FormatError> {
     Ok(())
 }
 
-/// Walk the v3 header extensions; returns the backing format, if named.
+/// Walk the header extensions in `buf`; returns the backing format, if named.
 fn parse_extensions(buf: &[u8], mut at: usize) -> Result<Option<String>, FormatError> {
     let mut format = None;
     loop {
         if at + 8 > buf.len() {
-            return Err(FormatError::Malformed(
-                "header extensions run past the cluster",
-            ));
+            // no end marker before the backing file name (old v2 images)
+            return Ok(format);
         }
         let (ty, len) = (be32(buf, at), be32(buf, at + 4) as usize);
         if ty == 0 {
