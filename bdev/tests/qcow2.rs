@@ -279,6 +279,47 @@ fn concurrent_writes_to_one_new_cluster_both_land() {
     qemu_compare(dir.path(), &o.path, &model);
 }
 
+#[test]
+fn two_reactors_allocate_the_same_clusters_safely() {
+    let dir = tempdir();
+    let size = 2 * MB;
+    let data = pattern(size);
+    let b = base(dir.path(), &data);
+    let o = opts(dir.path(), &b, 65536);
+    let ov = overlay(&o);
+    // thread t writes 4 KiB block t of every 8 KiB of the first MiB: each
+    // cluster is first written by both threads at about the same time
+    let threads: Vec<_> = (0..2u64)
+        .map(|t| {
+            let ov = ov.clone();
+            std::thread::spawn(move || {
+                let mut e = engine();
+                let d = e.add_device(ov).unwrap();
+                let mut buf = Buf::new(4096);
+                for i in 0..128u64 {
+                    buf.get().fill((t as u8) << 7 | i as u8);
+                    let off = i * 8192 + t * 4096;
+                    assert_eq!(io(&mut e, d, IoKind::Write, off, buf.get()), Ok(4096));
+                }
+            })
+        })
+        .collect();
+    threads.into_iter().for_each(|t| t.join().unwrap());
+    let mut model = data.clone();
+    for t in 0..2u64 {
+        for i in 0..128u64 {
+            let off = (i * 8192 + t * 4096) as usize;
+            model[off..off + 4096].fill((t as u8) << 7 | i as u8);
+        }
+    }
+    let mut e = engine();
+    let d = e.add_device(ov).unwrap();
+    assert_eq!(first_diff(&read_all(&mut e, d, size), &model), None);
+    drop(e);
+    qemu_check(&o.path);
+    qemu_compare(dir.path(), &o.path, &model);
+}
+
 /// One request of many 4 KiB iovecs, optionally forced-unit-access.
 fn vectored(e: &mut IoEngine, dev: u16, kind: IoKind, offset: u64, buf: &mut [u8], fua: bool) {
     let iov: Vec<libc::iovec> = buf
@@ -384,11 +425,19 @@ fn opens_images_made_by_qemu() {
         {
             let mut e = engine();
             let d = e.add_device(overlay(&o)).unwrap();
-            assert_eq!(first_diff(&read_all(&mut e, d, size), &model), None, "{compat}");
+            assert_eq!(
+                first_diff(&read_all(&mut e, d, size), &model),
+                None,
+                "{compat}"
+            );
             write(&mut e, d, &mut model, 3 * MB + 512, 4096, 0x77); // a new cluster
             write(&mut e, d, &mut model, 4096, 4096, 0x78); // qemu's cluster
             write(&mut e, d, &mut model, 2 * MB + 8192, 4096, 0x79); // a zero cluster
-            assert_eq!(first_diff(&read_all(&mut e, d, size), &model), None, "{compat}");
+            assert_eq!(
+                first_diff(&read_all(&mut e, d, size), &model),
+                None,
+                "{compat}"
+            );
         }
         qemu_check(&ov);
         qemu_compare(dir.path(), &ov, &model);
@@ -537,7 +586,9 @@ fn step(size: u64) -> impl Strategy<Value = Step> {
     ]
 }
 
-fn run_steps(cluster_size: u32, steps: &[Step]) -> Result<(), TestCaseError> {
+/// Run `steps` in batches of `batch` requests submitted together (the
+/// engine merges and orders them; the model applies them in order).
+fn run_steps(cluster_size: u32, batch: usize, steps: &[Step]) -> Result<(), TestCaseError> {
     let dir = tempdir();
     let size = 512 << 10;
     let data = pattern(size);
@@ -547,20 +598,8 @@ fn run_steps(cluster_size: u32, steps: &[Step]) -> Result<(), TestCaseError> {
     {
         let mut e = engine();
         let d = e.add_device(overlay(&o)).unwrap();
-        for s in steps {
-            match *s {
-                Step::Write { off, len, fill } => {
-                    write(&mut e, d, &mut model, off, len as usize, fill)
-                }
-                Step::Read { off, len } => {
-                    let mut buf = Buf::new(len as usize);
-                    prop_assert_eq!(io(&mut e, d, IoKind::Read, off, buf.get()), Ok(len as u32));
-                    prop_assert_eq!(
-                        first_diff(buf.get(), &model[off as usize..(off + len) as usize]),
-                        None
-                    );
-                }
-            }
+        for chunk in steps.chunks(batch) {
+            run_batch(&mut e, d, &mut model, chunk)?;
         }
         prop_assert_eq!(first_diff(&read_all(&mut e, d, size), &model), None);
     }
@@ -569,13 +608,76 @@ fn run_steps(cluster_size: u32, steps: &[Step]) -> Result<(), TestCaseError> {
     Ok(())
 }
 
+fn run_batch(
+    e: &mut IoEngine,
+    d: u16,
+    model: &mut [u8],
+    steps: &[Step],
+) -> Result<(), TestCaseError> {
+    // (buffer, expected contents after completion: reads only)
+    let mut bufs: Vec<(Buf, Option<Vec<u8>>)> = Vec::new();
+    let mut reqs = Vec::new();
+    for s in steps {
+        let (off, len, kind) = match *s {
+            Step::Read { off, len } => (off, len, IoKind::Read),
+            Step::Write { off, len, .. } => (off, len, IoKind::Write),
+        };
+        let range = off as usize..(off + len) as usize;
+        let mut buf = Buf::new(len as usize);
+        let expect = match *s {
+            Step::Write { fill, .. } => {
+                buf.get()
+                    .iter_mut()
+                    .enumerate()
+                    .for_each(|(i, x)| *x = fill ^ (i / 512) as u8);
+                model[range].copy_from_slice(buf.get());
+                None
+            }
+            Step::Read { .. } => Some(model[range].to_vec()),
+        };
+        reqs.push((off, len, kind));
+        bufs.push((buf, expect));
+    }
+    let iovs: Vec<[libc::iovec; 1]> = bufs
+        .iter_mut()
+        .map(|(b, _)| {
+            [libc::iovec {
+                iov_base: b.get().as_mut_ptr().cast(),
+                iov_len: b.len,
+            }]
+        })
+        .collect();
+    for (i, &(offset, len, kind)) in reqs.iter().enumerate() {
+        e.submit(&IoRequest {
+            dev: d,
+            kind,
+            offset,
+            len,
+            iov: &iovs[i],
+            fua: false,
+            cookie: i as u64,
+        })
+        .unwrap();
+    }
+    let mut results = vec![None; reqs.len()];
+    e.run_until_idle(|c, r| results[c as usize] = Some(r));
+    for (i, (buf, expect)) in bufs.iter_mut().enumerate() {
+        prop_assert_eq!(results[i], Some(Ok(reqs[i].1 as u32)));
+        if let Some(x) = expect {
+            prop_assert_eq!(first_diff(buf.get(), x), None, "read {:?}", steps[i]);
+        }
+    }
+    Ok(())
+}
+
 proptest! {
     #![proptest_config(ProptestConfig { cases: 32, ..ProptestConfig::default() })]
     #[test]
     fn random_sequences_match_a_model(
         small in any::<bool>(),
-        steps in prop::collection::vec(step(512 << 10), 1..24),
+        batch in 1..8usize,
+        steps in prop::collection::vec(step(512 << 10), 1..32),
     ) {
-        run_steps(if small { 4096 } else { 65536 }, &steps)?;
+        run_steps(if small { 4096 } else { 65536 }, batch, &steps)?;
     }
 }
