@@ -413,5 +413,30 @@ mod tests {
             Header::parse(&img, 65536),
             Err(FormatError::PastEof { .. })
         ));
+        for (bit, want) in [(2, "external data"), (3, "compression"), (4, "extended L2")] {
+            let mut bad = img.clone();
+            bad[72 + 7] = 1 << bit;
+            let e = Header::parse(&bad, n).unwrap_err().to_string();
+            assert!(e.contains(want), "{e}");
+        }
+        let mut bad = img.clone();
+        bad[32..36].copy_from_slice(&1u32.to_be_bytes());
+        assert!(matches!(
+            Header::parse(&bad, n),
+            Err(FormatError::Encrypted(1))
+        ));
+        let mut bad = img.clone();
+        bad[20..24].copy_from_slice(&22u32.to_be_bytes());
+        assert!(matches!(
+            Header::parse(&bad, n),
+            Err(FormatError::ClusterBits(22))
+        ));
+        let mut bad = img.clone();
+        bad[96..100].copy_from_slice(&5u32.to_be_bytes());
+        assert!(matches!(
+            Header::parse(&bad, n),
+            Err(FormatError::RefcountOrder(5))
+        ));
+        assert!(Header::parse(&img, n).is_ok());
     }
 }

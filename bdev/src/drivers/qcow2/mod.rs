@@ -226,7 +226,7 @@ fn load_map(file: &File, h: &Header, file_len: u64) -> io::Result<(Vec<u64>, Box
         if t == 0 {
             continue;
         }
-        check_cluster("L2 table", t, cs, file_len)?;
+        check_cluster("L2 table", t, cs, cs, file_len)?;
         let l2 = read_vec(file, t, cs as usize)?;
         let first = i * h.l2_entries() as usize;
         for (j, e) in decode_table(&l2).enumerate() {
@@ -252,21 +252,23 @@ fn l2_value(e: u64, cs: u64, file_len: u64) -> Result<u64, FormatError> {
     }
     let host = e & format::OFFSET_MASK;
     if host != 0 {
-        check_cluster("data cluster", host, cs, file_len)?;
+        check_cluster("data cluster", host, 1, cs, file_len)?;
     }
     Ok(host)
 }
 
+/// `offset` is cluster aligned and its first `len` bytes are in the file.
 fn check_cluster(
     what: &'static str,
     offset: u64,
+    len: u64,
     cs: u64,
     file_len: u64,
 ) -> Result<(), FormatError> {
     if !offset.is_multiple_of(cs) {
         return Err(FormatError::Misaligned { what, offset });
     }
-    if offset >= file_len {
+    if offset.saturating_add(len) > file_len {
         return Err(FormatError::PastEof {
             what,
             offset,
