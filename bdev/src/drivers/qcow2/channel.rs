@@ -359,13 +359,23 @@ impl Qcow2Channel {
         }
     }
 
+    /// With an epoll wake fd, nothing else drains the fds under it: read
+    /// the readable ones (checked first, the base's fd may be blocking).
     fn drain_wake(&mut self) {
-        if let Some((_, bw)) = self.epoll {
-            for fd in [self.wake.as_raw_fd(), bw] {
-                let mut v: u64 = 0;
-                // SAFETY: a non-blocking 8-byte read into a u64.
-                unsafe { libc::read(fd, (&mut v as *mut u64).cast(), 8) };
-            }
+        let Some((_, bw)) = self.epoll else { return };
+        let mut fds = [self.wake.as_raw_fd(), bw].map(|fd| libc::pollfd {
+            fd,
+            events: libc::POLLIN,
+            revents: 0,
+        });
+        // SAFETY: two initialised pollfds; a zero timeout never blocks.
+        if unsafe { libc::poll(fds.as_mut_ptr(), 2, 0) } <= 0 {
+            return;
+        }
+        for p in fds.iter().filter(|p| p.revents & libc::POLLIN != 0) {
+            let mut v: u64 = 0;
+            // SAFETY: an 8-byte read into a u64 from a readable fd.
+            unsafe { libc::read(p.fd, (&mut v as *mut u64).cast(), 8) };
         }
     }
 }
