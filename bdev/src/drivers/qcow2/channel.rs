@@ -4,11 +4,17 @@
 //! on the channel's private io_uring: reads and writes at host offsets of
 //! allocated clusters, reads of the base through the base's channel (opened
 //! on the private ring), and zero fills done at once. Writes that touch an
-//! unallocated cluster, and requests too fragmented to split, go whole to
-//! the worker. Sub-operations are tagged with their slot index on the
+//! unallocated cluster, forced-unit-access writes while new mappings are
+//! not yet synced, and requests too fragmented to split go whole to the
+//! worker. Sub-operations are tagged with their slot index on the
 //! private ring, never on the reactor's. `poll` enters the private ring once
 //! if anything was queued, reaps it, the base and the worker's replies, and
 //! reports finished parents. Everything is preallocated at open.
+//!
+//! Wake-up: the private ring's eventfd is also the worker's, and is the
+//! channel's `wake_fd` (the reactor drains it). Over a base with its own
+//! wake fd the channel hands out an epoll fd over both and drains them in
+//! `poll` (one `poll(2)` per cycle, only for such bases).
 
 use std::io;
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
