@@ -159,6 +159,13 @@ pub struct BdevSection {
     pub keyring: Option<PathBuf>,
     /// rbd: connect, monitor and OSD operation timeout in seconds (default 10).
     pub timeout_secs: Option<u32>,
+    /// qcow2: the name of an earlier bdev the overlay reads through to.
+    pub base: Option<String>,
+    /// qcow2: cluster size of a created image (default 64K).
+    pub cluster_size: Option<String>,
+    /// qcow2: copy clusters read from the base into the overlay.
+    #[serde(default)]
+    pub copy_on_read: bool,
 }
 
 /// Keys only the rbd driver takes.
@@ -379,11 +386,24 @@ impl Config {
                         ));
                     }
                 }
+                "qcow2" => self.validate_qcow2(i, size)?,
                 other => {
                     return Err(invalid(
                         key("driver"),
-                        format!("unknown driver `{other}` (expected uring, rbd, malloc or null)"),
+                        format!(
+                            "unknown driver `{other}` (expected uring, rbd, qcow2, malloc or null)"
+                        ),
                     ))
+                }
+            }
+            if b.driver != "qcow2" {
+                let given = [
+                    ("base", b.base.is_some()),
+                    ("cluster_size", b.cluster_size.is_some()),
+                    ("copy_on_read", b.copy_on_read),
+                ];
+                if let Some((k, _)) = given.iter().find(|(_, g)| *g) {
+                    return Err(invalid(key(k), "only the qcow2 driver takes this key"));
                 }
             }
         }
@@ -449,6 +469,79 @@ impl Config {
                         format!("{} does not exist or is not a file", full.display()),
                     ));
                 }
+            }
+        }
+        Ok(())
+    }
+
+    /// A qcow2 overlay: a path, a base opened before it, a valid cluster
+    /// size, and a size (if given) equal to the base's where that is known.
+    fn validate_qcow2(&self, i: usize, size: Option<u64>) -> Result<(), ConfigError> {
+        let b = &self.bdevs[i];
+        let key = |k: &str| format!("bdev[{i}].{k}");
+        if b.copy_on_read && b.read_only {
+            return Err(invalid(
+                key("copy_on_read"),
+                "needs a writable overlay (read_only is set)",
+            ));
+        }
+        let Some(p) = &b.path else {
+            return Err(invalid(key("path"), "the qcow2 driver needs a path"));
+        };
+        if !self.resolve(p).exists() && b.read_only {
+            return Err(invalid(
+                key("path"),
+                format!(
+                    "{} does not exist and the bdev is read-only",
+                    self.resolve(p).display()
+                ),
+            ));
+        }
+        if b.block_size.is_some() {
+            return Err(invalid(
+                key("block_size"),
+                "a qcow2 overlay takes its block size from its base",
+            ));
+        }
+        let Some(base) = &b.base else {
+            return Err(invalid(key("base"), "the qcow2 driver needs a base bdev"));
+        };
+        if *base == b.name {
+            return Err(invalid(
+                key("base"),
+                format!("`{base}` is this bdev itself"),
+            ));
+        }
+        let Some(bb) = self.bdevs[..i].iter().find(|x| x.name == *base) else {
+            let why = if self.bdevs.iter().any(|x| x.name == *base) {
+                "is defined after this bdev (bdevs open in file order; move it up)"
+            } else {
+                "is not a bdev"
+            };
+            return Err(invalid(key("base"), format!("`{base}` {why}")));
+        };
+        if let Some(cs) = &b.cluster_size {
+            let v = quern_bdev::parse_size(cs).map_err(|e| invalid(key("cluster_size"), e))?;
+            if !v.is_power_of_two() || !(4096..=2 << 20).contains(&v) {
+                return Err(invalid(
+                    key("cluster_size"),
+                    format!("{v} is not a power of two in 4K..=2M"),
+                ));
+            }
+        }
+        let base_size = match (bb.driver.as_str(), &bb.size) {
+            ("malloc" | "null", Some(s)) => quern_bdev::parse_size(s).ok().map(|s| {
+                let bs = u64::from(bb.block_size.unwrap_or(512));
+                s - s % bs
+            }),
+            _ => None,
+        };
+        if let (Some(want), Some(have)) = (size, base_size) {
+            if want != have {
+                return Err(invalid(
+                    key("size"),
+                    format!("{want} differs from the size {have} of base `{base}`"),
+                ));
             }
         }
         Ok(())

@@ -5,7 +5,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use quern_bdev::drivers::{MallocBdev, NullBdev, UringBdev, UringOptions};
+use quern_bdev::drivers::{MallocBdev, NullBdev, Qcow2Bdev, Qcow2Options, UringBdev, UringOptions};
 use quern_bdev::{BdevRef, EngineConfig, MergeConfig};
 use quern_reactor::{spawn_reactor, ReactorConfig, ReactorHandle};
 use quern_vhost::{DeviceConfig, DeviceHandle, QueueBinding};
@@ -43,7 +43,12 @@ pub enum StartError {
     Reactor { core: usize, source: std::io::Error },
 }
 
-fn open_bdev(cfg: &Config, b: &BdevSection) -> std::io::Result<BdevRef> {
+/// Open one bdev; `opened` holds the bdevs before it (a qcow2 base).
+fn open_bdev(
+    cfg: &Config,
+    b: &BdevSection,
+    opened: &[(String, BdevRef)],
+) -> std::io::Result<BdevRef> {
     let size = b
         .size
         .as_deref()
@@ -95,7 +100,40 @@ fn open_bdev(cfg: &Config, b: &BdevSection) -> std::io::Result<BdevRef> {
             o.block_size = b.block_size;
             Arc::new(RbdBdev::open(&o)?)
         }
+        "qcow2" => Arc::new(open_qcow2(cfg, b, size, opened)?),
         other => return Err(std::io::Error::other(format!("unknown driver {other}"))),
+    })
+}
+
+fn open_qcow2(
+    cfg: &Config,
+    b: &BdevSection,
+    size: Option<u64>,
+    opened: &[(String, BdevRef)],
+) -> std::io::Result<Qcow2Bdev> {
+    let base_name = b.base.as_deref().unwrap_or_default();
+    let base = opened
+        .iter()
+        .find(|(n, _)| n == base_name)
+        .map(|(_, d)| d.clone())
+        .ok_or_else(|| std::io::Error::other(format!("base `{base_name}` is not open")))?;
+    let cluster_size = match &b.cluster_size {
+        Some(s) => quern_bdev::parse_size(s).map_err(std::io::Error::other)?,
+        None => 64 << 10,
+    };
+    Qcow2Bdev::open(&Qcow2Options {
+        name: b.name.clone(),
+        path: cfg.resolve(
+            b.path
+                .as_deref()
+                .unwrap_or_else(|| std::path::Path::new("")),
+        ),
+        base,
+        size,
+        cluster_size: u32::try_from(cluster_size).map_err(std::io::Error::other)?,
+        copy_on_read: b.copy_on_read,
+        read_only: b.read_only,
+        direct: b.direct,
     })
 }
 
@@ -107,7 +145,7 @@ impl Engine {
         })?;
         let mut bdevs = Vec::new();
         for b in &cfg.bdevs {
-            let bdev = open_bdev(cfg, b).map_err(|source| StartError::Bdev {
+            let bdev = open_bdev(cfg, b, &bdevs).map_err(|source| StartError::Bdev {
                 name: b.name.clone(),
                 source,
             })?;

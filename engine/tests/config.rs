@@ -124,6 +124,71 @@ impl Drop for KillOnDrop {
     }
 }
 
+const OVERLAY: &str = r#"
+[[bdev]]
+name = "ov"
+driver = "qcow2"
+path = "/var/tmp/quern-config-test-never-created.qcow2"
+base = "m0"
+"#;
+
+#[test]
+fn qcow2_overlay_is_accepted_and_its_errors_named() {
+    let c = Config::parse(&format!("{BASE}{OVERLAY}")).unwrap();
+    assert_eq!(c.bdevs[1].base.as_deref(), Some("m0"));
+    assert!(!c.bdevs[1].copy_on_read);
+    let with = |extra: &str| format!("{BASE}{OVERLAY}{extra}\n");
+    let e = err(&format!("{BASE}{}", OVERLAY.replace("base = \"m0\"", "")));
+    assert!(
+        e.contains("bdev[1].base") && e.contains("needs a base"),
+        "{e}"
+    );
+    let e = err(&format!("{BASE}{}", OVERLAY.replace("\"m0\"", "\"ov\"")));
+    assert!(
+        e.contains("bdev[1].base") && e.contains("is this bdev itself"),
+        "{e}"
+    );
+    let e = err(&format!("{BASE}{}", OVERLAY.replace("\"m0\"", "\"m9\"")));
+    assert!(
+        e.contains("bdev[1].base") && e.contains("`m9` is not a bdev"),
+        "{e}"
+    );
+    let later = format!(
+        "{BASE}{}\n[[bdev]]\nname = \"m1\"\ndriver = \"malloc\"\nsize = \"16M\"\n",
+        OVERLAY.replace("\"m0\"", "\"m1\"")
+    );
+    let e = err(&later);
+    assert!(
+        e.contains("bdev[1].base") && e.contains("defined after this bdev"),
+        "{e}"
+    );
+    let e = err(&with("cluster_size = \"3K\""));
+    assert!(
+        e.contains("bdev[1].cluster_size") && e.contains("power of two"),
+        "{e}"
+    );
+    let e = err(&with("cluster_size = \"4M\""));
+    assert!(e.contains("bdev[1].cluster_size"), "{e}");
+    let e = err(&with("size = \"32M\""));
+    assert!(
+        e.contains("bdev[1].size") && e.contains("differs from the size 16777216 of base `m0`"),
+        "{e}"
+    );
+    assert!(Config::parse(&with("size = \"16M\"\ncluster_size = \"4K\"")).is_ok());
+    let e = err(&format!("{BASE}{}", OVERLAY.replace("path = ", "#")));
+    assert!(
+        e.contains("bdev[1].path") && e.contains("needs a path"),
+        "{e}"
+    );
+    let e = err(&with("copy_on_read = true\nread_only = true"));
+    assert!(e.contains("bdev[1].copy_on_read"), "{e}");
+    let e = err(&BASE.replace("size = \"16M\"", "size = \"16M\"\nbase = \"x\""));
+    assert!(
+        e.contains("bdev[0].base") && e.contains("only the qcow2 driver"),
+        "{e}"
+    );
+}
+
 fn quern() -> Command {
     Command::new(env!("CARGO_BIN_EXE_quern"))
 }

@@ -1,0 +1,541 @@
+//! The per-reactor qcow2 channel.
+//!
+//! One `Op` becomes one parent request and up to [`MAX_SEGS`] sub-operations
+//! on the channel's private io_uring: reads and writes at host offsets of
+//! allocated clusters, reads of the base through the base's channel (opened
+//! on the private ring), and zero fills done at once. Writes that touch an
+//! unallocated cluster, forced-unit-access writes while new mappings are
+//! not yet synced, and requests too fragmented to split go whole to the
+//! worker. Sub-operations are tagged with their slot index on the
+//! private ring, never on the reactor's. `poll` enters the private ring once
+//! if anything was queued, reaps it, the base and the worker's replies, and
+//! reports finished parents. Everything is preallocated at open.
+//!
+//! Wake-up: the private ring's eventfd is also the worker's, and is the
+//! channel's `wake_fd` (the reactor drains it). Over a base with its own
+//! wake fd the channel hands out an epoll fd over both and drains them in
+//! `poll` (one `poll(2)` per cycle, only for such bases).
+
+use std::io;
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use crossbeam_channel::{Receiver, Sender};
+use io_uring::{opcode, types, IoUring};
+
+use super::worker::{scatter, IovPtr, Job};
+use super::{eventfd, Shared, ZERO};
+use crate::types::{BdevChannel, BdevRef, IoKind, Op, Submitter, IOV_MAX};
+
+/// Sub-operations (and private ring entries) per channel.
+const SUBS: usize = 256;
+/// Parents in flight per channel.
+const PARENTS: usize = 256;
+/// Pieces one request may split into on the reactor; more go to the worker.
+const MAX_SEGS: usize = 64;
+const NONE: u32 = u32::MAX;
+
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Seg {
+    /// Allocated: I/O at this host offset.
+    Host(u64),
+    Base,
+    Zero,
+}
+
+struct Piece {
+    seg: Seg,
+    offset: u64,
+    len: u64,
+}
+
+struct Parent {
+    tag: u64,
+    remaining: u32,
+    err: i32,
+    result: i32,
+}
+
+struct Sub {
+    parent: u32,
+    /// Bytes it must move (0 for flush).
+    len: u64,
+    /// Guest offset (copy-on-read of base reads).
+    offset: u64,
+    base_read: bool,
+    iov: Vec<libc::iovec>,
+}
+
+pub(super) struct ChannelParts<'a> {
+    pub id: u32,
+    pub data_fd: RawFd,
+    pub base: &'a BdevRef,
+    pub shared: Arc<Shared>,
+    pub jobs: Sender<Job>,
+    pub copy_on_read: bool,
+}
+
+pub(super) struct Qcow2Channel {
+    ring: IoUring,
+    base: Box<dyn BdevChannel>,
+    base_done: Vec<(u64, i32)>,
+    shared: Arc<Shared>,
+    jobs: Sender<Job>,
+    replies: Receiver<(u32, i32)>,
+    id: u32,
+    wake: Arc<OwnedFd>,
+    /// Epoll over `wake` and the base's own wake fd, when it has one.
+    epoll: Option<(OwnedFd, RawFd)>,
+    parents: Vec<Parent>,
+    free_parents: Vec<u32>,
+    subs: Vec<Sub>,
+    free_subs: Vec<u32>,
+    pieces: Vec<Piece>,
+    sq_dirty: bool,
+    copy_on_read: bool,
+    /// Sub-operations the worker holds (it reads their iovecs).
+    at_worker: u32,
+}
+
+impl Qcow2Channel {
+    pub fn open(p: ChannelParts<'_>) -> io::Result<Self> {
+        let ring = IoUring::builder().build(SUBS as u32)?;
+        ring.submitter().register_files_sparse(2)?;
+        ring.submitter().register_files_update(0, &[p.data_fd])?;
+        let base = p.base.open_channel(&ring, 1)?;
+        let wake = Arc::new(eventfd()?);
+        ring.submitter().register_eventfd(wake.as_raw_fd())?;
+        let epoll = match base.wake_fd() {
+            Some(bw) => Some((epoll_over(&[wake.as_raw_fd(), bw])?, bw)),
+            None => None,
+        };
+        let (tx, replies) = crossbeam_channel::bounded(SUBS);
+        p.jobs
+            .send(Job::Register {
+                chan: p.id,
+                replies: tx,
+                wake: wake.clone(),
+            })
+            .map_err(|_| io::Error::other("qcow2 worker is gone"))?;
+        Ok(Qcow2Channel {
+            ring,
+            base,
+            base_done: Vec::with_capacity(SUBS),
+            shared: p.shared,
+            jobs: p.jobs,
+            replies,
+            id: p.id,
+            wake,
+            epoll,
+            parents: (0..PARENTS)
+                .map(|_| Parent {
+                    tag: 0,
+                    remaining: 0,
+                    err: 0,
+                    result: 0,
+                })
+                .collect(),
+            free_parents: (0..PARENTS as u32).rev().collect(),
+            subs: (0..SUBS)
+                .map(|_| Sub {
+                    parent: NONE,
+                    len: 0,
+                    offset: 0,
+                    base_read: false,
+                    iov: Vec::with_capacity(IOV_MAX + 1),
+                })
+                .collect(),
+            free_subs: (0..SUBS as u32).rev().collect(),
+            pieces: Vec::with_capacity(MAX_SEGS + 1),
+            sq_dirty: false,
+            copy_on_read: p.copy_on_read,
+            at_worker: 0,
+        })
+    }
+
+    /// Cut `[offset, offset+len)` into runs of one kind (host runs only
+    /// while the host offsets are contiguous). Stops past `MAX_SEGS`.
+    fn plan(&mut self, offset: u64, len: u64) {
+        self.pieces.clear();
+        let bits = self.shared.cluster_bits;
+        let cs = 1u64 << bits;
+        let end = offset + len;
+        let mut off = offset;
+        while off < end && self.pieces.len() <= MAX_SEGS {
+            let in_off = off & (cs - 1);
+            let n = (cs - in_off).min(end - off);
+            let seg = match self.shared.map[(off >> bits) as usize].load(Ordering::Acquire) {
+                0 => Seg::Base,
+                ZERO => Seg::Zero,
+                h => Seg::Host(h + in_off),
+            };
+            match self.pieces.last_mut() {
+                Some(p) if joins(p, seg) => p.len += n,
+                _ => self.pieces.push(Piece {
+                    seg,
+                    offset: off,
+                    len: n,
+                }),
+            }
+            off += n;
+        }
+    }
+
+    /// Take a parent and `n` sub slots, if there is room for all of them
+    /// and their ring entries.
+    fn reserve(&mut self, tag: u64, n: usize, result: i32) -> Option<u32> {
+        let room = {
+            let sq = self.ring.submission();
+            sq.capacity() - sq.len()
+        };
+        if self.free_subs.len() < n || room < n {
+            return None;
+        }
+        let p = self.free_parents.pop()?;
+        self.parents[p as usize] = Parent {
+            tag,
+            remaining: n as u32,
+            err: 0,
+            result,
+        };
+        Some(p)
+    }
+
+    fn new_sub(
+        &mut self,
+        parent: u32,
+        len: u64,
+        offset: u64,
+        src: &[libc::iovec],
+        skip: u64,
+    ) -> u32 {
+        let ix = self.free_subs.pop().expect("reserved");
+        let s = &mut self.subs[ix as usize];
+        s.parent = parent;
+        s.len = len;
+        s.offset = offset;
+        s.base_read = false;
+        s.iov.clear();
+        slice_iov(src, skip as usize, len as usize, &mut s.iov);
+        ix
+    }
+
+    fn push(&mut self, sqe: io_uring::squeue::Entry) {
+        // SAFETY: the SQE names buffers of a sub slot, which stays reserved
+        // (and its iovecs unchanged) until the completion is reaped.
+        let ok = unsafe { self.ring.submission().push(&sqe).is_ok() };
+        debug_assert!(ok, "ring room was reserved");
+        self.sq_dirty = true;
+    }
+
+    fn submit_flush(&mut self, tag: u64) -> bool {
+        let Some(p) = self.reserve(tag, 1, 0) else {
+            return false;
+        };
+        let ix = self.new_sub(p, 0, 0, &[], 0);
+        let sqe = opcode::Fsync::new(types::Fixed(0))
+            .flags(types::FsyncFlags::DATASYNC)
+            .build()
+            .user_data(u64::from(ix));
+        self.push(sqe);
+        true
+    }
+
+    fn submit_to_worker(&mut self, op: &Op<'_>, tag: u64) -> bool {
+        let Some(p) = self.reserve(tag, 1, op.len as i32) else {
+            return false;
+        };
+        let ix = self.new_sub(p, op.len, op.offset, op.iov, 0);
+        let s = &self.subs[ix as usize];
+        let job = Job::Rw {
+            chan: self.id,
+            sub: ix,
+            write: op.kind == IoKind::Write,
+            fua: op.fua,
+            offset: op.offset,
+            len: op.len,
+            iov: IovPtr {
+                ptr: s.iov.as_ptr(),
+                cnt: s.iov.len(),
+            },
+        };
+        if self.jobs.try_send(job).is_ok() {
+            self.at_worker += 1;
+        } else {
+            tracing::warn!("qcow2: worker queue full or gone");
+            // reported by the next poll
+            self.base_done.push((u64::from(ix), -libc::EAGAIN));
+        }
+        true
+    }
+
+    /// Split a read, or a write to allocated clusters only, over the ring.
+    fn submit_split(&mut self, op: &Op<'_>, tag: u64, sub: &mut Submitter<'_>) -> bool {
+        let zero_pieces = self.pieces.iter().filter(|p| p.seg == Seg::Zero).count();
+        let n = self.pieces.len() - zero_pieces;
+        let Some(p) = self.reserve(tag, n, op.len as i32) else {
+            return false;
+        };
+        let write = op.kind == IoKind::Write;
+        for i in 0..self.pieces.len() {
+            let Piece { seg, offset, len } = self.pieces[i];
+            let skip = offset - op.offset;
+            if seg == Seg::Zero {
+                zero_iov(op.iov, skip as usize, len as usize);
+                continue;
+            }
+            let ix = self.new_sub(p, len, offset, op.iov, skip);
+            match seg {
+                Seg::Host(h) => self.push_host(ix, h, write, op.fua),
+                _ => self.submit_base(ix),
+            }
+        }
+        if n == 0 {
+            self.free_parents.push(p);
+            sub.complete(tag, op.len as i32);
+        }
+        true
+    }
+
+    fn push_host(&mut self, ix: u32, host: u64, write: bool, fua: bool) {
+        let s = &self.subs[ix as usize];
+        let (ptr, cnt) = (s.iov.as_ptr(), s.iov.len() as u32);
+        let fd = types::Fixed(0);
+        let sqe = if write {
+            opcode::Writev::new(fd, ptr, cnt)
+                .offset(host)
+                .rw_flags(if fua { libc::RWF_DSYNC } else { 0 })
+                .build()
+        } else {
+            opcode::Readv::new(fd, ptr, cnt).offset(host).build()
+        };
+        self.push(sqe.user_data(u64::from(ix)));
+    }
+
+    fn submit_base(&mut self, ix: u32) {
+        let s = &mut self.subs[ix as usize];
+        s.base_read = true;
+        let op = Op {
+            kind: IoKind::Read,
+            offset: s.offset,
+            len: s.len,
+            iov: &s.iov,
+            fua: false,
+            drain: false,
+        };
+        let mut sub = Submitter {
+            sq: self.ring.submission(),
+            done: &mut self.base_done,
+        };
+        let before = sub.sq.len();
+        let ok = self.base.submit(&op, u64::from(ix), &mut sub);
+        let pushed = sub.sq.len() != before;
+        drop(sub);
+        self.sq_dirty |= pushed;
+        if !ok {
+            tracing::warn!("qcow2: base refused a read at {}", op.offset);
+            self.base_done.push((u64::from(ix), -libc::EAGAIN));
+        }
+    }
+
+    /// One sub-operation ended; report its parent when it was the last.
+    fn finish(&mut self, ix: u32, res: i32, done: &mut Vec<(u64, i32)>) {
+        let s = &mut self.subs[ix as usize];
+        let r = if res < 0 {
+            res
+        } else if res as u64 != s.len {
+            -libc::EIO
+        } else {
+            0
+        };
+        if r == 0 && s.base_read && self.copy_on_read {
+            populate(&self.jobs, &self.shared, s.offset, s.len);
+        }
+        let p = std::mem::replace(&mut s.parent, NONE);
+        self.free_subs.push(ix);
+        let par = &mut self.parents[p as usize];
+        par.remaining -= 1;
+        if r < 0 && par.err == 0 {
+            par.err = r;
+        }
+        if par.remaining == 0 {
+            done.push((par.tag, if par.err < 0 { par.err } else { par.result }));
+            self.free_parents.push(p);
+        }
+    }
+
+    /// With an epoll wake fd, nothing else drains the fds under it: read
+    /// the readable ones (checked first, the base's fd may be blocking).
+    fn drain_wake(&mut self) {
+        let Some((_, bw)) = self.epoll else { return };
+        let mut fds = [self.wake.as_raw_fd(), bw].map(|fd| libc::pollfd {
+            fd,
+            events: libc::POLLIN,
+            revents: 0,
+        });
+        // SAFETY: two initialised pollfds; a zero timeout never blocks.
+        if unsafe { libc::poll(fds.as_mut_ptr(), 2, 0) } <= 0 {
+            return;
+        }
+        for p in fds.iter().filter(|p| p.revents & libc::POLLIN != 0) {
+            let mut v: u64 = 0;
+            // SAFETY: an 8-byte read into a u64 from a readable fd.
+            unsafe { libc::read(p.fd, (&mut v as *mut u64).cast(), 8) };
+        }
+    }
+}
+
+fn joins(p: &Piece, seg: Seg) -> bool {
+    match (p.seg, seg) {
+        (Seg::Host(a), Seg::Host(b)) => a + p.len == b,
+        (a, b) => a == b,
+    }
+}
+
+/// Ask the worker to copy the clusters wholly inside a base read.
+fn populate(jobs: &Sender<Job>, shared: &Shared, offset: u64, len: u64) {
+    let bits = shared.cluster_bits;
+    let first = offset.div_ceil(1 << bits);
+    let end = (offset + len) >> bits;
+    let last_partial = (offset + len) == shared.capacity;
+    let end = if last_partial {
+        (offset + len).div_ceil(1 << bits)
+    } else {
+        end
+    };
+    for g in first..end {
+        // best effort: a full queue just skips the copy
+        if shared.map[g as usize].load(Ordering::Relaxed) == 0 && jobs.len() < super::JOB_QUEUE / 2
+        {
+            let _ = jobs.try_send(Job::Populate { cluster: g });
+        }
+    }
+}
+
+impl BdevChannel for Qcow2Channel {
+    fn submit(&mut self, op: &Op<'_>, tag: u64, sub: &mut Submitter<'_>) -> bool {
+        match op.kind {
+            IoKind::Flush => self.submit_flush(tag),
+            IoKind::Read | IoKind::Write => {
+                self.plan(op.offset, op.len);
+                let write = op.kind == IoKind::Write;
+                let to_worker = self.pieces.len() > MAX_SEGS
+                    || (write && op.fua && self.shared.unsynced.load(Ordering::Acquire))
+                    || (write && self.pieces.iter().any(|p| !matches!(p.seg, Seg::Host(_))));
+                if to_worker {
+                    self.submit_to_worker(op, tag)
+                } else {
+                    self.submit_split(op, tag, sub)
+                }
+            }
+            IoKind::Discard | IoKind::WriteZeroes => {
+                sub.complete(tag, -libc::EOPNOTSUPP);
+                true
+            }
+        }
+    }
+
+    fn poll(&mut self, done: &mut Vec<(u64, i32)>) -> usize {
+        let before = done.len();
+        if self.sq_dirty {
+            match self.ring.submit() {
+                Ok(_) => self.sq_dirty = false,
+                Err(e) => tracing::debug!("qcow2 private ring submit: {e}"),
+            }
+        }
+        self.drain_wake();
+        loop {
+            let mut cq = self.ring.completion();
+            cq.sync();
+            let Some(c) = cq.next() else { break };
+            drop(cq);
+            self.finish(c.user_data() as u32, c.result(), done);
+        }
+        self.base.poll(&mut self.base_done);
+        while let Some((ix, res)) = self.base_done.pop() {
+            self.finish(ix as u32, res, done);
+        }
+        while let Ok((ix, res)) = self.replies.try_recv() {
+            self.at_worker -= 1;
+            self.finish(ix, res, done);
+        }
+        done.len() - before
+    }
+
+    fn wake_fd(&self) -> Option<RawFd> {
+        Some(match &self.epoll {
+            Some((ep, _)) => ep.as_raw_fd(),
+            None => self.wake.as_raw_fd(),
+        })
+    }
+}
+
+impl Drop for Qcow2Channel {
+    fn drop(&mut self) {
+        // the worker may still read iovecs held in our sub slots: wait for it
+        while self.at_worker > 0 {
+            match self.replies.recv_timeout(std::time::Duration::from_secs(5)) {
+                Ok(_) => self.at_worker -= 1,
+                Err(_) => break,
+            }
+        }
+        let _ = self.jobs.send(Job::Unregister { chan: self.id });
+    }
+}
+
+/// An epoll fd readable when any of `fds` is.
+fn epoll_over(fds: &[RawFd]) -> io::Result<OwnedFd> {
+    use std::os::fd::FromRawFd;
+    // SAFETY: plain syscall, result checked.
+    let ep = unsafe { libc::epoll_create1(libc::EPOLL_CLOEXEC) };
+    if ep < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: ep is a new descriptor we own.
+    let ep = unsafe { OwnedFd::from_raw_fd(ep) };
+    for &fd in fds {
+        let mut ev = libc::epoll_event {
+            events: libc::EPOLLIN as u32,
+            u64: fd as u64,
+        };
+        // SAFETY: valid epoll fd and event struct.
+        if unsafe { libc::epoll_ctl(ep.as_raw_fd(), libc::EPOLL_CTL_ADD, fd, &mut ev) } != 0 {
+            return Err(io::Error::last_os_error());
+        }
+    }
+    Ok(ep)
+}
+
+/// `dst` = the iovecs of bytes `[skip, skip+len)` of `src`.
+fn slice_iov(src: &[libc::iovec], mut skip: usize, mut len: usize, dst: &mut Vec<libc::iovec>) {
+    for v in src {
+        if len == 0 {
+            break;
+        }
+        if skip >= v.iov_len {
+            skip -= v.iov_len;
+            continue;
+        }
+        let n = (v.iov_len - skip).min(len);
+        dst.push(libc::iovec {
+            // SAFETY: skip < iov_len, so the pointer stays inside the buffer.
+            iov_base: unsafe { (v.iov_base as *mut u8).add(skip) }.cast(),
+            iov_len: n,
+        });
+        len -= n;
+        skip = 0;
+    }
+}
+
+/// Zero bytes `[skip, skip+len)` of a request's buffers.
+fn zero_iov(iov: &[libc::iovec], skip: usize, len: usize) {
+    const Z: [u8; 4096] = [0; 4096];
+    let mut pos = skip;
+    let end = skip + len;
+    while pos < end {
+        let n = (end - pos).min(Z.len());
+        scatter(&Z[..n], iov, pos);
+        pos += n;
+    }
+}

@@ -1,0 +1,584 @@
+//! The allocation worker: one thread per qcow2 bdev that does everything
+//! which changes the image's metadata, so the reactors never block on it.
+//!
+//! Jobs arrive in batches. Per batch, for each write to an unallocated
+//! cluster it (1) takes a cluster at the end of the file and writes its
+//! refcount (a new refcount block is written and synced before the
+//! refcount-table entry that names it), (2) writes the whole cluster: base
+//! contents (or zeroes) with the write's data on top, and zero-filled L2
+//! tables it needs; then (3) one `fdatasync` for the batch, (4) the L2
+//! entries, then the L1 entries of new L2 tables, (5) publishes the new
+//! mappings to the reactors and replies. A crash can leak clusters (refcount
+//! without a mapping) but never maps a guest cluster to unwritten data.
+//! Jobs run one after another, so two writes to one unallocated cluster are
+//! safe: the second finds the first's cluster.
+
+use std::collections::HashMap;
+use std::fs::File;
+use std::io;
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
+use std::os::unix::fs::FileExt;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use crossbeam_channel::{Receiver, Sender};
+use io_uring::IoUring;
+
+use super::format::COPIED;
+use super::{Shared, ZERO};
+use crate::types::{BdevChannel, BdevRef, IoKind, Op, Submitter};
+
+/// A request's iovecs, handed to the worker. They stay valid until the
+/// worker replies (the channel keeps the sub-operation slot until then).
+pub(super) struct IovPtr {
+    pub ptr: *const libc::iovec,
+    pub cnt: usize,
+}
+
+// SAFETY: the pointed-to iovecs and buffers are owned by the request, which
+// is not completed (so not reused) until the worker's reply is received.
+unsafe impl Send for IovPtr {}
+
+pub(super) enum Job {
+    Register {
+        chan: u32,
+        replies: Sender<(u32, i32)>,
+        wake: Arc<OwnedFd>,
+    },
+    Unregister {
+        chan: u32,
+    },
+    Rw {
+        chan: u32,
+        sub: u32,
+        write: bool,
+        fua: bool,
+        offset: u64,
+        len: u64,
+        iov: IovPtr,
+    },
+    /// copy-on-read: copy one guest cluster from the base into the overlay.
+    Populate {
+        cluster: u64,
+    },
+}
+
+/// The worker's view of the image metadata (it alone changes it).
+pub(super) struct Meta {
+    pub file: File,
+    pub read_only: bool,
+    pub l1: Vec<u64>,
+    pub l1_offset: u64,
+    pub rt: Vec<u64>,
+    pub rt_offset: u64,
+    pub next_free: u64,
+}
+
+/// A cluster-sized, 4 KiB-aligned buffer (O_DIRECT bases need alignment).
+struct AlignedBuf {
+    ptr: *mut u8,
+    layout: std::alloc::Layout,
+}
+
+impl AlignedBuf {
+    fn new(len: usize) -> Self {
+        let layout = std::alloc::Layout::from_size_align(len, 4096).expect("buffer layout");
+        // SAFETY: a non-zero size layout.
+        let ptr = unsafe { std::alloc::alloc_zeroed(layout) };
+        assert!(!ptr.is_null(), "allocation of {len} bytes failed");
+        AlignedBuf { ptr, layout }
+    }
+
+    fn get(&mut self) -> &mut [u8] {
+        // SAFETY: ptr owns layout.size() initialised bytes.
+        unsafe { std::slice::from_raw_parts_mut(self.ptr, self.layout.size()) }
+    }
+}
+
+impl Drop for AlignedBuf {
+    fn drop(&mut self) {
+        // SAFETY: allocated in `new` with this layout.
+        unsafe { std::alloc::dealloc(self.ptr, self.layout) }
+    }
+}
+
+/// Synchronous reads of the base device through its own channel on a
+/// private ring.
+struct BaseReader {
+    ring: IoUring,
+    chan: Box<dyn BdevChannel>,
+    done: Vec<(u64, i32)>,
+    wake: Option<RawFd>,
+}
+
+impl BaseReader {
+    fn open(base: &BdevRef) -> io::Result<Self> {
+        let ring = IoUring::builder().build(8)?;
+        ring.submitter().register_files_sparse(1)?;
+        let chan = base.open_channel(&ring, 0)?;
+        let wake = chan.wake_fd();
+        Ok(BaseReader {
+            ring,
+            chan,
+            done: Vec::with_capacity(4),
+            wake,
+        })
+    }
+
+    fn read(&mut self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
+        let iov = [libc::iovec {
+            iov_base: buf.as_mut_ptr().cast(),
+            iov_len: buf.len(),
+        }];
+        let op = Op {
+            kind: IoKind::Read,
+            offset,
+            len: buf.len() as u64,
+            iov: &iov,
+            fua: false,
+            drain: false,
+        };
+        self.done.clear();
+        let mut sub = Submitter {
+            sq: self.ring.submission(),
+            done: &mut self.done,
+        };
+        if !self.chan.submit(&op, 1, &mut sub) {
+            return Err(io::Error::other("the base device refused a read"));
+        }
+        drop(sub);
+        loop {
+            self.ring.submit()?;
+            self.done
+                .extend(self.ring.completion().map(|c| (c.user_data(), c.result())));
+            self.chan.poll(&mut self.done);
+            if let Some(&(_, res)) = self.done.first() {
+                return match res {
+                    r if r < 0 => Err(io::Error::from_raw_os_error(-r)),
+                    r if r as usize == buf.len() => Ok(()),
+                    r => Err(io::Error::other(format!(
+                        "short base read at {offset}: {r} of {} bytes",
+                        buf.len()
+                    ))),
+                };
+            }
+            self.wait();
+        }
+    }
+
+    fn wait(&mut self) {
+        let Some(w) = self.wake else {
+            let _ = self.ring.submit_and_wait(1);
+            return;
+        };
+        let mut fds = [
+            libc::pollfd {
+                fd: self.ring.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            },
+            libc::pollfd {
+                fd: w,
+                events: libc::POLLIN,
+                revents: 0,
+            },
+        ];
+        // SAFETY: two initialised pollfds.
+        unsafe { libc::poll(fds.as_mut_ptr(), 2, 10) };
+    }
+}
+
+/// Where a channel takes its replies: a queue and the fd that wakes it.
+type ReplyTo = (Sender<(u32, i32)>, Arc<OwnedFd>);
+
+struct Reply {
+    chan: u32,
+    sub: u32,
+    write: bool,
+    res: i32,
+}
+
+pub(super) struct Worker {
+    meta: Meta,
+    shared: Arc<Shared>,
+    base: BaseReader,
+    buf: AlignedBuf,
+    /// Guest cluster -> host offset, allocated in this batch, not yet published.
+    pending: HashMap<u64, u64>,
+    /// L1 indices whose new L2 table is not yet recorded in the L1 table.
+    new_l1: Vec<usize>,
+    chans: HashMap<u32, ReplyTo>,
+    out: Vec<Reply>,
+    fua: bool,
+}
+
+impl Worker {
+    /// Start the worker thread; fails if the base cannot be opened for it.
+    pub fn spawn(
+        name: &str,
+        meta: Meta,
+        shared: Arc<Shared>,
+        base: BdevRef,
+        rx: Receiver<Job>,
+    ) -> io::Result<std::thread::JoinHandle<()>> {
+        let (tx, started) = std::sync::mpsc::channel();
+        let cs = 1usize << shared.cluster_bits;
+        let h = std::thread::Builder::new()
+            .name(format!("qcow2-{name}"))
+            .spawn(move || {
+                let base = match BaseReader::open(&base) {
+                    Ok(b) => b,
+                    Err(e) => return drop(tx.send(Err(e))),
+                };
+                let _ = tx.send(Ok(()));
+                let w = Worker {
+                    meta,
+                    shared,
+                    base,
+                    buf: AlignedBuf::new(cs),
+                    pending: HashMap::new(),
+                    new_l1: Vec::new(),
+                    chans: HashMap::new(),
+                    out: Vec::with_capacity(64),
+                    fua: false,
+                };
+                w.run(rx)
+            })?;
+        started
+            .recv()
+            .map_err(|_| io::Error::other("qcow2 worker died at start"))??;
+        Ok(h)
+    }
+
+    fn run(mut self, rx: Receiver<Job>) {
+        let mut batch = Vec::with_capacity(64);
+        while let Ok(j) = rx.recv() {
+            batch.push(j);
+            while batch.len() < 64 {
+                match rx.try_recv() {
+                    Ok(j) => batch.push(j),
+                    Err(_) => break,
+                }
+            }
+            for j in batch.drain(..) {
+                self.handle(j);
+            }
+            self.commit();
+        }
+    }
+
+    fn handle(&mut self, j: Job) {
+        match j {
+            Job::Register {
+                chan,
+                replies,
+                wake,
+            } => {
+                self.chans.insert(chan, (replies, wake));
+            }
+            Job::Unregister { chan } => {
+                self.chans.remove(&chan);
+            }
+            Job::Rw {
+                chan,
+                sub,
+                write,
+                fua,
+                offset,
+                len,
+                iov,
+            } => {
+                // SAFETY: see `IovPtr`: valid until we reply.
+                let iov = unsafe { std::slice::from_raw_parts(iov.ptr, iov.cnt) };
+                let r = if write {
+                    self.fua |= fua;
+                    self.write(offset, len, iov)
+                } else {
+                    self.read(offset, len, iov)
+                };
+                let res = match r {
+                    Ok(()) => len as i32,
+                    Err(e) => {
+                        tracing::warn!(
+                            "qcow2: {} at {offset}+{len}: {e}",
+                            if write { "write" } else { "read" }
+                        );
+                        -e.raw_os_error().unwrap_or(libc::EIO)
+                    }
+                };
+                self.out.push(Reply {
+                    chan,
+                    sub,
+                    write,
+                    res,
+                });
+            }
+            Job::Populate { cluster } => {
+                if let Err(e) = self.populate(cluster) {
+                    tracing::warn!("qcow2: copy-on-read of cluster {cluster}: {e}");
+                }
+            }
+        }
+    }
+
+    fn cs(&self) -> u64 {
+        1 << self.shared.cluster_bits
+    }
+
+    /// The host offset of a guest cluster, if allocated (or pending).
+    fn lookup(&self, g: u64) -> Option<u64> {
+        if let Some(&h) = self.pending.get(&g) {
+            return Some(h);
+        }
+        let m = self.shared.map[g as usize].load(Ordering::Acquire);
+        (m > ZERO).then_some(m)
+    }
+
+    /// Walk `[offset, offset+len)` cluster by cluster: (guest cluster,
+    /// offset in the cluster, length, byte position in the request).
+    fn pieces(&self, offset: u64, len: u64) -> impl Iterator<Item = (u64, u64, u64, usize)> {
+        let cs = self.cs();
+        let bits = self.shared.cluster_bits;
+        let end = offset + len;
+        let mut off = offset;
+        std::iter::from_fn(move || {
+            if off >= end {
+                return None;
+            }
+            let in_off = off & (cs - 1);
+            let n = (cs - in_off).min(end - off);
+            let p = (off >> bits, in_off, n, (off - offset) as usize);
+            off += n;
+            Some(p)
+        })
+    }
+
+    fn write(&mut self, offset: u64, len: u64, iov: &[libc::iovec]) -> io::Result<()> {
+        if self.meta.read_only {
+            return Err(io::Error::from_raw_os_error(libc::EROFS));
+        }
+        let cs = self.cs();
+        for (g, in_off, n, pos) in self.pieces(offset, len).collect::<Vec<_>>() {
+            let (n_us, in_us) = (n as usize, in_off as usize);
+            if let Some(host) = self.lookup(g) {
+                let buf = &mut self.buf.get()[..n_us];
+                gather(iov, pos, buf);
+                self.meta.file.write_all_at(buf, host + in_off)?;
+                continue;
+            }
+            if n != cs {
+                self.fill_cluster(g)?;
+            }
+            gather(iov, pos, &mut self.buf.get()[in_us..in_us + n_us]);
+            self.place_buffered(g)?;
+        }
+        Ok(())
+    }
+
+    fn read(&mut self, offset: u64, len: u64, iov: &[libc::iovec]) -> io::Result<()> {
+        for (g, in_off, n, pos) in self.pieces(offset, len).collect::<Vec<_>>() {
+            let host = self.lookup(g);
+            let zero = self.shared.map[g as usize].load(Ordering::Acquire) == ZERO;
+            let buf = &mut self.buf.get()[..n as usize];
+            match host {
+                Some(host) => self.meta.file.read_exact_at(buf, host + in_off)?,
+                None if zero => buf.fill(0),
+                None => self.base.read(offset + pos as u64, buf)?,
+            }
+            scatter(buf, iov, pos);
+        }
+        Ok(())
+    }
+
+    fn populate(&mut self, g: u64) -> io::Result<()> {
+        if self.meta.read_only
+            || self.lookup(g).is_some()
+            || self.shared.map[g as usize].load(Ordering::Acquire) == ZERO
+        {
+            return Ok(());
+        }
+        self.fill_cluster(g)?;
+        self.place_buffered(g)
+    }
+
+    /// The buffer becomes the cluster's current contents: zeroes for a zero
+    /// cluster, else the base's (zero past the base's end).
+    fn fill_cluster(&mut self, g: u64) -> io::Result<()> {
+        let cs = self.cs();
+        let start = g * cs;
+        let avail = self.shared.capacity.saturating_sub(start).min(cs) as usize;
+        let zero = self.shared.map[g as usize].load(Ordering::Acquire) == ZERO;
+        let buf = self.buf.get();
+        if zero {
+            buf.fill(0);
+            return Ok(());
+        }
+        buf[avail..].fill(0);
+        self.base.read(start, &mut buf[..avail])
+    }
+
+    /// Allocate a cluster for guest cluster `g` and write the buffer to it.
+    fn place_buffered(&mut self, g: u64) -> io::Result<()> {
+        self.ensure_l2(g)?;
+        let host = self.alloc_cluster()?;
+        self.meta.file.write_all_at(self.buf.get(), host)?;
+        self.pending.insert(g, host);
+        Ok(())
+    }
+
+    fn ensure_l2(&mut self, g: u64) -> io::Result<()> {
+        let i = (g >> (self.shared.cluster_bits - 3)) as usize;
+        if self.meta.l1[i] != 0 {
+            return Ok(());
+        }
+        let t = self.alloc_cluster()?;
+        let zeros = vec![0u8; self.cs() as usize];
+        self.meta.file.write_all_at(&zeros, t)?;
+        self.meta.l1[i] = t;
+        self.new_l1.push(i);
+        Ok(())
+    }
+
+    /// Take the cluster at the end of the file and set its refcount to 1.
+    fn alloc_cluster(&mut self) -> io::Result<u64> {
+        let cs = self.cs();
+        let per_block = cs / 2;
+        loop {
+            let off = self.meta.next_free;
+            let idx = off / cs;
+            let r = (idx / per_block) as usize;
+            if r >= self.meta.rt.len() {
+                return Err(io::Error::new(
+                    io::ErrorKind::StorageFull,
+                    format!(
+                        "cluster {idx} is past the refcount table ({} blocks); growing it is not supported",
+                        self.meta.rt.len()
+                    ),
+                ));
+            }
+            self.meta.next_free += cs;
+            let entry = 2 * (idx % per_block);
+            if self.meta.rt[r] != 0 {
+                self.meta
+                    .file
+                    .write_all_at(&1u16.to_be_bytes(), self.meta.rt[r] + entry)?;
+                return Ok(off);
+            }
+            // a new refcount block at `off`, counting itself
+            let mut block = vec![0u8; cs as usize];
+            block[entry as usize..entry as usize + 2].copy_from_slice(&1u16.to_be_bytes());
+            self.meta.file.write_all_at(&block, off)?;
+            self.meta.file.sync_data()?;
+            self.meta
+                .file
+                .write_all_at(&off.to_be_bytes(), self.meta.rt_offset + 8 * r as u64)?;
+            self.meta.rt[r] = off;
+        }
+    }
+
+    /// End of a batch: make the new clusters durable, then map them, then
+    /// reply to every request of the batch.
+    fn commit(&mut self) {
+        let mut r = Ok(());
+        if !self.pending.is_empty() {
+            r = self.publish();
+        }
+        if r.is_ok() && self.fua {
+            r = self.meta.file.sync_data();
+            if r.is_ok() {
+                self.shared.unsynced.store(false, Ordering::Release);
+            }
+        }
+        self.fua = false;
+        if let Err(e) = &r {
+            tracing::error!("qcow2: metadata update failed: {e}");
+        }
+        let err = r.err().map(|e| -e.raw_os_error().unwrap_or(libc::EIO));
+        let mut woken: Vec<u32> = Vec::new();
+        for rep in self.out.drain(..) {
+            let res = match err {
+                Some(e) if rep.write && rep.res >= 0 => e,
+                _ => rep.res,
+            };
+            if let Some((tx, _)) = self.chans.get(&rep.chan) {
+                let _ = tx.send((rep.sub, res));
+                if !woken.contains(&rep.chan) {
+                    woken.push(rep.chan);
+                }
+            }
+        }
+        for c in woken {
+            if let Some((_, wake)) = self.chans.get(&c) {
+                signal(wake.as_raw_fd());
+            }
+        }
+    }
+
+    fn publish(&mut self) -> io::Result<()> {
+        let f = &self.meta.file;
+        f.sync_data()?;
+        let mask = (1u64 << (self.shared.cluster_bits - 3)) - 1;
+        let shift = self.shared.cluster_bits - 3;
+        for (&g, &host) in &self.pending {
+            let table = self.meta.l1[(g >> shift) as usize];
+            f.write_all_at(&(host | COPIED).to_be_bytes(), table + 8 * (g & mask))?;
+        }
+        for i in self.new_l1.drain(..) {
+            let e = self.meta.l1[i] | COPIED;
+            f.write_all_at(&e.to_be_bytes(), self.meta.l1_offset + 8 * i as u64)?;
+        }
+        // before the mappings appear, so a reader of one sees the flag
+        self.shared.unsynced.store(true, Ordering::Release);
+        for (g, host) in self.pending.drain() {
+            self.shared.map[g as usize].store(host, Ordering::Release);
+        }
+        Ok(())
+    }
+}
+
+/// Add one to an eventfd.
+pub(super) fn signal(fd: RawFd) {
+    let one: u64 = 1;
+    // SAFETY: an 8-byte write from a u64 to an eventfd.
+    unsafe { libc::write(fd, (&one as *const u64).cast(), 8) };
+}
+
+/// Copy request bytes `[pos, pos+dst.len())` out of the iovecs.
+fn gather(iov: &[libc::iovec], mut pos: usize, dst: &mut [u8]) {
+    let mut done = 0;
+    for v in iov {
+        if done == dst.len() {
+            break;
+        }
+        if pos >= v.iov_len {
+            pos -= v.iov_len;
+            continue;
+        }
+        let n = (v.iov_len - pos).min(dst.len() - done);
+        // SAFETY: the iovec is valid for reads of iov_len bytes (Op contract).
+        let src = unsafe { std::slice::from_raw_parts((v.iov_base as *const u8).add(pos), n) };
+        dst[done..done + n].copy_from_slice(src);
+        done += n;
+        pos = 0;
+    }
+}
+
+/// Copy `src` into request bytes `[pos, pos+src.len())` of the iovecs.
+pub(super) fn scatter(src: &[u8], iov: &[libc::iovec], mut pos: usize) {
+    let mut done = 0;
+    for v in iov {
+        if done == src.len() {
+            break;
+        }
+        if pos >= v.iov_len {
+            pos -= v.iov_len;
+            continue;
+        }
+        let n = (v.iov_len - pos).min(src.len() - done);
+        // SAFETY: the iovec is valid for writes of iov_len bytes (Op contract).
+        let dst = unsafe { std::slice::from_raw_parts_mut((v.iov_base as *mut u8).add(pos), n) };
+        dst.copy_from_slice(&src[done..done + n]);
+        done += n;
+        pos = 0;
+    }
+}
