@@ -109,7 +109,9 @@ struct ThreadOut {
 }
 
 /// Drive `socket` with `job`; client threads pinned to `cpu`. Returns fio-style JSON.
-fn run_client(job: &Job, socket: &Path, cpu: usize) -> Value {
+/// `wait`: block in do_io until a completion arrives instead of spinning
+/// (for backends that need the client's CPU, e.g. a Ceph on the same host).
+fn run_client(job: &Job, socket: &Path, cpu: usize, wait: bool) -> Value {
     let mut b = Blkio::new("virtio-blk-vhost-user").expect("blkio");
     b.set_str("path", socket.to_str().unwrap()).expect("path");
     b.connect().expect("connect");
@@ -176,7 +178,9 @@ fn run_client(job: &Job, socket: &Path, cpu: usize) -> Value {
                 let mut inflight = job.iodepth;
                 let mut stopping = false;
                 while inflight > 0 {
-                    let k = q.do_io(&mut comps, 0, None, None).expect("do_io");
+                    let k = q
+                        .do_io(&mut comps, usize::from(wait), None, None)
+                        .expect("do_io");
                     if k == 0 {
                         continue;
                     }
@@ -349,7 +353,7 @@ fn stop(child: &mut Child) {
 /// Run the job against a started backend; returns (json, backend cpu seconds).
 fn measure(job: &Job, pid: u32, sock: &Path) -> (Value, f64) {
     let c0 = proc_cpu(pid);
-    let v = run_client(job, sock, 0);
+    let v = run_client(job, sock, 0, false);
     let c1 = proc_cpu(pid);
     (v, c1 - c0)
 }
@@ -577,7 +581,7 @@ fn compare(job: &Job, o: &Opts) {
 
 fn main() {
     let args: Vec<String> = std::env::args().collect();
-    let usage = "usage: vhost-bench run JOBFILE --socket SOCK [--cpu 0] | \
+    let usage = "usage: vhost-bench run JOBFILE --socket SOCK [--cpu 0] [--wait] | \
                  vhost-bench compare JOBFILE [--out DIR] [--file PATH] [--size 1G] \
                  [--poll busy] [--merge on|off] [--null] [--backends quern,qsd,fio] [--quern PATH]";
     if args.len() < 3 {
@@ -589,7 +593,8 @@ fn main() {
         "run" => {
             let sock = arg_value(&args, "--socket").expect("--socket SOCK");
             let cpu = arg_value(&args, "--cpu").map_or(0, |c| c.parse().expect("--cpu"));
-            let v = run_client(&job, Path::new(&sock), cpu);
+            let wait = args.iter().any(|a| a == "--wait");
+            let v = run_client(&job, Path::new(&sock), cpu, wait);
             println!("{}", serde_json::to_string_pretty(&v).unwrap());
         }
         "compare" => {
