@@ -151,6 +151,79 @@ pub fn spawn_reactor(cfg: ReactorConfig) -> std::io::Result<Arc<ReactorHandle>> 
     }))
 }
 
+/// Poll cycles between clock reads under load.
+const CLOCK_EVERY: u32 = 32;
+/// Poll cycles between clock reads while idle (the sleep decision).
+const IDLE_CLOCK_EVERY: u32 = 4;
+/// Poll cycles between checks for new senders (rare: a new mailbox).
+const INBOX_EVERY: u32 = 64;
+
+/// Busy/idle accounting without a clock read per cycle: cycles are counted
+/// as busy or idle, and at each clock read the time since the previous read
+/// is shared between busy and idle in proportion.
+struct CycleClock {
+    mark: Instant,
+    busy_cycles: u64,
+    idle_cycles: u64,
+    cycles: u64,
+    busy_ns: u64,
+    idle_ns: u64,
+    worked_since_read: bool,
+}
+
+impl CycleClock {
+    fn new(st: &ReactorStats) -> Self {
+        CycleClock {
+            mark: Instant::now(),
+            busy_cycles: 0,
+            idle_cycles: 0,
+            cycles: st.cycles.load(Ordering::Relaxed),
+            busy_ns: st.busy_ns.load(Ordering::Relaxed),
+            idle_ns: st.idle_ns.load(Ordering::Relaxed),
+            worked_since_read: false,
+        }
+    }
+
+    #[inline]
+    fn count(&mut self, busy: bool) {
+        self.cycles += 1;
+        if busy {
+            self.busy_cycles += 1;
+            self.worked_since_read = true;
+        } else {
+            self.idle_cycles += 1;
+        }
+    }
+
+    /// Read the clock, share the time since the last read, publish.
+    fn read(&mut self, st: &ReactorStats) -> Instant {
+        let now = Instant::now();
+        let ns = now.duration_since(self.mark).as_nanos() as u64;
+        let total = self.busy_cycles + self.idle_cycles;
+        if total > 0 {
+            let busy = (u128::from(ns) * u128::from(self.busy_cycles) / u128::from(total)) as u64;
+            self.busy_ns += busy;
+            self.idle_ns += ns - busy;
+        } else {
+            self.idle_ns += ns;
+        }
+        self.mark = now;
+        self.busy_cycles = 0;
+        self.idle_cycles = 0;
+        // only this thread writes these: plain stores, no read-modify-write
+        st.cycles.store(self.cycles, Ordering::Relaxed);
+        st.busy_ns.store(self.busy_ns, Ordering::Relaxed);
+        st.idle_ns.store(self.idle_ns, Ordering::Relaxed);
+        now
+    }
+
+    /// After a sleep: the whole sleep was idle.
+    fn slept(&mut self, st: &ReactorStats) {
+        self.idle_cycles += 1;
+        self.read(st);
+    }
+}
+
 struct Reactor {
     cfg: ReactorConfig,
     ctx: ReactorCtx,
@@ -209,54 +282,62 @@ impl Reactor {
     }
 
     fn run(&mut self) {
-        let mut last_work = Instant::now();
-        let mut cycle_start = Instant::now();
+        let mut clock = CycleClock::new(&self.stats);
+        let mut last_work = clock.mark;
         let mut stopping = false;
+        let mut n: u32 = 0;
         loop {
-            let work = self.cycle();
-            let now = Instant::now();
-            let spent = now.duration_since(cycle_start).as_nanos() as u64;
-            cycle_start = now;
-            let st = &self.stats;
-            st.cycles.fetch_add(1, Ordering::Relaxed);
-            if work > 0 {
-                st.busy_ns.fetch_add(spent, Ordering::Relaxed);
-                last_work = now;
-            } else {
-                st.idle_ns.fetch_add(spent, Ordering::Relaxed);
-            }
+            let work = self.cycle(n.is_multiple_of(INBOX_EVERY));
+            n = n.wrapping_add(1);
+            clock.count(work > 0);
             if !stopping && self.stop.load(Ordering::Acquire) {
                 stopping = true;
             }
             if stopping && self.ctx.io.in_flight() == 0 {
                 break;
             }
-            if work == 0 && !stopping {
-                let idle_for = now.duration_since(last_work);
-                let sleep = match self.cfg.mode {
+            let idle = work == 0 && !stopping;
+            // the clock costs more than a busy cycle's work: read it every
+            // CLOCK_EVERY cycles, and when an idle reactor may go to sleep
+            let read_clock = n.is_multiple_of(CLOCK_EVERY)
+                || (idle
+                    && match self.cfg.mode {
+                        PollMode::Busy => false,
+                        PollMode::Adaptive => n.is_multiple_of(IDLE_CLOCK_EVERY),
+                        PollMode::Interrupt => true,
+                    });
+            if !read_clock {
+                continue;
+            }
+            let now = clock.read(&self.stats);
+            if clock.worked_since_read {
+                last_work = now;
+            }
+            clock.worked_since_read = false;
+            let sleep = idle
+                && match self.cfg.mode {
                     PollMode::Busy => false,
-                    PollMode::Adaptive => idle_for >= self.cfg.idle_spin,
+                    PollMode::Adaptive => now.duration_since(last_work) >= self.cfg.idle_spin,
                     PollMode::Interrupt => true,
                 };
-                if sleep {
-                    self.sleep();
-                    let woke = Instant::now();
-                    self.stats.idle_ns.fetch_add(
-                        woke.duration_since(now).as_nanos() as u64,
-                        Ordering::Relaxed,
-                    );
-                    cycle_start = woke;
-                }
+            if sleep {
+                self.sleep();
+                clock.slept(&self.stats);
+                // new senders may have registered while we slept
+                n = 0;
             }
         }
+        clock.read(&self.stats);
         tracing::info!(reactor = self.cfg.id, "reactor stopped");
     }
 
     /// One poll cycle; returns the amount of work it found.
-    fn cycle(&mut self) -> usize {
+    fn cycle(&mut self, check_new_senders: bool) -> usize {
         let mut work = 0;
-        while let Ok(inbox) = self.new_inbox.try_recv() {
-            self.inboxes.push(inbox);
+        if check_new_senders {
+            while let Ok(inbox) = self.new_inbox.try_recv() {
+                self.inboxes.push(inbox);
+            }
         }
         for inbox in &mut self.inboxes {
             work += mailbox::drain(inbox, &mut self.ctx);

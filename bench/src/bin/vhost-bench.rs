@@ -579,9 +579,55 @@ fn compare(job: &Job, o: &Opts) {
     }
 }
 
+/// Connect to `socket` with `queues` queues, do one 4k read per queue (so
+/// every queue is bound and running), then stay connected and idle for
+/// `secs` seconds and report the backend's CPU use over that time.
+fn idle(socket: &Path, queues: usize, pid: u32, secs: u64) -> Value {
+    let mut b = Blkio::new("virtio-blk-vhost-user").expect("blkio");
+    b.set_str("path", socket.to_str().unwrap()).expect("path");
+    b.connect().expect("connect");
+    b.set_i32("num-queues", queues as i32).expect("num-queues");
+    let mut started = b.start().expect("start");
+    let region = b.alloc_mem_region(2 << 20).expect("alloc_mem_region");
+    b.map_mem_region(&region).expect("map_mem_region");
+    for (i, q) in started.queues.iter_mut().enumerate() {
+        q.read(
+            0,
+            (region.addr + i * 4096) as *mut u8,
+            4096,
+            i,
+            ReqFlags::empty(),
+        );
+        let mut c = [MaybeUninit::<Completion>::uninit()];
+        assert_eq!(q.do_io(&mut c, 1, None, None).expect("do_io"), 1);
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    let (c0, t0) = (proc_cpu(pid), Instant::now());
+    std::thread::sleep(Duration::from_secs(secs));
+    let (c1, el) = (proc_cpu(pid), t0.elapsed().as_secs_f64());
+    serde_json::json!({
+        "idle_secs": el,
+        "backend_cpu_secs": c1 - c0,
+        "backend_cpu_percent": 100.0 * (c1 - c0) / el,
+    })
+}
+
 fn main() {
     let args: Vec<String> = std::env::args().collect();
+    if args.get(1).map(String::as_str) == Some("idle") {
+        let sock = arg_value(&args, "--socket").expect("--socket SOCK");
+        let pid = arg_value(&args, "--pid")
+            .expect("--pid PID")
+            .parse()
+            .expect("--pid");
+        let secs = arg_value(&args, "--secs").map_or(10, |s| s.parse().expect("--secs"));
+        let queues = arg_value(&args, "--queues").map_or(1, |s| s.parse().expect("--queues"));
+        let v = idle(Path::new(&sock), queues, pid, secs);
+        println!("{}", serde_json::to_string_pretty(&v).unwrap());
+        return;
+    }
     let usage = "usage: vhost-bench run JOBFILE --socket SOCK [--cpu 0] [--wait] | \
+                 vhost-bench idle --socket SOCK --pid PID [--secs 10] [--queues 1] | \
                  vhost-bench compare JOBFILE [--out DIR] [--file PATH] [--size 1G] \
                  [--poll busy] [--merge on|off] [--null] [--backends quern,qsd,fio] [--quern PATH]";
     if args.len() < 3 {
