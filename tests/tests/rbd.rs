@@ -282,6 +282,15 @@ fn rbd_bdev_reads_writes_snapshots_and_refuses() {
     o.snapshot = Some("nosnap".into());
     let err = RbdBdev::open(&o).err().expect("missing snapshot");
     assert!(err.to_string().contains("rbd/img@nosnap"), "{err}");
+    // an image whose own settings turn librbd's cache back on is refused
+    c.rbd_ok(&["create", "--size", "8M", &c.spec("cached")]);
+    c.rbd_ok(&["config", "image", "set", &c.spec("cached"), "rbd_cache", "true"]);
+    let err = RbdBdev::open(&opts(&c, "cached"))
+        .err()
+        .expect("image with rbd_cache on");
+    assert!(err.to_string().contains("rbd_cache is enabled"), "{err}");
+    c.rbd_ok(&["config", "image", "rm", &c.spec("cached"), "rbd_cache"]);
+    RbdBdev::open(&opts(&c, "cached")).expect("opens once the override is gone");
     e.remove_device(sdev);
     e.remove_device(dev);
 }

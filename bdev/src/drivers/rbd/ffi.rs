@@ -31,6 +31,15 @@ pub struct RbdImageInfo {
     pub parent_name: [c_char; 96],
 }
 
+/// `rbd_config_option_t`: one effective configuration option of an image.
+#[repr(C)]
+pub struct RbdConfigOption {
+    pub name: *mut c_char,
+    pub value: *mut c_char,
+    /// `rbd_config_source_t`: 0 config, 1 pool, 2 image.
+    pub source: c_int,
+}
+
 /// Declares the function table: each entry is `library: name: type`, the
 /// type copied from the C prototype.
 macro_rules! lib_table {
@@ -95,6 +104,9 @@ lib_table! {
     rbd: rbd_aio_get_arg: unsafe extern "C" fn(RbdCompletionT) -> *mut c_void,
     rbd: rbd_aio_release: unsafe extern "C" fn(RbdCompletionT),
     rbd: rbd_version: unsafe extern "C" fn(*mut c_int, *mut c_int, *mut c_int),
+    rbd: rbd_config_image_list:
+        unsafe extern "C" fn(RbdImageT, *mut RbdConfigOption, *mut c_int) -> c_int,
+    rbd: rbd_config_image_list_cleanup: unsafe extern "C" fn(*mut RbdConfigOption, c_int),
 }
 
 fn dl_error() -> String {

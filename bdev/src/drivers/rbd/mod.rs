@@ -249,6 +249,43 @@ impl Image {
         })
     }
 
+    /// The image's effective value of a configuration option (client
+    /// config, then pool and image overrides), if librbd lists it.
+    fn config_value(&self, key: &str) -> Result<Option<String>, i32> {
+        let lib = self.conn.lib;
+        let mut n: libc::c_int = 0;
+        // SAFETY: asking for the count: a NULL array with capacity 0.
+        let r = unsafe { (lib.rbd_config_image_list)(self.image, std::ptr::null_mut(), &mut n) };
+        if r < 0 && r != -libc::ERANGE {
+            return Err(r);
+        }
+        let mut opts: Vec<ffi::RbdConfigOption> = (0..n.max(0))
+            .map(|_| ffi::RbdConfigOption {
+                name: std::ptr::null_mut(),
+                value: std::ptr::null_mut(),
+                source: 0,
+            })
+            .collect();
+        // SAFETY: an array of n options; librbd fills at most n and sets n.
+        let r = unsafe { (lib.rbd_config_image_list)(self.image, opts.as_mut_ptr(), &mut n) };
+        if r < 0 {
+            return Err(r);
+        }
+        let found = opts[..n.max(0) as usize].iter().find_map(|o| {
+            // SAFETY: librbd filled name and value with C strings.
+            let name = unsafe { std::ffi::CStr::from_ptr(o.name) };
+            (name.to_bytes() == key.as_bytes()).then(|| {
+                // SAFETY: as above.
+                unsafe { std::ffi::CStr::from_ptr(o.value) }
+                    .to_string_lossy()
+                    .into_owned()
+            })
+        });
+        // SAFETY: the n options librbd filled, released once.
+        unsafe { (lib.rbd_config_image_list_cleanup)(opts.as_mut_ptr(), n) };
+        Ok(found)
+    }
+
     fn size(&self) -> Result<u64, i32> {
         let mut size = 0u64;
         // SAFETY: live image handle, out-pointer to a local.
@@ -285,6 +322,25 @@ impl RbdBdev {
         }
         let conn = Arc::new(Conn::connect(&o)?);
         let img = Image::open(&conn, &o, o.read_only)?;
+        // Every reactor has its own handle and FUA is not passed down: both
+        // are only right with librbd's cache off, which pool or image
+        // settings can turn back on over our client setting.
+        match img.config_value("rbd_cache") {
+            Ok(Some(v)) if v == "true" => {
+                return Err(Error::new(
+                    ErrorKind::InvalidInput,
+                    format!(
+                        "{}: rbd_cache is enabled by a pool or image setting; Quern needs it off \
+                         (rbd config image rm {}/{} rbd_cache, or the pool's)",
+                        o.what(),
+                        o.pool,
+                        o.image
+                    ),
+                ))
+            }
+            Ok(_) => {}
+            Err(r) => tracing::warn!(image = %o.what(), errno = -r, "cannot read the image's effective configuration"),
+        }
         let size = img
             .size()
             .map_err(|r| rerr(format!("size of {}", o.what()), r.into()))?;
