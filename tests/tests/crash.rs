@@ -318,6 +318,29 @@ fn garbage_on_one_device_leaves_the_other_untouched() {
     assert_eq!(dev_b.connections.load(Ordering::Relaxed), 1);
 }
 
+/// Whether any queue of the running quern has taken requests it has not
+/// completed yet (from `devices` on the management socket).
+fn requests_in_flight(mgmt: &Path) -> bool {
+    use std::io::{BufRead, BufReader};
+    let Ok(mut s) = UnixStream::connect(mgmt) else {
+        return false;
+    };
+    if writeln!(s, "devices").is_err() {
+        return false;
+    }
+    let mut line = String::new();
+    if BufReader::new(s).read_line(&mut line).is_err() {
+        return false;
+    }
+    let Ok(v) = serde_json::from_str::<serde_json::Value>(&line) else {
+        return false;
+    };
+    v["devices"][0]["queues"].as_array().is_some_and(|qs| {
+        qs.iter()
+            .any(|q| q["requests"].as_u64() > q["completed"].as_u64())
+    })
+}
+
 const GUEST_CONFIG: &str = r#"
 state_dir = "@DIR@"
 [reactor]
@@ -387,6 +410,16 @@ fn guest_fio_verify_survives_repeated_sigkill() {
     let mut resubmitted = 0;
     for k in 0..KILLS {
         std::thread::sleep(Duration::from_millis(2500 + 700 * k as u64));
+        // kill while the guest has requests in flight (between fio passes
+        // there are none): the management socket shows per-queue counts
+        let t0 = Instant::now();
+        while !requests_in_flight(&dir.path().join("quern.sock")) {
+            assert!(
+                t0.elapsed() < Duration::from_secs(30),
+                "no I/O in flight for 30 s"
+            );
+            std::thread::sleep(Duration::from_millis(2));
+        }
         q.kill();
         let killed = Instant::now();
         q.restart();
@@ -396,8 +429,12 @@ fn guest_fio_verify_survives_repeated_sigkill() {
             q.log()
         );
         resumes.push(killed.elapsed());
-        // the log line comes when the poller starts, after the bind line
-        std::thread::sleep(Duration::from_millis(100));
+        // both queues back (each may have requests to resubmit)
+        let t1 = Instant::now();
+        while q.log().matches("queue bound to reactor").count() < 2 {
+            assert!(t1.elapsed() < Duration::from_secs(30), "{}", q.log());
+            std::thread::sleep(Duration::from_millis(10));
+        }
         if q.log().contains("resubmitting requests") {
             resubmitted += 1;
         }

@@ -284,7 +284,14 @@ fn rbd_bdev_reads_writes_snapshots_and_refuses() {
     assert!(err.to_string().contains("rbd/img@nosnap"), "{err}");
     // an image whose own settings turn librbd's cache back on is refused
     c.rbd_ok(&["create", "--size", "8M", &c.spec("cached")]);
-    c.rbd_ok(&["config", "image", "set", &c.spec("cached"), "rbd_cache", "true"]);
+    c.rbd_ok(&[
+        "config",
+        "image",
+        "set",
+        &c.spec("cached"),
+        "rbd_cache",
+        "true",
+    ]);
     let err = RbdBdev::open(&opts(&c, "cached"))
         .err()
         .expect("image with rbd_cache on");

@@ -339,7 +339,9 @@ impl RbdBdev {
                 ))
             }
             Ok(_) => {}
-            Err(r) => tracing::warn!(image = %o.what(), errno = -r, "cannot read the image's effective configuration"),
+            Err(r) => {
+                tracing::warn!(image = %o.what(), errno = -r, "cannot read the image's effective configuration")
+            }
         }
         let size = img
             .size()
