@@ -31,6 +31,16 @@ bdev = "ram"
 socket = "ram.sock"
 "#;
 
+/// SIGKILL a child (sh exec'd into quern) when dropped: a test that panics.
+struct KillOnDrop(i32);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        // SAFETY: signalling our own child, not yet reaped.
+        unsafe { libc::kill(self.0, libc::SIGKILL) };
+    }
+}
+
 #[test]
 fn full_filesystem_gives_ioerr_and_quern_keeps_serving() {
     let dir = tempfile::Builder::new()
@@ -64,6 +74,8 @@ fn full_filesystem_gives_ioerr_and_quern_keeps_serving() {
         .spawn()
         .expect("unshare (util-linux) runs");
     let log_text = || std::fs::read_to_string(d.join("quern.log")).unwrap_or_default();
+    // a failed assertion must not leave quern running
+    let guard = KillOnDrop(child.id() as i32);
 
     let mut full = Client::connect_retry(&d.join("full.sock"), 1, Duration::from_secs(20));
     let mut ram = Client::connect_retry(&d.join("ram.sock"), 1, Duration::from_secs(20));
@@ -111,6 +123,7 @@ fn full_filesystem_gives_ioerr_and_quern_keeps_serving() {
     // SAFETY: signalling our own child (sh exec'd into quern).
     unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
     let st = child.wait().unwrap();
+    std::mem::forget(guard);
     let text = log_text();
     assert!(st.success(), "quern did not stop cleanly:\n{text}");
     assert!(!text.contains("panicked"), "{text}");
