@@ -804,3 +804,241 @@ proptest! {
         run_steps(if small { 4096 } else { 65536 }, batch, &steps)?;
     }
 }
+
+/// A raw base behind a uring bdev that delays every request by `delay_us`
+/// (a linked timeout SQE before each op on the ring it runs on).
+fn delayed_base(dir: &Path, data: &[u8], delay_us: u32) -> BdevRef {
+    let path = dir.join("base.raw");
+    std::fs::write(&path, data).unwrap();
+    Arc::new(
+        UringBdev::open(&UringOptions {
+            name: "base".into(),
+            path,
+            create_size: None,
+            direct: true,
+            read_only: true,
+            block_size: None,
+            delay_us,
+        })
+        .unwrap(),
+    )
+}
+
+#[test]
+fn overlay_over_a_delayed_uring_base_works() {
+    let dir = tempdir();
+    let size = 4 * MB;
+    let cs = 16384u64;
+    let data = pattern(size);
+    let b = delayed_base(dir.path(), &data, 200);
+    let mut o = opts(dir.path(), &b, cs as u32);
+    let mut model = data.clone();
+    {
+        let mut e = engine();
+        let d = e.add_device(overlay(&o)).unwrap();
+        // every other cluster in the overlay (partial writes: the worker
+        // reads the rest from the delayed base)
+        for c in (0..size / cs).step_by(2) {
+            write(&mut e, d, &mut model, c * cs + 512, 4096, c as u8);
+        }
+        // four 1 MiB reads at once, each 32 base pieces (2 SQEs each with
+        // the delay) and 32 overlay pieces: more than the private ring holds
+        let mut bufs: Vec<Buf> = (0..4).map(|_| Buf::new(MB as usize)).collect();
+        let iovs: Vec<[libc::iovec; 1]> = bufs
+            .iter_mut()
+            .map(|b| {
+                [libc::iovec {
+                    iov_base: b.get().as_mut_ptr().cast(),
+                    iov_len: MB as usize,
+                }]
+            })
+            .collect();
+        for round in 0..3 {
+            for (i, iov) in iovs.iter().enumerate() {
+                e.submit(&IoRequest {
+                    dev: d,
+                    kind: IoKind::Read,
+                    offset: i as u64 * MB,
+                    len: MB,
+                    iov,
+                    fua: false,
+                    cookie: i as u64,
+                })
+                .unwrap();
+            }
+            let mut results = Vec::new();
+            e.run_until_idle(|c, r| results.push((c, r)));
+            results.sort_by_key(|r| r.0);
+            let want: Vec<_> = (0..4u64).map(|i| (i, Ok(MB as u32))).collect();
+            assert_eq!(results, want, "round {round}");
+            for (i, b) in bufs.iter_mut().enumerate() {
+                let m = &model[i * MB as usize..(i + 1) * MB as usize];
+                assert_eq!(first_diff(b.get(), m), None, "round {round} read {i}");
+            }
+        }
+        assert_eq!(first_diff(&read_all(&mut e, d, size), &model), None);
+    }
+    // copy-on-read over the delayed base: the worker's reads of it
+    o.copy_on_read = true;
+    {
+        let mut e = engine();
+        let d = e.add_device(overlay(&o)).unwrap();
+        assert_eq!(first_diff(&read_all(&mut e, d, size), &model), None);
+    }
+    qemu_check(&o.path);
+    qemu_compare(dir.path(), &o.path, &model);
+}
+
+#[test]
+fn dropping_a_channel_waits_for_its_requests_at_the_worker() {
+    let dir = tempdir();
+    let size = MB;
+    let data = pattern(size);
+    // each base read takes 1.5 s: the worker's copy of the cluster under a
+    // partial write is still running when the channel goes
+    let b = delayed_base(dir.path(), &data, 1_500_000);
+    let o = opts(dir.path(), &b, 65536);
+    let ov = overlay(&o);
+    let mut buf = Buf::new(4096);
+    buf.get().fill(0x5a);
+    let iov = [libc::iovec {
+        iov_base: buf.get().as_mut_ptr().cast(),
+        iov_len: 4096,
+    }];
+    let mut e = engine();
+    let d = e.add_device(ov.clone()).unwrap();
+    e.submit(&IoRequest {
+        dev: d,
+        kind: IoKind::Write,
+        offset: 8192,
+        len: 4096,
+        iov: &iov,
+        fua: false,
+        cookie: 1,
+    })
+    .unwrap();
+    e.flush();
+    let t = std::time::Instant::now();
+    drop(e); // the channel with its request at the worker
+    assert!(
+        t.elapsed() >= std::time::Duration::from_millis(1000),
+        "the channel did not wait for the worker: {:?}",
+        t.elapsed()
+    );
+    // the buffer is ours again: scribble on it, then check the image
+    buf.get().fill(0);
+    drop(ov);
+    qemu_check(&o.path);
+    let mut model = data.clone();
+    model[8192..8192 + 4096].fill(0x5a);
+    qemu_compare(dir.path(), &o.path, &model);
+}
+
+/// Write `bytes` at `at` of a copy of `good`, open it, return the error.
+fn refused(o: &Qcow2Options, good: &[u8], at: usize, bytes: &[u8]) -> String {
+    let mut bad = good.to_vec();
+    bad[at..at + bytes.len()].copy_from_slice(bytes);
+    std::fs::write(&o.path, &bad).unwrap();
+    open_err(o)
+}
+
+#[test]
+fn hostile_images_are_refused() {
+    let dir = tempdir();
+    let b = base(dir.path(), &pattern(MB));
+    let o = opts(dir.path(), &b, 65536);
+    {
+        let mut e = engine();
+        let d = e.add_device(overlay(&o)).unwrap();
+        let mut model = pattern(MB);
+        write(&mut e, d, &mut model, 0, 4096, 1);
+    }
+    let good = std::fs::read(&o.path).unwrap();
+    // layout of a created 1 MiB image with 64 KiB clusters: header, refcount
+    // table, refcount block, L1 table, then the first write's L2 table and
+    // data cluster
+    let (rt, l1, l2) = (65536usize, 3 * 65536usize, 4 * 65536usize);
+    assert_eq!(&good[48..56], &(rt as u64).to_be_bytes());
+    assert_eq!(&good[40..48], &(l1 as u64).to_be_bytes());
+    let cases: Vec<(usize, Vec<u8>, &str)> = vec![
+        // a refcount table entry past the end of the file
+        (
+            rt + 8,
+            (1u64 << 40).to_be_bytes().to_vec(),
+            "refcount block at offset 1099511627776 is past the end",
+        ),
+        // one with high bits set over a valid offset
+        (
+            rt,
+            ((1u64 << 62) | 131072).to_be_bytes().to_vec(),
+            "refcount block at offset 4611686018427518976 is past the end",
+        ),
+        // one with reserved low bits
+        (
+            rt,
+            (131072u64 | 1).to_be_bytes().to_vec(),
+            "refcount block at offset 0x20001 is not cluster aligned",
+        ),
+        // a refcount block that is the L1 table
+        (
+            rt,
+            (l1 as u64).to_be_bytes().to_vec(),
+            "refcount block at offset 0x30000 overlaps L1 table",
+        ),
+        // L1 table on the refcount table
+        (
+            40,
+            (rt as u64).to_be_bytes().to_vec(),
+            "L1 table at offset 0x10000 overlaps the refcount table",
+        ),
+        // refcount table in the header cluster
+        (
+            48,
+            0u64.to_be_bytes().to_vec(),
+            "refcount table at offset 0x0 overlaps the header cluster",
+        ),
+        // L1 larger than QEMU's 32 MiB limit
+        (
+            36,
+            (4u32 << 20 | 1).to_be_bytes().to_vec(),
+            "L1 table of 33554440 bytes is larger than the limit of 33554432",
+        ),
+        // refcount table larger than 8 MiB
+        (
+            56,
+            129u32.to_be_bytes().to_vec(),
+            "refcount table of 8454144 bytes is larger than the limit of 8388608",
+        ),
+        // a data cluster inside the refcount table
+        (
+            l2,
+            ((1u64 << 63) | rt as u64).to_be_bytes().to_vec(),
+            "data cluster at offset 0x10000 overlaps refcount table",
+        ),
+        // a data cluster that is its own L2 table
+        (
+            l2,
+            ((1u64 << 63) | l2 as u64).to_be_bytes().to_vec(),
+            "data cluster at offset 0x40000 overlaps L2 table",
+        ),
+        // an L2 table that is the L1 table
+        (
+            l1,
+            ((1u64 << 63) | l1 as u64).to_be_bytes().to_vec(),
+            "L2 table at offset 0x30000 overlaps L1 table",
+        ),
+        // 512-byte clusters
+        (
+            20,
+            9u32.to_be_bytes().to_vec(),
+            "cluster_bits 9 is out of range 12..=21",
+        ),
+    ];
+    for (at, bytes, want) in cases {
+        let e = refused(&o, &good, at, &bytes);
+        assert!(e.contains(want), "at {at}: `{e}` lacks `{want}`");
+    }
+    std::fs::write(&o.path, &good).unwrap();
+    drop(overlay(&o));
+    qemu_check(&o.path);
+}

@@ -96,6 +96,8 @@ pub(super) struct Qcow2Channel {
     copy_on_read: bool,
     /// Sub-operations the worker holds (it reads their iovecs).
     at_worker: u32,
+    /// Base reads the base refused (no room); resubmitted by `poll`.
+    retry: Vec<u32>,
 }
 
 impl Qcow2Channel {
@@ -151,6 +153,7 @@ impl Qcow2Channel {
             sq_dirty: false,
             copy_on_read: p.copy_on_read,
             at_worker: 0,
+            retry: Vec::with_capacity(SUBS),
         })
     }
 
@@ -222,10 +225,20 @@ impl Qcow2Channel {
     }
 
     fn push(&mut self, sqe: io_uring::squeue::Entry) {
-        // SAFETY: the SQE names buffers of a sub slot, which stays reserved
-        // (and its iovecs unchanged) until the completion is reaped.
-        let ok = unsafe { self.ring.submission().push(&sqe).is_ok() };
-        debug_assert!(ok, "ring room was reserved");
+        // Room was reserved for one SQE per sub, but a base may take two per
+        // read (uring with `delay_us`): when full, hand the queue to the
+        // kernel (at most SUBS subs are in flight, the CQ holds twice that).
+        loop {
+            // SAFETY: the SQE names buffers of a sub slot, which stays
+            // reserved (and its iovecs unchanged) until the completion is
+            // reaped.
+            if unsafe { self.ring.submission().push(&sqe).is_ok() } {
+                break;
+            }
+            if let Err(e) = self.ring.submit() {
+                tracing::debug!("qcow2 private ring submit: {e}");
+            }
+        }
         self.sq_dirty = true;
     }
 
@@ -314,6 +327,19 @@ impl Qcow2Channel {
     }
 
     fn submit_base(&mut self, ix: u32) {
+        if !self.try_submit_base(ix) {
+            // no room: make some by entering the kernel, then try once more
+            if self.sq_dirty && self.ring.submit().is_ok() {
+                self.sq_dirty = false;
+            }
+            if !self.try_submit_base(ix) {
+                // still refused: "retry later", from `poll`
+                self.retry.push(ix);
+            }
+        }
+    }
+
+    fn try_submit_base(&mut self, ix: u32) -> bool {
         let s = &mut self.subs[ix as usize];
         s.base_read = true;
         let op = Op {
@@ -333,9 +359,64 @@ impl Qcow2Channel {
         let pushed = sub.sq.len() != before;
         drop(sub);
         self.sq_dirty |= pushed;
-        if !ok {
-            tracing::warn!("qcow2: base refused a read at {}", op.offset);
-            self.base_done.push((u64::from(ix), -libc::EAGAIN));
+        ok
+    }
+
+    /// Resubmit base reads the base refused; stops at the first refusal.
+    fn retry_base(&mut self) {
+        while let Some(&ix) = self.retry.first() {
+            let before = self.retry.len();
+            self.retry.remove(0);
+            self.submit_base(ix);
+            if self.retry.len() == before {
+                // refused again (pushed back at the end): keep the order
+                let last = self.retry.pop().expect("just pushed");
+                self.retry.insert(0, last);
+                break;
+            }
+        }
+    }
+
+    /// Submit what is queued and reap the ring, the base and the worker.
+    fn reap(&mut self, done: &mut Vec<(u64, i32)>) {
+        if self.sq_dirty {
+            match self.ring.submit() {
+                Ok(_) => self.sq_dirty = false,
+                Err(e) => tracing::debug!("qcow2 private ring submit: {e}"),
+            }
+        }
+        self.drain_wake();
+        loop {
+            let mut cq = self.ring.completion();
+            cq.sync();
+            let Some(c) = cq.next() else { break };
+            drop(cq);
+            // only our slot indices are ours: the base may put other
+            // entries on the ring (e.g. uring's DELAY_USER_DATA timers)
+            let ix = c.user_data();
+            if ix < SUBS as u64 && self.subs[ix as usize].parent != NONE {
+                self.finish(ix as u32, c.result(), done);
+            }
+        }
+        self.base.poll(&mut self.base_done);
+        while let Some((ix, res)) = self.base_done.pop() {
+            if ix < SUBS as u64 && self.subs[ix as usize].parent != NONE {
+                self.finish(ix as u32, res, done);
+            }
+        }
+        while let Ok((ix, res)) = self.replies.try_recv() {
+            self.at_worker -= 1;
+            self.finish(ix, res, done);
+        }
+        if !self.retry.is_empty() {
+            self.retry_base();
+            if self.sq_dirty && self.ring.submit().is_ok() {
+                self.sq_dirty = false;
+            }
+            if !self.retry.is_empty() {
+                // keep the reactor from sleeping on work only we can restart
+                super::worker::signal(self.wake.as_raw_fd());
+            }
         }
     }
 
@@ -438,28 +519,7 @@ impl BdevChannel for Qcow2Channel {
 
     fn poll(&mut self, done: &mut Vec<(u64, i32)>) -> usize {
         let before = done.len();
-        if self.sq_dirty {
-            match self.ring.submit() {
-                Ok(_) => self.sq_dirty = false,
-                Err(e) => tracing::debug!("qcow2 private ring submit: {e}"),
-            }
-        }
-        self.drain_wake();
-        loop {
-            let mut cq = self.ring.completion();
-            cq.sync();
-            let Some(c) = cq.next() else { break };
-            drop(cq);
-            self.finish(c.user_data() as u32, c.result(), done);
-        }
-        self.base.poll(&mut self.base_done);
-        while let Some((ix, res)) = self.base_done.pop() {
-            self.finish(ix as u32, res, done);
-        }
-        while let Ok((ix, res)) = self.replies.try_recv() {
-            self.at_worker -= 1;
-            self.finish(ix, res, done);
-        }
+        self.reap(done);
         done.len() - before
     }
 
@@ -473,14 +533,63 @@ impl BdevChannel for Qcow2Channel {
 
 impl Drop for Qcow2Channel {
     fn drop(&mut self) {
-        // the worker may still read iovecs held in our sub slots: wait for it
+        // The worker may still use iovecs held in our sub slots (a base
+        // read can block for long): wait, without a time limit, until it
+        // has answered every job we sent, or is gone.
+        let mut scratch = Vec::with_capacity(PARENTS);
         while self.at_worker > 0 {
             match self.replies.recv_timeout(std::time::Duration::from_secs(5)) {
-                Ok(_) => self.at_worker -= 1,
-                Err(_) => break,
+                Ok((ix, res)) => {
+                    self.at_worker -= 1;
+                    self.finish(ix, res, &mut scratch);
+                }
+                Err(crossbeam_channel::RecvTimeoutError::Timeout) => {
+                    tracing::warn!(
+                        "qcow2: closing a channel waits for {} requests at the worker",
+                        self.at_worker
+                    );
+                }
+                Err(crossbeam_channel::RecvTimeoutError::Disconnected) => break,
             }
         }
         let _ = self.jobs.send(Job::Unregister { chan: self.id });
+        // Refused base reads were never started; everything else on the
+        // private ring (or at the base) must end before the ring and the
+        // slots' iovecs go away.
+        for ix in self.retry.drain(..) {
+            self.subs[ix as usize].parent = NONE;
+            self.free_subs.push(ix);
+        }
+        // slots of a worker that went away without answering stay taken
+        let lost = self.at_worker as usize;
+        let mut waited = std::time::Instant::now();
+        while self.free_subs.len() + lost < SUBS {
+            scratch.clear();
+            self.reap(&mut scratch);
+            if self.free_subs.len() + lost >= SUBS {
+                break;
+            }
+            if waited.elapsed() > std::time::Duration::from_secs(5) {
+                tracing::warn!(
+                    "qcow2: closing a channel waits for {} sub-operations",
+                    SUBS - lost - self.free_subs.len()
+                );
+                waited = std::time::Instant::now();
+            }
+            let fd = self.wake_fd().expect("always one");
+            let mut p = libc::pollfd {
+                fd,
+                events: libc::POLLIN,
+                revents: 0,
+            };
+            // SAFETY: one initialised pollfd.
+            unsafe { libc::poll(&mut p, 1, 10) };
+            if self.epoll.is_none() {
+                let mut v: u64 = 0;
+                // SAFETY: an 8-byte read into a u64 from a non-blocking eventfd.
+                unsafe { libc::read(fd, (&mut v as *mut u64).cast(), 8) };
+            }
+        }
     }
 }
 

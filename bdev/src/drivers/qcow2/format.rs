@@ -26,6 +26,16 @@ const INCOMPAT_DATA_FILE: u64 = 1 << 2;
 const INCOMPAT_COMPRESSION: u64 = 1 << 3;
 const INCOMPAT_EXTL2: u64 = 1 << 4;
 const V3_HEADER_LEN: u32 = 104;
+const V2_HEADER_LEN: u32 = 72;
+/// Smallest cluster accepted. The in-memory map takes 8 bytes per guest
+/// cluster of the base's capacity: 2 GiB per TiB at 4 KiB clusters, 8 times
+/// that at QEMU's 512-byte minimum, which no image this driver creates uses.
+pub const MIN_CLUSTER_BITS: u32 = 12;
+pub const MAX_CLUSTER_BITS: u32 = 21;
+/// QEMU's limits on the tables it loads whole (QCOW_MAX_L1_SIZE and
+/// QCOW_MAX_REFTABLE_SIZE).
+pub const MAX_L1_BYTES: u64 = 32 << 20;
+pub const MAX_REFTABLE_BYTES: u64 = 8 << 20;
 
 /// Why an image is refused.
 #[derive(Debug, thiserror::Error)]
@@ -34,7 +44,7 @@ pub enum FormatError {
     BadMagic(u32),
     #[error("qcow2 version {0} is not supported (only 2 and 3)")]
     Version(u32),
-    #[error("cluster_bits {0} is out of range 9..=21")]
+    #[error("cluster_bits {0} is out of range 12..=21")]
     ClusterBits(u32),
     #[error("unknown incompatible feature bits {0:#x}")]
     UnknownIncompatible(u64),
@@ -64,6 +74,18 @@ pub enum FormatError {
     Misaligned { what: &'static str, offset: u64 },
     #[error("L1 table of {l1_size} entries is too small for a virtual size of {size} bytes")]
     L1TooSmall { l1_size: u32, size: u64 },
+    #[error("{what} of {bytes} bytes is larger than the limit of {max} bytes")]
+    TooLarge {
+        what: &'static str,
+        bytes: u64,
+        max: u64,
+    },
+    #[error("{what} at offset {offset:#x} overlaps {other}")]
+    Overlap {
+        what: &'static str,
+        offset: u64,
+        other: &'static str,
+    },
     #[error("header is truncated or malformed: {0}")]
     Malformed(&'static str),
 }
@@ -122,7 +144,7 @@ impl Header {
             return Err(FormatError::Version(version));
         }
         let cluster_bits = be32(buf, 20);
-        if !(9..=21).contains(&cluster_bits) {
+        if !(MIN_CLUSTER_BITS..=MAX_CLUSTER_BITS).contains(&cluster_bits) {
             return Err(FormatError::ClusterBits(cluster_bits));
         }
         let (incompat, autoclear, refcount_order, header_len) = if version == 3 {
@@ -131,8 +153,16 @@ impl Header {
             }
             (be64(buf, 72), be64(buf, 88), be32(buf, 96), be32(buf, 100))
         } else {
-            (0, 0, 4, 72)
+            (0, 0, 4, V2_HEADER_LEN)
         };
+        if header_len < V3_HEADER_LEN && version == 3 {
+            return Err(FormatError::Malformed("header_length is below 104"));
+        }
+        if u64::from(header_len) > 1u64 << cluster_bits {
+            return Err(FormatError::Malformed(
+                "header_length is larger than a cluster",
+            ));
+        }
         check_incompatible(incompat)?;
         let crypt = be32(buf, 32);
         if crypt != 0 {
@@ -164,11 +194,12 @@ impl Header {
         let ext_end = ext_end.min(buf.len()).min(h.cluster_size() as usize);
         h.backing_format = parse_extensions(&buf[..ext_end], header_len as usize)?;
         if bf_off != 0 {
-            let name = buf
-                .get(bf_off..bf_off + bf_len)
-                .ok_or(FormatError::Malformed(
-                    "backing file name outside the header cluster",
-                ))?;
+            let end = bf_off
+                .checked_add(bf_len)
+                .ok_or(FormatError::Malformed("backing file name offset overflows"))?;
+            let name = buf.get(bf_off..end).ok_or(FormatError::Malformed(
+                "backing file name outside the header cluster",
+            ))?;
             h.backing_file = Some(String::from_utf8_lossy(name).into_owned());
         }
         Ok(h)
@@ -195,9 +226,24 @@ impl Header {
                 u64::from(self.refcount_table_clusters) * cs,
             ),
         ];
-        for (what, offset, len) in tables {
+        for ((what, offset, len), max) in tables.into_iter().zip([MAX_L1_BYTES, MAX_REFTABLE_BYTES])
+        {
+            if len > max {
+                return Err(FormatError::TooLarge {
+                    what,
+                    bytes: len,
+                    max,
+                });
+            }
             if !offset.is_multiple_of(cs) {
                 return Err(FormatError::Misaligned { what, offset });
+            }
+            if offset < cs {
+                return Err(FormatError::Overlap {
+                    what,
+                    offset,
+                    other: "the header cluster",
+                });
             }
             if offset.saturating_add(len) > file_len {
                 return Err(FormatError::PastEof {
@@ -206,6 +252,15 @@ impl Header {
                     file_len,
                 });
             }
+        }
+        // both start cluster aligned; compare the clusters they cover
+        let [(_, l1, l1_len), (_, rt, rt_len)] = tables;
+        if l1 < rt + rt_len.next_multiple_of(cs) && rt < l1 + l1_len.next_multiple_of(cs) {
+            return Err(FormatError::Overlap {
+                what: "L1 table",
+                offset: l1,
+                other: "the refcount table",
+            });
         }
         Ok(())
     }
@@ -438,5 +493,28 @@ mod tests {
             Err(FormatError::RefcountOrder(5))
         ));
         assert!(Header::parse(&img, n).is_ok());
+    }
+
+    #[test]
+    fn malformed_header_fields_are_refused() {
+        let l = Layout::new(1 << 20, 16).unwrap();
+        let img = l.image(Some("/x/base.raw")).unwrap();
+        let n = img.len() as u64;
+        let mut bad = img.clone();
+        bad[100..104].copy_from_slice(&96u32.to_be_bytes());
+        let e = Header::parse(&bad, n).unwrap_err().to_string();
+        assert!(e.contains("header_length is below 104"), "{e}");
+        // backing file name offset + length overflows
+        let mut bad = img.clone();
+        bad[8..16].copy_from_slice(&(u64::MAX - 2).to_be_bytes());
+        bad[16..20].copy_from_slice(&16u32.to_be_bytes());
+        let e = Header::parse(&bad, n).unwrap_err().to_string();
+        assert!(e.contains("backing file name offset overflows"), "{e}");
+        let mut bad = img.clone();
+        bad[20..24].copy_from_slice(&11u32.to_be_bytes());
+        assert!(matches!(
+            Header::parse(&bad, n),
+            Err(FormatError::ClusterBits(11))
+        ));
     }
 }

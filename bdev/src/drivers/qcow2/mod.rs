@@ -188,13 +188,30 @@ fn load(o: &Qcow2Options, cap: u64) -> io::Result<(Meta, Shared)> {
         // features we do not maintain must be cleared by a writer
         file.write_all_at(&0u64.to_be_bytes(), 88)?;
     }
-    let (l1, map) = load_map(&file, &h, file_len)?;
     let rt_raw = read_vec(
         &file,
         h.refcount_table_offset,
         (u64::from(h.refcount_table_clusters) * cs) as usize,
     )?;
-    let rt: Vec<u64> = decode_table(&rt_raw).map(|e| e & !(cs - 1)).collect();
+    let rt: Vec<u64> = decode_table(&rt_raw).collect();
+    // every metadata cluster, to refuse tables that overlap each other and
+    // data clusters inside metadata
+    let mut meta_clusters = Clusters::new(cs);
+    meta_clusters.add("header", 0, cs)?;
+    meta_clusters.add("L1 table", h.l1_table_offset, u64::from(h.l1_size) * 8)?;
+    meta_clusters.add(
+        "refcount table",
+        h.refcount_table_offset,
+        rt_raw.len() as u64,
+    )?;
+    for &e in &rt {
+        if e != 0 {
+            // reserved bits 0..9 set fail the alignment check, high bits EOF
+            check_cluster("refcount block", e, cs, cs, file_len)?;
+            meta_clusters.add("refcount block", e, cs)?;
+        }
+    }
+    let (l1, map) = load_map(&file, &h, file_len, &mut meta_clusters)?;
     let meta = Meta {
         file,
         read_only: o.read_only,
@@ -213,41 +230,106 @@ fn load(o: &Qcow2Options, cap: u64) -> io::Result<(Meta, Shared)> {
     Ok((meta, shared))
 }
 
+/// Host clusters in use as metadata, by cluster index.
+struct Clusters {
+    cs: u64,
+    set: std::collections::HashMap<u64, &'static str>,
+}
+
+impl Clusters {
+    fn new(cs: u64) -> Self {
+        Clusters {
+            cs,
+            set: std::collections::HashMap::new(),
+        }
+    }
+
+    /// Record `[offset, offset+len)` (cluster aligned) as `what`; refused
+    /// when it shares a cluster with metadata recorded before.
+    fn add(&mut self, what: &'static str, offset: u64, len: u64) -> Result<(), FormatError> {
+        let first = offset / self.cs;
+        for c in first..first + len.div_ceil(self.cs).max(1) {
+            if let Some(other) = self.set.insert(c, what) {
+                return Err(FormatError::Overlap {
+                    what,
+                    offset: c * self.cs,
+                    other,
+                });
+            }
+        }
+        Ok(())
+    }
+
+    fn get(&self, offset: u64) -> Option<&'static str> {
+        self.set.get(&(offset / self.cs)).copied()
+    }
+}
+
 /// The L1 table (host offsets of L2 tables) and the guest-cluster map.
-fn load_map(file: &File, h: &Header, file_len: u64) -> io::Result<(Vec<u64>, Box<[AtomicU64]>)> {
+fn load_map(
+    file: &File,
+    h: &Header,
+    file_len: u64,
+    meta: &mut Clusters,
+) -> io::Result<(Vec<u64>, Box<[AtomicU64]>)> {
     let cs = h.cluster_size();
-    let clusters = h.size.div_ceil(cs) as usize;
-    let map: Box<[AtomicU64]> = (0..clusters).map(|_| AtomicU64::new(0)).collect();
+    let clusters = usize::try_from(h.size.div_ceil(cs)).map_err(|_| no_memory(h.size))?;
+    let mut map = Vec::new();
+    map.try_reserve_exact(clusters)
+        .map_err(|_| no_memory(h.size))?;
+    map.extend((0..clusters).map(|_| AtomicU64::new(0)));
+    let map = map.into_boxed_slice();
     let l1_raw = read_vec(file, h.l1_table_offset, h.l1_size as usize * 8)?;
     let mut l1 = Vec::with_capacity(h.l1_size as usize);
-    for (i, e) in decode_table(&l1_raw).enumerate() {
+    for e in decode_table(&l1_raw) {
         let t = e & format::OFFSET_MASK;
         l1.push(t);
+        if t != 0 {
+            check_cluster("L2 table", t, cs, cs, file_len)?;
+            meta.add("L2 table", t, cs)?;
+        }
+    }
+    // all metadata is known: now the data clusters can be checked against it
+    for (i, &t) in l1.iter().enumerate() {
         if t == 0 {
             continue;
         }
-        check_cluster("L2 table", t, cs, cs, file_len)?;
         let l2 = read_vec(file, t, cs as usize)?;
         let first = i * h.l2_entries() as usize;
         for (j, e) in decode_table(&l2).enumerate() {
             let Some(slot) = map.get(first + j) else {
                 break;
             };
-            slot.store(
-                l2_value(e, cs, file_len)?,
-                std::sync::atomic::Ordering::Relaxed,
-            );
+            let v = l2_value(e, cs, file_len, h.version >= 3)?;
+            if v > ZERO {
+                if let Some(other) = meta.get(v) {
+                    return Err(FormatError::Overlap {
+                        what: "data cluster",
+                        offset: v,
+                        other,
+                    }
+                    .into());
+                }
+            }
+            slot.store(v, std::sync::atomic::Ordering::Relaxed);
         }
     }
     Ok((l1, map))
 }
 
-/// The map value of one L2 entry.
-fn l2_value(e: u64, cs: u64, file_len: u64) -> Result<u64, FormatError> {
+fn no_memory(size: u64) -> Error {
+    Error::new(
+        ErrorKind::OutOfMemory,
+        format!("no memory for the cluster map of a {size}-byte image"),
+    )
+}
+
+/// The map value of one L2 entry (the zero flag exists from version 3 on).
+fn l2_value(e: u64, cs: u64, file_len: u64, v3: bool) -> Result<u64, FormatError> {
     if e & format::COMPRESSED != 0 {
         return Err(FormatError::Compression);
     }
-    if e & format::ZERO_FLAG != 0 {
+    if v3 && e & format::ZERO_FLAG != 0 {
         return Ok(ZERO);
     }
     let host = e & format::OFFSET_MASK;
@@ -342,5 +424,18 @@ impl Drop for Qcow2Bdev {
         if let Some(w) = self.worker.take() {
             let _ = w.join();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn zero_flag_only_in_v3() {
+        let e = format::COPIED | 0x30000 | format::ZERO_FLAG;
+        assert_eq!(l2_value(e, 0x10000, 1 << 20, true).unwrap(), ZERO);
+        // bit 0 is reserved in v2: the entry maps its cluster
+        assert_eq!(l2_value(e, 0x10000, 1 << 20, false).unwrap(), 0x30000);
     }
 }

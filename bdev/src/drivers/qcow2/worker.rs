@@ -109,6 +109,11 @@ struct BaseReader {
     chan: Box<dyn BdevChannel>,
     done: Vec<(u64, i32)>,
     wake: Option<RawFd>,
+    /// Tag of the current read; completions under other tags are stale.
+    tag: u64,
+    /// The ring failed to take a read that may still be queued on it: no
+    /// more reads through it (its buffer must not be reused).
+    broken: bool,
 }
 
 impl BaseReader {
@@ -122,6 +127,8 @@ impl BaseReader {
             chan,
             done: Vec::with_capacity(4),
             wake,
+            tag: 0,
+            broken: false,
         })
     }
 
@@ -138,21 +145,44 @@ impl BaseReader {
             fua: false,
             drain: false,
         };
+        if self.broken {
+            return Err(io::Error::other(
+                "the base reader's ring failed earlier; no more base reads",
+            ));
+        }
+        // a fresh tag (never DELAY_USER_DATA): a late completion of an
+        // earlier read can not pass for this one
+        self.tag = self.tag.wrapping_add(1) % (1 << 62) + 1;
+        let tag = self.tag;
         self.done.clear();
         let mut sub = Submitter {
             sq: self.ring.submission(),
             done: &mut self.done,
         };
-        if !self.chan.submit(&op, 1, &mut sub) {
+        if !self.chan.submit(&op, tag, &mut sub) {
             return Err(io::Error::other("the base device refused a read"));
         }
         drop(sub);
+        // from here the read may be in flight: return only on its completion
         loop {
-            self.ring.submit()?;
+            if let Err(e) = self.ring.submit() {
+                match e.raw_os_error() {
+                    Some(libc::EINTR | libc::EAGAIN | libc::EBUSY) => {}
+                    _ => {
+                        // the SQE may still be queued; `buf` and `iov`
+                        // live on, but this reader must never run again
+                        tracing::error!("qcow2: base reader ring submit failed: {e}");
+                        self.broken = true;
+                        return Err(e);
+                    }
+                }
+            }
             self.done
                 .extend(self.ring.completion().map(|c| (c.user_data(), c.result())));
             self.chan.poll(&mut self.done);
-            if let Some(&(_, res)) = self.done.first() {
+            let mine = self.done.iter().find(|&&(t, _)| t == tag).map(|&(_, r)| r);
+            self.done.clear();
+            if let Some(res) = mine {
                 return match res {
                     r if r < 0 => Err(io::Error::from_raw_os_error(-r)),
                     r if r as usize == buf.len() => Ok(()),
@@ -210,6 +240,9 @@ pub(super) struct Worker {
     chans: HashMap<u32, ReplyTo>,
     out: Vec<Reply>,
     fua: bool,
+    /// A metadata update or sync failed: the image may not hold what the
+    /// map says, so no more allocations (like QEMU marking it corrupt).
+    failed: bool,
 }
 
 impl Worker {
@@ -241,6 +274,7 @@ impl Worker {
                     chans: HashMap::new(),
                     out: Vec::with_capacity(64),
                     fua: false,
+                    failed: false,
                 };
                 w.run(rx)
             })?;
@@ -366,6 +400,9 @@ impl Worker {
                 self.meta.file.write_all_at(buf, host + in_off)?;
                 continue;
             }
+            if self.failed {
+                return Err(io::Error::from_raw_os_error(libc::EIO));
+            }
             if n != cs {
                 self.fill_cluster(g)?;
             }
@@ -392,6 +429,7 @@ impl Worker {
 
     fn populate(&mut self, g: u64) -> io::Result<()> {
         if self.meta.read_only
+            || self.failed
             || self.lookup(g).is_some()
             || self.shared.map[g as usize].load(Ordering::Acquire) == ZERO
         {
@@ -480,7 +518,7 @@ impl Worker {
     /// reply to every request of the batch.
     fn commit(&mut self) {
         let mut r = Ok(());
-        if !self.pending.is_empty() {
+        if !self.pending.is_empty() || !self.new_l1.is_empty() {
             r = self.publish();
         }
         if r.is_ok() && self.fua {
@@ -491,9 +529,16 @@ impl Worker {
         }
         self.fua = false;
         if let Err(e) = &r {
-            tracing::error!("qcow2: metadata update failed: {e}");
+            if !self.failed {
+                tracing::error!(
+                    "qcow2: metadata update or sync failed: {e}; the image is now \
+                     failed: this batch's writes and every later allocating write \
+                     fail with EIO (check the image with `qemu-img check` after)"
+                );
+            }
+            self.failed = true;
         }
-        let err = r.err().map(|e| -e.raw_os_error().unwrap_or(libc::EIO));
+        let err = r.err().map(|_| -libc::EIO);
         let mut woken: Vec<u32> = Vec::new();
         for rep in self.out.drain(..) {
             let res = match err {
@@ -514,7 +559,29 @@ impl Worker {
         }
     }
 
+    /// Sync the batch's clusters, then write their L2 and L1 entries and
+    /// publish the mappings. On an error nothing of the batch is published
+    /// (its clusters leak) and the L1 entries not written are forgotten.
     fn publish(&mut self) -> io::Result<()> {
+        let r = self.write_mappings();
+        if r.is_err() {
+            self.pending.clear();
+            for i in self.new_l1.drain(..) {
+                self.meta.l1[i] = 0;
+            }
+            return r;
+        }
+        // before the mappings appear, so a reader of one sees the flag
+        self.shared.unsynced.store(true, Ordering::Release);
+        for (g, host) in self.pending.drain() {
+            self.shared.map[g as usize].store(host, Ordering::Release);
+        }
+        Ok(())
+    }
+
+    /// The on-disk part of `publish`; leaves in `new_l1` the L1 entries it
+    /// has not written.
+    fn write_mappings(&mut self) -> io::Result<()> {
         let f = &self.meta.file;
         f.sync_data()?;
         let mask = (1u64 << (self.shared.cluster_bits - 3)) - 1;
@@ -523,14 +590,10 @@ impl Worker {
             let table = self.meta.l1[(g >> shift) as usize];
             f.write_all_at(&(host | COPIED).to_be_bytes(), table + 8 * (g & mask))?;
         }
-        for i in self.new_l1.drain(..) {
+        while let Some(&i) = self.new_l1.last() {
             let e = self.meta.l1[i] | COPIED;
             f.write_all_at(&e.to_be_bytes(), self.meta.l1_offset + 8 * i as u64)?;
-        }
-        // before the mappings appear, so a reader of one sees the flag
-        self.shared.unsynced.store(true, Ordering::Release);
-        for (g, host) in self.pending.drain() {
-            self.shared.map[g as usize].store(host, Ordering::Release);
+            self.new_l1.pop();
         }
         Ok(())
     }
