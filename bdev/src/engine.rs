@@ -171,7 +171,18 @@ pub const MAX_DEVICES: u32 = 256;
 
 impl IoEngine {
     pub fn new(cfg: EngineConfig) -> std::io::Result<Self> {
-        let ring = IoUring::builder().build(cfg.ring_entries)?;
+        // Completions that need the task's context (task work) are not
+        // pushed at the reactor with an interrupt: the kernel raises a flag
+        // and the reactor enters the kernel once per cycle to run them.
+        let ring = match IoUring::builder()
+            .setup_coop_taskrun()
+            .setup_taskrun_flag()
+            .build(cfg.ring_entries)
+        {
+            Ok(r) => r,
+            // kernels before 5.19
+            Err(_) => IoUring::builder().build(cfg.ring_entries)?,
+        };
         ring.submitter().register_files_sparse(MAX_DEVICES)?;
         let seg = cfg.max_request_segments.clamp(1, IOV_MAX);
         let op_seg = cfg.merge.max_segments.clamp(seg, IOV_MAX);
@@ -480,6 +491,10 @@ impl IoEngine {
     /// Returns the number of requests completed.
     pub fn reap(&mut self, mut on_done: impl FnMut(u64, IoResult)) -> usize {
         let mut completed = 0;
+        if self.ring.submission().taskrun() {
+            // completions are waiting for task work: one enter runs it all
+            let _ = self.ring.submitter().submit();
+        }
         loop {
             // CQEs are read straight from the shared ring: no syscall.
             let mut cq = self.ring.completion();
