@@ -9,7 +9,7 @@
 #    --io-type write` (sequential, 4 MiB);
 # 2. `rbd bench --io-type read` (rbd cache off): 4k random QD32 and 64k
 #    sequential QD32, the store's own figure;
-# 3. Quern (`quern`, reactor on core 1, `--poll` mode, default adaptive)
+# 3. Quern (`quern`, reactor on core 1, `--poll` mode, default interrupt)
 #    serves the image as a vhost-user-blk disk, merging on, then off;
 #    `vhost-bench run` (libblkio, core 0) drives
 #    bench/jobs/rbd-randread-4k-qd32.fio and bench/jobs/rbd-seqread-64k-qd32.fio
@@ -26,7 +26,7 @@ HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 REPO="$(cd "$HERE/.." && pwd)"
 OUT=/var/tmp/quern-bench/rbd
 SIZE=256
-POLL=adaptive
+POLL=interrupt
 CLIENT=wait
 while [ $# -gt 0 ]; do
   case "$1" in

@@ -373,8 +373,11 @@ impl Reactor {
             p.end_cycle();
         }
         work += done;
-        // in-flight I/O counts as work for the spin decision
-        work + usize::from(io.in_flight() > 0)
+        // In-flight I/O counts as work for the spin decision (a completion
+        // is usually microseconds away), except in interrupt mode, which
+        // sleeps on the ring's and the devices' completion fds instead:
+        // the mode for slow backends (RBD) that share the machine's cores.
+        work + usize::from(io.in_flight() > 0 && self.cfg.mode != PollMode::Interrupt)
     }
 
     fn sync_epoll(&mut self) {
