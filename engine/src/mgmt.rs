@@ -25,6 +25,8 @@ use serde_json::{json, Value};
 
 /// Longest request line accepted.
 pub const MAX_REQUEST_BYTES: usize = 1024;
+/// Management clients served at once; more are told to come back later.
+pub const MAX_SESSIONS: usize = 16;
 const REQUESTS: &[&str] = &["stats", "reactors", "bdevs", "devices", "version", "help"];
 
 /// What the management socket reports on.
@@ -162,17 +164,31 @@ impl Management {
             std::thread::Builder::new()
                 .name("quern-mgmt".into())
                 .spawn(move || {
+                    let sessions = Arc::new(std::sync::atomic::AtomicUsize::new(0));
                     for stream in listener.incoming() {
                         if shutdown.load(Ordering::Acquire) {
                             break;
                         }
-                        let Ok(stream) = stream else { continue };
-                        let view = view.clone();
+                        let Ok(mut stream) = stream else { continue };
+                        if sessions.load(Ordering::Acquire) >= MAX_SESSIONS {
+                            let e = json!({ "error": format!("more than {MAX_SESSIONS} management clients at once; try again") });
+                            let _ = writeln!(stream, "{e}");
+                            continue;
+                        }
+                        sessions.fetch_add(1, Ordering::AcqRel);
+                        let (view, mine) = (view.clone(), sessions.clone());
                         // one short-lived thread per client: a slow client
                         // cannot hold up another
-                        let _ = std::thread::Builder::new()
+                        let spawned = std::thread::Builder::new()
                             .name("quern-mgmt-client".into())
-                            .spawn(move || session(stream, &view));
+                            .spawn(move || {
+                                session(stream, &view);
+                                mine.fetch_sub(1, Ordering::AcqRel);
+                            });
+                        if spawned.is_err() {
+                            sessions.fetch_sub(1, Ordering::AcqRel);
+                            tracing::warn!("management socket: cannot start a client thread");
+                        }
                     }
                 })?
         };

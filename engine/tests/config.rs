@@ -345,7 +345,36 @@ fn runs_the_default_config_serves_a_disk_and_stops_cleanly_on_sigterm() {
             std::io::BufReader::new(s).read_line(&mut line).unwrap();
             assert!(line.contains("longer than 1024 bytes"), "{line}");
         }
-        assert_eq!(ctl("version").0, Some(0));
+        // clients beyond the session limit are told so; the others stay served
+        {
+            use std::io::{BufRead, Write};
+            let held: Vec<_> = (0..quern::mgmt::MAX_SESSIONS)
+                .map(|_| {
+                    std::os::unix::net::UnixStream::connect(dir.path().join("quern.sock")).unwrap()
+                })
+                .collect();
+            // each held session has its thread once it answers a request
+            for s in &held {
+                let mut s = s.try_clone().unwrap();
+                writeln!(s, "version").unwrap();
+                let mut line = String::new();
+                std::io::BufReader::new(s).read_line(&mut line).unwrap();
+                assert!(line.contains("version"), "{line}");
+            }
+            let s = std::os::unix::net::UnixStream::connect(dir.path().join("quern.sock")).unwrap();
+            let mut line = String::new();
+            std::io::BufReader::new(s).read_line(&mut line).unwrap();
+            assert!(line.contains("management clients at once"), "{line}");
+            drop(held);
+        }
+        let t = Instant::now();
+        while ctl("version").0 != Some(0) {
+            assert!(
+                t.elapsed() < Duration::from_secs(5),
+                "sessions were not released"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
     }
     unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
     let out = child.wait_with_output().unwrap();
