@@ -56,6 +56,8 @@ struct Case {
     pool_seed: u64,
     read_only: bool,
     event_idx: bool,
+    /// Track requests in an in-flight region (as under QEMU).
+    inflight: bool,
 }
 
 fn desc() -> impl Strategy<Value = Desc> {
@@ -115,9 +117,10 @@ fn case() -> impl Strategy<Value = Case> {
         any::<u64>(),
         any::<bool>(),
         any::<bool>(),
+        any::<bool>(),
     )
         .prop_map(
-            |(table, indirect, headers, avail, pool_seed, read_only, event_idx)| Case {
+            |(table, indirect, headers, avail, pool_seed, read_only, event_idx, inflight)| Case {
                 table,
                 indirect,
                 headers,
@@ -125,6 +128,7 @@ fn case() -> impl Strategy<Value = Case> {
                 pool_seed,
                 read_only,
                 event_idx,
+                inflight,
             },
         )
 }
@@ -221,6 +225,15 @@ fn run(c: &Case) {
     let bdev = Arc::new(MallocBdev::new("m", CAPACITY, 512, false).unwrap());
     let dev = io.add_device(bdev).unwrap();
     let stats = Arc::new(QueueStats::default());
+    let region = c.inflight.then(|| {
+        let (f, size) = crate::inflight::create(1, QSIZE, 1).unwrap();
+        Arc::new(crate::inflight::InflightRegion::map(&f, size, 0, 1, QSIZE, 1).unwrap())
+    });
+    let tracker = region.as_ref().map(|r| {
+        let mut q = r.queue(0, QSIZE).unwrap();
+        assert_eq!(q.recover(0), None, "a fresh region");
+        q
+    });
     let mut p = QueuePoller::new(QueueParts {
         q,
         mem: g.mem.clone(),
@@ -234,7 +247,7 @@ fn run(c: &Case) {
         serial: *b"fuzz-serial-00000000",
         stats: stats.clone(),
         name: "fuzz".into(),
-        inflight_region: None,
+        inflight_region: tracker,
         resubmit: Vec::new(),
     });
     for _ in 0..100 {
@@ -249,7 +262,9 @@ fn run(c: &Case) {
     assert_eq!(p.in_flight(), 0, "requests left in flight");
     assert_eq!(io.in_flight(), 0, "engine requests left in flight");
     let popped = c.avail.len().min(QSIZE as usize) as u16;
-    assert_eq!(p.q.last_avail, popped, "every avail entry was taken");
+    if !p.broken {
+        assert_eq!(p.q.last_avail, popped, "every avail entry was taken");
+    }
     // every used entry names a head the guest offered
     let used = g.read(USED, 4 + 8 * QSIZE as usize);
     let used_idx = u16::from_le_bytes([used[2], used[3]]);
@@ -262,6 +277,23 @@ fn run(c: &Case) {
             .iter()
             .take(QSIZE as usize)
             .any(|&h| u32::from(h) == id));
+    }
+    // the in-flight region agrees: nothing marked, its used index is the
+    // ring's, so a restart now would resubmit nothing and resume exactly
+    // after the entries taken
+    if let Some(r) = &region {
+        let mut again = r.queue(0, QSIZE).unwrap();
+        assert_eq!(
+            again.recover(used_idx),
+            Some(vec![]),
+            "in-flight marks left behind"
+        );
+        if !p.broken {
+            assert_eq!(
+                used_idx, p.q.last_avail,
+                "every taken entry is on the used ring"
+            );
+        }
     }
     // nothing written outside what the guest allowed
     let after = g.read(GPA, MEM as usize);
@@ -281,5 +313,41 @@ proptest! {
     #[test]
     fn fuzz_arbitrary_rings_never_break_the_queue(c in case()) {
         run(&c);
+    }
+}
+
+/// Cases the fuzzer found, kept as named tests.
+mod fuzz_regressions {
+    use super::*;
+
+    fn looping(n: usize) -> Vec<Desc> {
+        (0..n)
+            .map(|_| Desc {
+                addr_kind: 0,
+                addr_off: 0,
+                len: 16,
+                flags: VRING_DESC_F_NEXT,
+                next: 0,
+            })
+            .collect()
+    }
+
+    /// A guest offering a head again before its (malformed) first use was
+    /// published chained the head to itself in the in-flight batch list, so
+    /// another head's mark was never cleared: a restart would have
+    /// resubmitted a request the guest already had back. Found by
+    /// `fuzz_arbitrary_rings_never_break_the_queue` with in-flight tracking.
+    #[test]
+    fn head_offered_twice_in_one_cycle_leaves_no_mark() {
+        run(&Case {
+            table: looping(QSIZE as usize),
+            indirect: looping(INDIRECT_N as usize),
+            headers: vec![(0, 0); HEADERS as usize],
+            avail: vec![0, 15, 15],
+            pool_seed: 0,
+            read_only: false,
+            event_idx: false,
+            inflight: true,
+        });
     }
 }

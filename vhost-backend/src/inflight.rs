@@ -89,13 +89,31 @@ pub fn create(
 ) -> Result<(File, u64), InflightError> {
     let size = check_geometry(num_queues, queue_size, max_queues)?;
     // SAFETY: memfd_create with a static NUL-terminated name.
-    let fd = unsafe { libc::memfd_create(c"quern-inflight".as_ptr(), libc::MFD_CLOEXEC) };
+    let fd = unsafe {
+        libc::memfd_create(
+            c"quern-inflight".as_ptr(),
+            libc::MFD_CLOEXEC | libc::MFD_ALLOW_SEALING,
+        )
+    };
     if fd < 0 {
         return Err(std::io::Error::last_os_error().into());
     }
     // SAFETY: a fresh fd we own.
     let f = unsafe { File::from_raw_fd(fd) };
     f.set_len(size)?; // a new memfd reads as zeroes: version 0, nothing in flight
+                      // the size is fixed from now on: a frontend cannot shrink the file under
+                      // a reactor's mapping (which would end in SIGBUS)
+                      // SAFETY: fcntl on our own memfd.
+    let r = unsafe {
+        libc::fcntl(
+            f.as_raw_fd(),
+            libc::F_ADD_SEALS,
+            libc::F_SEAL_SHRINK | libc::F_SEAL_GROW | libc::F_SEAL_SEAL,
+        )
+    };
+    if r < 0 {
+        return Err(std::io::Error::last_os_error().into());
+    }
     Ok((f, size))
 }
 
@@ -225,7 +243,7 @@ impl InflightQueue {
         let d = self.desc(head);
         // SAFETY: desc()+8 is the 8-byte counter, in bounds.
         unsafe { std::ptr::write_volatile(d.add(8).cast::<u64>(), self.counter) };
-        self.counter += 1;
+        self.counter = self.counter.wrapping_add(1);
         self.set_inflight(head, true);
     }
 

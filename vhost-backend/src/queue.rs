@@ -63,6 +63,12 @@ pub struct QueuePoller {
     /// Heads left in flight by a previous backend, still to run again.
     resubmit: Vec<u16>,
     resubmit_next: usize,
+    /// The guest broke the avail ring: take no more requests.
+    pub(crate) broken: bool,
+    /// Heads returned this cycle whose used entries are not yet published:
+    /// the guest may not offer them again before it has seen them.
+    returned: Vec<bool>,
+    returned_list: Vec<u16>,
 }
 
 #[derive(Clone, Copy, Default, PartialEq, Eq)]
@@ -160,6 +166,24 @@ impl QueuePoller {
             inflight_region: p.inflight_region,
             resubmit: p.resubmit,
             resubmit_next: 0,
+            broken: false,
+            returned: vec![false; size],
+            returned_list: Vec::with_capacity(size),
+        }
+    }
+
+    /// Put `head` on the used ring (published at the end of the cycle) and
+    /// into the in-flight region's batch, whatever became of the request.
+    fn return_head(&mut self, head: u16, len: u32) {
+        if let Some(r) = self.returned.get_mut(head as usize) {
+            if !*r {
+                *r = true;
+                self.returned_list.push(head);
+            }
+        }
+        self.q.push_used(head, len);
+        if let Some(r) = &mut self.inflight_region {
+            r.completed(head);
         }
     }
 
@@ -177,10 +201,7 @@ impl QueuePoller {
         } else {
             0
         };
-        self.q.push_used(head, len);
-        if let Some(r) = &mut self.inflight_region {
-            r.completed(head);
-        }
+        self.return_head(head, len);
         if st != blk::VIRTIO_BLK_S_OK {
             self.counts.errors += 1;
         }
@@ -191,7 +212,7 @@ impl QueuePoller {
             self.counts.malformed += 1;
             tracing::warn!(device = %self.name, head, "malformed descriptor chain: {e}");
             // no trustworthy status byte: return the head with nothing written
-            self.q.push_used(head, 0);
+            self.return_head(head, 0);
             return;
         }
         let req = blk::decode(&self.segs, &mut self.iov, self.capacity, self.read_only);
@@ -246,6 +267,9 @@ impl QueuePoller {
 impl Poller for QueuePoller {
     fn poll(&mut self, io: &mut IoEngine, base: u64) -> usize {
         let mut n = 0;
+        if self.broken {
+            return 0;
+        }
         // requests a killed predecessor left unfinished go first, in the
         // order they were submitted
         while self.resubmit_next < self.resubmit.len() && io.free_slots() > 0 {
@@ -264,11 +288,25 @@ impl Poller for QueuePoller {
         while io.free_slots() > 0 {
             let Some(head) = self.q.pop(avail) else { break };
             n += 1;
-            if head >= self.q.size() || self.slots[head as usize].busy {
-                // a head out of range, or one still in flight: the guest is
-                // broken; drop the entry rather than corrupt our state
+            if head >= self.q.size()
+                || self.slots[head as usize].busy
+                || self.returned[head as usize]
+            {
+                // a head out of range, one still in flight, or one returned
+                // but not yet published: the guest is broken; drop the
+                // entry rather than corrupt our state
                 self.counts.malformed += 1;
                 tracing::warn!(device = %self.name, head, "invalid or in-flight head on the avail ring");
+                if self.inflight_region.is_some() {
+                    // A dropped entry is neither on the used ring nor marked
+                    // in flight, so a restart would resume the avail ring one
+                    // entry early and run another request twice. Stop taking
+                    // requests instead (the guest must reset the device), as
+                    // libvhost-user does.
+                    tracing::error!(device = %self.name, head, "queue stopped: the guest broke the avail ring; it needs a device reset");
+                    self.broken = true;
+                    break;
+                }
                 continue;
             }
             if let Some(r) = &mut self.inflight_region {
@@ -319,9 +357,15 @@ impl Poller for QueuePoller {
         if let Some(r) = &mut self.inflight_region {
             r.published(self.q.used_idx);
         }
+        for h in self.returned_list.drain(..) {
+            self.returned[h as usize] = false;
+        }
     }
 
     fn prepare_sleep(&mut self) -> bool {
+        if self.broken {
+            return true;
+        }
         if self.resubmit_next < self.resubmit.len() {
             return false;
         }
