@@ -638,10 +638,15 @@ impl BdevChannel for RbdChannel {
                 let s = self.slots[ix];
                 let res = if ret < 0 {
                     ret.max(i32::MIN as isize) as i32
+                } else if s.kind == IoKind::Read && ret as u64 != u64::from(s.len) {
+                    // librbd zero-fills holes and the engine refuses ranges
+                    // past the end, so a read returns its whole length; a
+                    // shorter one (an image shrunk under us) is an error
+                    tracing::warn!(got = ret, want = s.len, "short read from librbd");
+                    -libc::EIO
                 } else if s.kind.has_data() {
-                    // librbd zero-fills holes, so a successful read or write
-                    // covers the whole range (the engine refuses ranges past
-                    // the end)
+                    // a write's return value is 0 or its length, depending on
+                    // the librbd version: success covers the whole range
                     s.len as i32
                 } else {
                     0
