@@ -645,8 +645,8 @@ impl BdevChannel for RbdChannel {
                     tracing::warn!(got = ret, want = s.len, "short read from librbd");
                     -libc::EIO
                 } else if s.kind.has_data() {
-                    // a write's return value is 0 or its length, depending on
-                    // the librbd version: success covers the whole range
+                    // a write's positive return value is not relied on:
+                    // success covers the whole range
                     s.len as i32
                 } else {
                     0
