@@ -24,7 +24,8 @@ use io_uring::IoUring;
 
 use crate::merge::{MergeConfig, MergeInput, MergePlanner, MergeStats, MergedGroup};
 use crate::types::{
-    validate, BdevChannel, BdevError, BdevInfo, BdevRef, IoKind, IoResult, Op, Submitter, IOV_MAX,
+    submit_to_channel, validate, BdevChannel, BdevError, BdevInfo, BdevRef, IoKind, IoResult, Op,
+    IOV_MAX,
 };
 
 const NONE: u32 = u32::MAX;
@@ -453,14 +454,13 @@ impl IoEngine {
             fua: op.fua,
             drain: op.drain,
         };
-        let mut sub = Submitter {
-            sq: self.ring.submission(),
-            done: &mut self.done,
-        };
-        let before = sub.sq.len();
-        let ok = dev.chan.submit(&o, u64::from(op_ix), &mut sub);
-        let pushed = sub.sq.len() != before;
-        drop(sub);
+        let (ok, pushed) = submit_to_channel(
+            dev.chan.as_mut(),
+            &o,
+            u64::from(op_ix),
+            &mut self.ring,
+            &mut self.done,
+        );
         if pushed {
             self.sq_dirty = true;
         }

@@ -121,6 +121,25 @@ pub struct Submitter<'a> {
     pub(crate) done: &'a mut Vec<(u64, i32)>,
 }
 
+/// Let `chan` start `op` under `tag` on `ring` (synchronous completions go
+/// to `done`). Returns whether the channel took the op, and whether it
+/// queued SQEs that still need an `io_uring_enter`.
+pub(crate) fn submit_to_channel(
+    chan: &mut dyn BdevChannel,
+    op: &Op<'_>,
+    tag: u64,
+    ring: &mut io_uring::IoUring,
+    done: &mut Vec<(u64, i32)>,
+) -> (bool, bool) {
+    let mut sub = Submitter {
+        sq: ring.submission(),
+        done,
+    };
+    let before = sub.sq.len();
+    let ok = chan.submit(op, tag, &mut sub);
+    (ok, sub.sq.len() != before)
+}
+
 impl Submitter<'_> {
     /// Queue one SQE. Returns false if the submission queue is full.
     pub fn push_sqe(&mut self, entry: &io_uring::squeue::Entry) -> bool {

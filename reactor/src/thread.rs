@@ -168,7 +168,6 @@ struct CycleClock {
     cycles: u64,
     busy_ns: u64,
     idle_ns: u64,
-    worked_since_read: bool,
 }
 
 impl CycleClock {
@@ -180,7 +179,6 @@ impl CycleClock {
             cycles: st.cycles.load(Ordering::Relaxed),
             busy_ns: st.busy_ns.load(Ordering::Relaxed),
             idle_ns: st.idle_ns.load(Ordering::Relaxed),
-            worked_since_read: false,
         }
     }
 
@@ -189,14 +187,14 @@ impl CycleClock {
         self.cycles += 1;
         if busy {
             self.busy_cycles += 1;
-            self.worked_since_read = true;
         } else {
             self.idle_cycles += 1;
         }
     }
 
     /// Read the clock, share the time since the last read, publish.
-    fn read(&mut self, st: &ReactorStats) -> Instant {
+    /// Returns the time and whether any cycle since the last read worked.
+    fn read(&mut self, st: &ReactorStats) -> (Instant, bool) {
         let now = Instant::now();
         let ns = now.duration_since(self.mark).as_nanos() as u64;
         let total = self.busy_cycles + self.idle_cycles;
@@ -207,6 +205,7 @@ impl CycleClock {
         } else {
             self.idle_ns += ns;
         }
+        let worked = self.busy_cycles > 0;
         self.mark = now;
         self.busy_cycles = 0;
         self.idle_cycles = 0;
@@ -214,7 +213,7 @@ impl CycleClock {
         st.cycles.store(self.cycles, Ordering::Relaxed);
         st.busy_ns.store(self.busy_ns, Ordering::Relaxed);
         st.idle_ns.store(self.idle_ns, Ordering::Relaxed);
-        now
+        (now, worked)
     }
 
     /// After a sleep: the whole sleep was idle.
@@ -309,11 +308,10 @@ impl Reactor {
             if !read_clock {
                 continue;
             }
-            let now = clock.read(&self.stats);
-            if clock.worked_since_read {
+            let (now, worked) = clock.read(&self.stats);
+            if worked {
                 last_work = now;
             }
-            clock.worked_since_read = false;
             let sleep = idle
                 && match self.cfg.mode {
                     PollMode::Busy => false,

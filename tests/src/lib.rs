@@ -43,13 +43,19 @@ impl Drop for Running {
     }
 }
 
+/// A new temporary folder on disk (/var/tmp; /tmp may be tmpfs, which has
+/// no O_DIRECT).
+pub fn disk_tempdir(prefix: &str) -> tempfile::TempDir {
+    tempfile::Builder::new()
+        .prefix(prefix)
+        .tempdir_in("/var/tmp")
+        .expect("tempdir")
+}
+
 /// Start Quern from a configuration text in which `@DIR@` stands for a new
 /// temporary folder (on disk, so O_DIRECT works).
 pub fn start(config: &str) -> Running {
-    let dir = tempfile::Builder::new()
-        .prefix("quern-e2e")
-        .tempdir_in("/var/tmp")
-        .expect("tempdir");
+    let dir = disk_tempdir("quern-e2e");
     let text = config.replace("@DIR@", dir.path().to_str().expect("utf-8 path"));
     let cfg = Config::parse(&text).expect("valid configuration");
     let engine = Engine::start(&cfg).expect("engine starts");
@@ -71,6 +77,34 @@ pub fn run_guest(socket: &Path, args: &[&str], log: &Path) -> (bool, String) {
         .expect("run run-guest.sh");
     let text = std::fs::read_to_string(log).unwrap_or_default();
     (st.success(), text)
+}
+
+/// Boot the guest with its root filesystem on the disk at `socket`
+/// (`tests/guest/build-rootfs.sh` image; `quern.token=TOKEN` is what it
+/// writes), log the console under `dir`, check that it booted and finished
+/// cleanly, and return the console.
+pub fn boot_root(socket: &Path, dir: &Path, token: &str, timeout_secs: u32) -> String {
+    let log = dir.join(format!("console-{token}.log"));
+    let (_, console) = run_guest(
+        socket,
+        &[
+            "-q",
+            "1",
+            "-a",
+            &format!("root=/dev/vda quern.root=/dev/vda quern.token={token}"),
+            "-t",
+            &timeout_secs.to_string(),
+            "--no-check",
+        ],
+        &log,
+    );
+    assert!(
+        console.contains("QUERN-ROOT-BOOTED"),
+        "the guest booted its root from the disk:\n{console}"
+    );
+    assert!(console.contains("QUERN-ROOT-END"), "{console}");
+    assert!(!console.contains("QUERN-ERROR"), "{console}");
+    console
 }
 
 /// The `quern` binary cargo built next to this test executable.

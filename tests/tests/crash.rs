@@ -16,10 +16,7 @@ const BLOCK: usize = 4096;
 
 fn tempdir() -> tempfile::TempDir {
     // on disk, so the uring bdev really uses O_DIRECT
-    tempfile::Builder::new()
-        .prefix("quern-crash")
-        .tempdir_in("/var/tmp")
-        .expect("tempdir")
+    quern_tests::disk_tempdir("quern-crash")
 }
 
 /// xorshift64*: reproducible randomness without a dependency.
@@ -321,17 +318,9 @@ fn garbage_on_one_device_leaves_the_other_untouched() {
 /// Whether any queue of the running quern has taken requests it has not
 /// completed yet (from `devices` on the management socket).
 fn requests_in_flight(mgmt: &Path) -> bool {
-    use std::io::{BufRead, BufReader};
-    let Ok(mut s) = UnixStream::connect(mgmt) else {
+    let Ok(line) = quern::mgmt::request(mgmt, "devices") else {
         return false;
     };
-    if writeln!(s, "devices").is_err() {
-        return false;
-    }
-    let mut line = String::new();
-    if BufReader::new(s).read_line(&mut line).is_err() {
-        return false;
-    }
     let Ok(v) = serde_json::from_str::<serde_json::Value>(&line) else {
         return false;
     };

@@ -43,10 +43,7 @@ impl Drop for KillOnDrop {
 
 #[test]
 fn full_filesystem_gives_ioerr_and_quern_keeps_serving() {
-    let dir = tempfile::Builder::new()
-        .prefix("quern-faults")
-        .tempdir_in("/var/tmp")
-        .unwrap();
+    let dir = quern_tests::disk_tempdir("quern-faults");
     let d = dir.path();
     std::fs::create_dir(d.join("small-fs")).unwrap();
     let cfg = d.join("quern.toml");

@@ -42,29 +42,7 @@ num_queues = 1
         conf = c.conf.display()
     ));
     let sock = r.dir.path().join("vm0.sock");
-    let boot = |token: &str| {
-        let log = r.dir.path().join(format!("console-{token}.log"));
-        let (_, console) = quern_tests::run_guest(
-            &sock,
-            &[
-                "-q",
-                "1",
-                "-a",
-                &format!("root=/dev/vda quern.root=/dev/vda quern.token={token}"),
-                "-t",
-                "240",
-                "--no-check",
-            ],
-            &log,
-        );
-        assert!(
-            console.contains("QUERN-ROOT-BOOTED"),
-            "the guest booted its RBD root:\n{console}"
-        );
-        assert!(console.contains("QUERN-ROOT-END"), "{console}");
-        assert!(!console.contains("QUERN-ERROR"), "{console}");
-        console
-    };
+    let boot = |token: &str| quern_tests::boot_root(&sock, r.dir.path(), token, 240);
     let first = boot("first");
     assert!(first.contains("QUERN-SEEN quern-boot-1 first"), "{first}");
     let second = boot("second");

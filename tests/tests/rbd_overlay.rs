@@ -66,27 +66,7 @@ socket = "{vm}.sock"
 
 /// Boot a guest with its root on `socket`; returns its console.
 fn boot(socket: &Path, dir: &Path, token: &str) -> String {
-    let log = dir.join(format!("console-{token}.log"));
-    let (_, console) = quern_tests::run_guest(
-        socket,
-        &[
-            "-q",
-            "1",
-            "-a",
-            &format!("root=/dev/vda quern.root=/dev/vda quern.token={token}"),
-            "-t",
-            "300",
-            "--no-check",
-        ],
-        &log,
-    );
-    assert!(
-        console.contains("QUERN-ROOT-BOOTED"),
-        "the guest booted its root through the overlay:\n{console}"
-    );
-    assert!(console.contains("QUERN-ROOT-END"), "{console}");
-    assert!(!console.contains("QUERN-ERROR"), "{console}");
-    console
+    quern_tests::boot_root(socket, dir, token, 300)
 }
 
 fn qemu_img(args: &[&str]) -> (bool, String) {

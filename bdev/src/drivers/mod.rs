@@ -14,3 +14,15 @@ pub use uring::{UringBdev, UringOptions};
 pub mod rbd;
 #[cfg(feature = "rbd")]
 pub use rbd::{RbdBdev, RbdOptions};
+
+/// Create a new file for writing at `path`, with its parent folders; fails
+/// if it exists.
+pub(crate) fn create_new_file(path: &std::path::Path) -> std::io::Result<std::fs::File> {
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir)?;
+    }
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(path)
+}

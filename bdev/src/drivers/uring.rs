@@ -48,13 +48,7 @@ impl UringBdev {
         if !exists {
             match o.create_size {
                 Some(size) if !o.read_only => {
-                    if let Some(dir) = o.path.parent().filter(|d| !d.as_os_str().is_empty()) {
-                        std::fs::create_dir_all(dir)?;
-                    }
-                    let f = OpenOptions::new()
-                        .write(true)
-                        .create_new(true)
-                        .open(&o.path)?;
+                    let f = super::create_new_file(&o.path)?;
                     f.set_len(size)?;
                     tracing::info!(bdev = %o.name, path = %o.path.display(), size, "created backing file");
                 }

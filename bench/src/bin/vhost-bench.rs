@@ -109,15 +109,21 @@ struct ThreadOut {
 }
 
 /// Drive `socket` with `job`; client threads pinned to `cpu`. Returns fio-style JSON.
-/// `wait`: block in do_io until a completion arrives instead of spinning
-/// (for backends that need the client's CPU, e.g. a Ceph on the same host).
-fn run_client(job: &Job, socket: &Path, cpu: usize, wait: bool) -> Value {
+/// A libblkio `virtio-blk-vhost-user` client on `socket`, started with
+/// `queues` queues.
+fn connect(socket: &Path, queues: usize) -> (Blkio, blkio::BlkioStartOutcome) {
     let mut b = Blkio::new("virtio-blk-vhost-user").expect("blkio");
     b.set_str("path", socket.to_str().unwrap()).expect("path");
     b.connect().expect("connect");
-    b.set_i32("num-queues", job.numjobs as i32)
-        .expect("num-queues");
+    b.set_i32("num-queues", queues as i32).expect("num-queues");
     let started = b.start().expect("start");
+    (b, started)
+}
+
+/// `wait`: block in do_io until a completion arrives instead of spinning
+/// (for backends that need the client's CPU, e.g. a Ceph on the same host).
+fn run_client(job: &Job, socket: &Path, cpu: usize, wait: bool) -> Value {
+    let (mut b, started) = connect(socket, job.numjobs);
     let capacity = b.get_u64("capacity").expect("capacity");
     let size = job.size.unwrap_or(capacity).min(capacity);
     let per_q = job.iodepth * job.bs;
@@ -583,11 +589,7 @@ fn compare(job: &Job, o: &Opts) {
 /// every queue is bound and running), then stay connected and idle for
 /// `secs` seconds and report the backend's CPU use over that time.
 fn idle(socket: &Path, queues: usize, pid: u32, secs: u64) -> Value {
-    let mut b = Blkio::new("virtio-blk-vhost-user").expect("blkio");
-    b.set_str("path", socket.to_str().unwrap()).expect("path");
-    b.connect().expect("connect");
-    b.set_i32("num-queues", queues as i32).expect("num-queues");
-    let mut started = b.start().expect("start");
+    let (mut b, mut started) = connect(socket, queues);
     let region = b.alloc_mem_region(2 << 20).expect("alloc_mem_region");
     b.map_mem_region(&region).expect("map_mem_region");
     for (i, q) in started.queues.iter_mut().enumerate() {

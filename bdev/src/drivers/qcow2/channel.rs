@@ -26,7 +26,7 @@ use io_uring::{opcode, types, IoUring};
 
 use super::worker::{scatter, IovPtr, Job};
 use super::{eventfd, Shared, ZERO};
-use crate::types::{BdevChannel, BdevRef, IoKind, Op, Submitter, IOV_MAX};
+use crate::types::{submit_to_channel, BdevChannel, BdevRef, IoKind, Op, Submitter, IOV_MAX};
 
 /// Sub-operations (and private ring entries) per channel.
 const SUBS: usize = 256;
@@ -350,14 +350,13 @@ impl Qcow2Channel {
             fua: false,
             drain: false,
         };
-        let mut sub = Submitter {
-            sq: self.ring.submission(),
-            done: &mut self.base_done,
-        };
-        let before = sub.sq.len();
-        let ok = self.base.submit(&op, u64::from(ix), &mut sub);
-        let pushed = sub.sq.len() != before;
-        drop(sub);
+        let (ok, pushed) = submit_to_channel(
+            self.base.as_mut(),
+            &op,
+            u64::from(ix),
+            &mut self.ring,
+            &mut self.base_done,
+        );
         self.sq_dirty |= pushed;
         ok
     }

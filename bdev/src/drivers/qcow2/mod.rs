@@ -147,13 +147,7 @@ fn create(o: &Qcow2Options, cap: u64) -> io::Result<()> {
         tracing::warn!(bdev = %o.name, "base has no file QEMU can open; the image names no backing file");
     }
     let img = Layout::new(cap, cs.trailing_zeros())?.image(backing.as_deref())?;
-    if let Some(dir) = o.path.parent().filter(|d| !d.as_os_str().is_empty()) {
-        std::fs::create_dir_all(dir)?;
-    }
-    let f = OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .open(&o.path)?;
+    let f = super::create_new_file(&o.path)?;
     f.write_all_at(&img, 0)?;
     f.sync_all()?;
     tracing::info!(bdev = %o.name, path = %o.path.display(), "created qcow2 overlay");
