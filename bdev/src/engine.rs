@@ -149,6 +149,8 @@ pub struct IoEngine {
     ring: IoUring,
     cfg: EngineConfig,
     devs: Vec<Option<Device>>,
+    /// Bumped when a device comes or goes (its wake fd with it).
+    device_generation: u64,
     reqs: Vec<ReqSlot>,
     free_reqs: Vec<u32>,
     ops: Vec<OpSlot>,
@@ -226,6 +228,7 @@ impl IoEngine {
             ring,
             planner: MergePlanner::new(cfg.merge, n),
             devs: Vec::new(),
+            device_generation: 0,
             free_reqs: (0..n as u32).rev().collect(),
             free_ops: (0..n as u32).rev().collect(),
             reqs,
@@ -259,6 +262,7 @@ impl IoEngine {
             chan,
             _bdev: bdev,
         });
+        self.device_generation += 1;
         Ok(slot as u16)
     }
 
@@ -266,6 +270,7 @@ impl IoEngine {
     pub fn remove_device(&mut self, dev: u16) {
         if let Some(d) = self.devs.get_mut(dev as usize) {
             *d = None;
+            self.device_generation += 1;
             let _ = self
                 .ring
                 .submitter()
@@ -289,6 +294,12 @@ impl IoEngine {
     /// The eventfd-capable ring, for reactors that register a wake-up eventfd.
     pub fn ring(&self) -> &IoUring {
         &self.ring
+    }
+
+    /// Changes whenever a device is added or removed, so a reactor knows
+    /// to re-read [`IoEngine::device_wake_fds`].
+    pub fn device_generation(&self) -> u64 {
+        self.device_generation
     }
 
     /// Fds of devices with their own completion source.

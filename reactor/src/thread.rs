@@ -233,7 +233,8 @@ struct Reactor {
     new_inbox: Receiver<Inbox>,
     inboxes: Vec<Inbox>,
     epfd: RawFd,
-    watched: Vec<RawFd>,
+    /// The engine's device generation the epoll set was built for.
+    device_generation: u64,
 }
 
 impl Drop for Reactor {
@@ -275,7 +276,7 @@ impl Reactor {
             new_inbox,
             inboxes: vec![first],
             epfd,
-            watched: Vec::new(),
+            device_generation: u64::MAX,
         };
         Ok(r)
     }
@@ -378,15 +379,39 @@ impl Reactor {
         work + usize::from(io.in_flight() > 0 && self.cfg.mode != PollMode::Interrupt)
     }
 
+    /// Bring the epoll set up to date with the current wake sources.
+    ///
+    /// The set is rebuilt from a fresh epoll instance rather than edited:
+    /// an epoll registration belongs to the open file, not the fd number,
+    /// so one made through a poller's fd outlives that fd while another
+    /// copy of the file stays open (the device keeps the kick file across
+    /// a queue restart). EPOLL_CTL_DEL through the closed or reused number
+    /// cannot reach it, and the stale entry would then report a number that
+    /// may now name someone else's fd, whose count the wake-up would read
+    /// and steal (a client's completion eventfd in the same process).
     fn sync_epoll(&mut self) {
-        if !self.ctx.epoll_dirty {
+        let generation = self.ctx.io.device_generation();
+        if !self.ctx.epoll_dirty && generation == self.device_generation {
             return;
         }
-        self.ctx.epoll_dirty = false;
-        for fd in self.watched.drain(..) {
-            // SAFETY: removing an fd we added; errors (closed fd) are harmless.
-            unsafe { libc::epoll_ctl(self.epfd, libc::EPOLL_CTL_DEL, fd, std::ptr::null_mut()) };
+        // SAFETY: creates a new epoll instance.
+        let epfd = unsafe { libc::epoll_create1(libc::EPOLL_CLOEXEC) };
+        if epfd < 0 {
+            // keep the old set and the one-second timeout; try again at
+            // the next sleep
+            tracing::warn!(
+                reactor = self.cfg.id,
+                "epoll_create1: {}",
+                std::io::Error::last_os_error()
+            );
+            return;
         }
+        // SAFETY: the old epoll fd is ours; closing it drops every
+        // registration made through it.
+        unsafe { libc::close(self.epfd) };
+        self.epfd = epfd;
+        self.ctx.epoll_dirty = false;
+        self.device_generation = generation;
         let mut fds = vec![self.bell.fd(), self.ring_efd.fd()];
         fds.extend(
             self.ctx
@@ -402,8 +427,13 @@ impl Reactor {
                 u64: fd as u64,
             };
             // SAFETY: valid epoll fd and event struct.
-            if unsafe { libc::epoll_ctl(self.epfd, libc::EPOLL_CTL_ADD, fd, &mut ev) } == 0 {
-                self.watched.push(fd);
+            if unsafe { libc::epoll_ctl(self.epfd, libc::EPOLL_CTL_ADD, fd, &mut ev) } != 0 {
+                tracing::warn!(
+                    reactor = self.cfg.id,
+                    fd,
+                    "epoll_ctl: {}",
+                    std::io::Error::last_os_error()
+                );
             }
         }
     }

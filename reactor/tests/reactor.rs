@@ -156,3 +156,106 @@ fn pins_to_an_existing_core() {
     assert_eq!(cpu as usize, *cores.last().unwrap());
     r.stop();
 }
+
+/// A poller that only lends the reactor a wake fd (the test owns the fd).
+struct Waker(i32);
+
+impl Poller for Waker {
+    fn poll(&mut self, _io: &mut IoEngine, _base: u64) -> usize {
+        0
+    }
+    fn on_complete(&mut self, _cookie: u64, _result: IoResult) {}
+    fn wake_fd(&self) -> Option<std::os::fd::RawFd> {
+        Some(self.0)
+    }
+}
+
+fn eventfd() -> i32 {
+    // SAFETY: plain eventfd creation.
+    let fd = unsafe { libc::eventfd(0, libc::EFD_NONBLOCK | libc::EFD_CLOEXEC) };
+    assert!(fd >= 0);
+    fd
+}
+
+fn bump(fd: i32) {
+    let one: u64 = 1;
+    // SAFETY: an 8-byte write to an eventfd.
+    assert_eq!(
+        unsafe { libc::write(fd, (&one as *const u64).cast(), 8) },
+        8
+    );
+}
+
+fn count(fd: i32) -> u64 {
+    let mut v: u64 = 0;
+    // SAFETY: an 8-byte read from a non-blocking eventfd.
+    let n = unsafe { libc::read(fd, (&mut v as *mut u64).cast(), 8) };
+    if n == 8 {
+        v
+    } else {
+        0
+    }
+}
+
+fn wait_for_sleeps(r: &quern_reactor::ReactorHandle, more_than: u64) {
+    let t = Instant::now();
+    while r.stats.snapshot().sleeps <= more_than {
+        assert!(t.elapsed() < Duration::from_secs(10), "reactor never slept");
+        std::thread::sleep(Duration::from_millis(1));
+    }
+}
+
+/// A queue restart replaces a poller's wake fd while the device keeps the
+/// kick file open. The reactor must forget the old registration: if it
+/// did not, a kick would wake it through the old fd number, by then reused
+/// for someone else's eventfd, and it would read (steal) that eventfd's
+/// count. This is how a libblkio client in the same process once lost a
+/// completion notification and timed out.
+#[test]
+fn replaced_wake_fd_is_forgotten_and_its_number_reuse_is_not_read() {
+    let r = spawn_reactor(cfg(PollMode::Interrupt)).unwrap();
+    let kick = eventfd();
+    // SAFETY: dup of a valid fd.
+    let first = unsafe { libc::dup(kick) };
+    assert!(first >= 0);
+    let s0 = r.stats.snapshot().sleeps;
+    let slot = r.call(move |ctx| ctx.add_poller(Box::new(Waker(first))));
+    // it sleeps with `first` in its epoll set
+    wait_for_sleeps(&r, s0);
+    // The poller goes, and before the reactor next sleeps the number
+    // `first` comes to name a bystander's eventfd (dup2 replaces the file
+    // under the number without freeing it, so no other test thread can
+    // take the number in between).
+    let bystander = eventfd();
+    let gone = r.call(move |ctx| {
+        let p = ctx.remove_poller(slot);
+        // SAFETY: both fds are ours.
+        let moved = unsafe { libc::dup2(bystander, first) };
+        moved == first && p.is_some()
+    });
+    assert!(gone);
+    bump(first);
+    let second = eventfd();
+    let s1 = r.stats.snapshot().sleeps;
+    r.call(move |ctx| ctx.add_poller(Box::new(Waker(second))));
+    wait_for_sleeps(&r, s1);
+    // kick through the original file: the reactor no longer watches it
+    for _ in 0..20 {
+        bump(kick);
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    assert_eq!(count(first), 1, "the reactor read a bystander's eventfd");
+    // the current wake fd still wakes it
+    let s2 = r.stats.snapshot().sleeps;
+    bump(second);
+    wait_for_sleeps(&r, s2);
+    assert_eq!(count(second), 0, "the reactor drains its wake fd");
+    r.stop();
+    // SAFETY: closing our fds.
+    unsafe {
+        libc::close(kick);
+        libc::close(first);
+        libc::close(bystander);
+        libc::close(second);
+    }
+}
