@@ -228,18 +228,23 @@ fn default_queue_size() -> u16 {
 
 impl Config {
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let cfg = Self::load_unvalidated(path)?;
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    /// Read and parse a file without checking it against this machine
+    /// (cores, files, libraries): for `quern ctl`, which only needs the
+    /// management socket's path and may run under another CPU affinity.
+    pub fn load_unvalidated(path: &Path) -> Result<Config, ConfigError> {
         let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
             path: path.into(),
             source,
         })?;
-        let cfg = Self::parse(&text).map_err(|e| match e {
-            ConfigError::Parse { message, .. } => ConfigError::Parse {
-                path: path.into(),
-                message,
-            },
-            other => other,
-        })?;
-        Ok(cfg)
+        toml::from_str(&text).map_err(|e| ConfigError::Parse {
+            path: path.into(),
+            message: e.to_string(),
+        })
     }
 
     /// Parse and validate a configuration text.

@@ -66,7 +66,7 @@ fn check(path: PathBuf) -> ExitCode {
 fn ctl(args: &[&str]) -> ExitCode {
     let (socket, request) = match args {
         ["--socket" | "-s", s, req] => (PathBuf::from(s), *req),
-        ["--config" | "-c", c, req] => match Config::load(std::path::Path::new(c)) {
+        ["--config" | "-c", c, req] => match Config::load_unvalidated(std::path::Path::new(c)) {
             Ok(cfg) => match cfg.management_socket() {
                 Some(s) => (s, *req),
                 None => {

@@ -328,6 +328,20 @@ fn runs_the_default_config_serves_a_disk_and_stops_cleanly_on_sigterm() {
             v["reactors"][0]["ios_completed"].as_u64().unwrap() >= 1,
             "{text}"
         );
+        // ctl needs only the socket's path: it works under an affinity
+        // that excludes the configured reactor cores (a benchmark client
+        // pinned to core 0 asking about reactors on core 1)
+        let out = std::process::Command::new("taskset")
+            .args(["-c", "0"])
+            .arg(env!("CARGO_BIN_EXE_quern"))
+            .args(["ctl", "--config", cfg.to_str().unwrap(), "reactors"])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         // unknown and over-long requests: a clear error, the socket lives on
         let (code, text) = ctl("frobnicate");
         assert_eq!(code, Some(1));
