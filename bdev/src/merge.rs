@@ -85,6 +85,8 @@ pub struct MergeStats {
 pub struct MergePlanner {
     cfg: MergeConfig,
     order: Vec<u32>,
+    /// Sort keys, reused: (device, offset, index) packed in one integer.
+    keys: Vec<u128>,
     groups: Vec<MergedGroup>,
     stats: MergeStats,
 }
@@ -96,6 +98,7 @@ impl MergePlanner {
         MergePlanner {
             cfg,
             order: Vec::with_capacity(batch_capacity),
+            keys: Vec::with_capacity(batch_capacity),
             groups: Vec::with_capacity(batch_capacity),
             stats: MergeStats::default(),
         }
@@ -145,7 +148,7 @@ impl MergePlanner {
         }
         let first = self.order.len();
         self.order.extend(from as u32..to as u32);
-        sort_by_offset(batch, &mut self.order[first..]);
+        sort_by_offset(&mut self.keys, batch, &mut self.order[first..]);
         if !sorted_has_conflict(batch, &self.order[first..]) {
             if !self.cfg.enabled {
                 // merging off: keep submission order
@@ -174,7 +177,7 @@ impl MergePlanner {
         let first = self.order.len();
         self.order.extend(from as u32..to as u32);
         if self.cfg.enabled {
-            sort_by_offset(batch, &mut self.order[first..]);
+            sort_by_offset(&mut self.keys, batch, &mut self.order[first..]);
         }
         self.group_segment(batch, first);
     }
@@ -228,11 +231,21 @@ impl MergePlanner {
 }
 
 /// Order requests by device, then offset (submission order breaks ties).
-fn sort_by_offset(batch: &[MergeInput], order: &mut [u32]) {
-    order.sort_unstable_by_key(|&ix| {
+/// The three are packed into one integer per request, so the sort compares
+/// plain integers instead of chasing each index into the batch.
+fn sort_by_offset(keys: &mut Vec<u128>, batch: &[MergeInput], order: &mut [u32]) {
+    if order.len() < 2 {
+        return;
+    }
+    keys.clear();
+    keys.extend(order.iter().map(|&ix| {
         let r = &batch[ix as usize];
-        (r.dev, r.offset, ix)
-    });
+        (u128::from(r.dev) << 96) | (u128::from(r.offset) << 32) | u128::from(ix)
+    }));
+    keys.sort_unstable();
+    for (o, k) in order.iter_mut().zip(keys.iter()) {
+        *o = *k as u32;
+    }
 }
 
 /// Does `batch[i]` conflict with any request in `batch[seg_start..i]`?

@@ -285,6 +285,7 @@ impl Poller for QueuePoller {
             return n;
         }
         let avail = self.q.avail_idx();
+        self.q.prefetch(&self.mem, avail, io.free_slots());
         while io.free_slots() > 0 {
             let Some(head) = self.q.pop(avail) else { break };
             n += 1;

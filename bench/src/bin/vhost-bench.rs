@@ -404,9 +404,37 @@ fn run_quern(job: &Job, o: &Opts) -> (Value, f64) {
             .map(|s| s.contains("vhost-user-blk device listening"))
             .unwrap_or(false)
     });
-    let r = measure(job, child.id(), &sock);
+    let (mut v, cpu) = measure(job, child.id(), &sock);
+    // The reactor's own accounting: time in cycles that found work, per
+    // request. Independent of the client's speed, unlike CPU per I/O in
+    // busy mode (which spins its whole core whatever the load).
+    let ctl = Command::new(&o.quern)
+        .args(["ctl", "--config"])
+        .arg(&cfg)
+        .arg("reactors")
+        .output();
+    let answer = match &ctl {
+        Ok(out) => serde_json::from_slice::<Value>(&out.stdout)
+            .map_err(|e| format!("{e}: {}", String::from_utf8_lossy(&out.stderr).trim())),
+        Err(e) => Err(e.to_string()),
+    };
+    match answer {
+        Ok(r) => {
+            let sum = |k: &str| {
+                r["reactors"].as_array().map_or(0, |a| {
+                    a.iter().map(|x| x[k].as_u64().unwrap_or(0)).sum::<u64>()
+                })
+            };
+            v["quern_reactors"] = serde_json::json!({
+                "busy_ns": sum("busy_ns"),
+                "idle_ns": sum("idle_ns"),
+                "ios_completed": sum("ios_completed"),
+            });
+        }
+        Err(e) => eprintln!("quern ctl reactors failed ({e}): no reactor busy time in the report"),
+    }
     stop(&mut child);
-    r
+    (v, cpu)
 }
 
 fn run_qsd(job: &Job, o: &Opts) -> (Value, f64) {
@@ -500,6 +528,7 @@ fn compare(job: &Job, o: &Opts) {
     let _ = pin_to_cpu(0);
     let mut rows = Vec::new();
     let mut series = Vec::new();
+    let mut reactor_busy: Vec<(String, (f64, f64))> = Vec::new();
     let mode = if o.null { "null" } else { "file" };
     for be in &o.backends {
         let res = match be.as_str() {
@@ -529,6 +558,22 @@ fn compare(job: &Job, o: &Opts) {
         writeln!(f, "{}", serde_json::to_string_pretty(&v).unwrap()).unwrap();
         series.push((tag.clone(), percentiles(&v, &job.rw)));
         let row = figures(&tag, &v, &job.rw, cpu);
+        let qr = &v["quern_reactors"];
+        if let (Some(b), Some(i), Some(idle)) = (
+            qr["busy_ns"].as_u64(),
+            qr["ios_completed"].as_u64(),
+            qr["idle_ns"].as_u64(),
+        ) {
+            if i > 0 {
+                reactor_busy.push((
+                    tag.clone(),
+                    (
+                        b as f64 / i as f64,
+                        100.0 * b as f64 / (b + idle).max(1) as f64,
+                    ),
+                ));
+            }
+        }
         eprintln!(
             "{}: {:.0} IOPS, p50 {:.1} µs, p99 {:.1} µs, cpu {:.2} s -> {}",
             tag,
@@ -569,6 +614,13 @@ fn compare(job: &Job, o: &Opts) {
             r.p99_us,
             r.cpu_s,
             r.cpu_us_per_io(job.runtime)
+        );
+    }
+    for (name, r) in &reactor_busy {
+        println!(
+            "\n{name} reactor: busy {:.0} ns per I/O, busy {:.0}% of the time \
+             (the rest is polling with nothing to do)",
+            r.0, r.1
         );
     }
     let q = rows.iter().find(|r| r.name.starts_with("quern"));
