@@ -151,12 +151,19 @@ impl BlkDevice {
             | VIRTIO_BLK_F_FLUSH
             | VIRTIO_BLK_F_CONFIG_WCE
             | VIRTIO_BLK_F_MQ
-            | VIRTIO_BLK_F_DISCARD
-            | VIRTIO_BLK_F_WRITE_ZEROES
             | VIRTIO_RING_F_INDIRECT_DESC
             | VIRTIO_RING_F_EVENT_IDX
             | VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits();
-        if self.cfg.read_only {
+        // offer only what the bdev does: a guest then never sends a request
+        // it would have to see refused (a qcow2 overlay has no discard)
+        let info = self.bdev.info();
+        if info.supports_discard {
+            f |= VIRTIO_BLK_F_DISCARD;
+        }
+        if info.supports_write_zeroes {
+            f |= VIRTIO_BLK_F_WRITE_ZEROES;
+        }
+        if self.cfg.read_only || info.read_only {
             f |= VIRTIO_BLK_F_RO;
         }
         f

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use blkio::{Blkio, Blkioq, Completion, MemoryRegion, ReqFlags};
-use quern_bdev::drivers::MallocBdev;
+use quern_bdev::drivers::{MallocBdev, Qcow2Bdev, Qcow2Options};
 use quern_bdev::{BdevRef, EngineConfig};
 use quern_reactor::{spawn_reactor, PollMode, ReactorConfig, ReactorHandle};
 use quern_vhost::{serve, DeviceConfig, DeviceHandle, QueueBinding};
@@ -308,4 +308,61 @@ fn two_queues_run_on_two_reactors_under_load() {
     }
     drop(queues);
     drop(b);
+}
+
+/// The device offers only what its bdev does. A read-only bdev makes a
+/// read-only device even when the device section does not say so (libblkio
+/// then refuses a writable connection itself), and a qcow2 overlay, which
+/// has neither discard nor write-zeroes, offers neither (libblkio refuses
+/// both with ENOTSUP before they reach the device), while reads and writes
+/// work.
+#[test]
+fn features_follow_the_bdev() {
+    let ro: BdevRef = Arc::new(MallocBdev::new("ro", 1 << 20, 512, true).unwrap());
+    let s = start(ro, 1, false, PollMode::Adaptive);
+    let mut b = Blkio::new("virtio-blk-vhost-user").unwrap();
+    b.set_str("path", s.socket.to_str().unwrap()).unwrap();
+    b.connect().unwrap();
+    let e = b
+        .start()
+        .err()
+        .expect("a writable start on a read-only device");
+    assert!(format!("{e:?}").contains("read-only"), "{e:?}");
+    drop(b);
+    let mut c = connect(&s.socket, 1, true);
+    let p = c.buf(0, 4096).as_mut_ptr();
+    c.queues[0].read(0, p, 4096, 1, ReqFlags::empty());
+    assert_eq!(c.wait(0, 1), vec![(1, 0)]);
+    drop(c);
+    drop(s);
+
+    let dir = tempfile::tempdir().unwrap();
+    let ov: BdevRef = Arc::new(
+        Qcow2Bdev::open(&Qcow2Options {
+            name: "ov".into(),
+            path: dir.path().join("ov.qcow2"),
+            base: malloc(4 << 20),
+            size: None,
+            cluster_size: 65536,
+            copy_on_read: false,
+            read_only: false,
+            direct: false,
+        })
+        .unwrap(),
+    );
+    let s = start(ov, 1, false, PollMode::Adaptive);
+    let mut c = connect(&s.socket, 1, false);
+    c.buf(0, 8192).fill(0x5a);
+    let p = c.buf(0, 8192).as_mut_ptr();
+    c.queues[0].write(65536, p, 8192, 1, ReqFlags::empty());
+    assert_eq!(c.wait(0, 1), vec![(1, 0)]);
+    c.queues[0].discard(65536, 4096, 2, ReqFlags::empty());
+    c.queues[0].write_zeroes(65536, 4096, 3, ReqFlags::empty());
+    let mut r = c.wait(0, 2);
+    r.sort();
+    assert_eq!(r, vec![(2, -libc::ENOTSUP), (3, -libc::ENOTSUP)]);
+    let q = c.buf(8192, 8192).as_mut_ptr();
+    c.queues[0].read(65536, q, 8192, 4, ReqFlags::empty());
+    assert_eq!(c.wait(0, 1), vec![(4, 0)]);
+    assert!(c.buf(8192, 8192).iter().all(|&x| x == 0x5a));
 }
