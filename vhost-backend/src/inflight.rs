@@ -203,6 +203,8 @@ const OFF_VERSION: usize = 8;
 const OFF_DESC_NUM: usize = 10;
 const OFF_LAST_BATCH_HEAD: usize = 12;
 const OFF_USED_IDX: usize = 14;
+/// The link that ends a batch's chain: no head has this index.
+const NO_BATCH: u16 = u16::MAX;
 
 impl InflightQueue {
     #[inline]
@@ -275,11 +277,16 @@ impl InflightQueue {
         self.wr16(OFF_USED_IDX, used_idx);
     }
 
+    /// Clear the marks of the last `n` completed heads. The chain ends at
+    /// the head completed first after the previous clearing (its link is
+    /// [`NO_BATCH`]), so even a guest that moves its used index by more
+    /// than one batch cannot make this reach heads in flight again.
     fn clear_batch(&mut self, n: u16) {
         let mut head = self.rd16(OFF_LAST_BATCH_HEAD);
+        self.wr16(OFF_LAST_BATCH_HEAD, NO_BATCH);
         for _ in 0..n.min(self.size) {
             if head >= self.size {
-                break; // a link the frontend scribbled over
+                break; // the batch's end, or a link the frontend scribbled over
             }
             self.set_inflight(head, false);
             // SAFETY: desc()+6 is the next link, in bounds.
@@ -299,6 +306,7 @@ impl InflightQueue {
             };
             self.wr16(OFF_VERSION, INFLIGHT_VERSION);
             self.wr16(OFF_DESC_NUM, self.size);
+            self.wr16(OFF_LAST_BATCH_HEAD, NO_BATCH);
             self.wr16(OFF_USED_IDX, used_ring_idx);
             return None;
         }
@@ -379,6 +387,33 @@ mod tests {
         // the guest saw used idx 12 (two entries), then the backend died
         let mut again = r.queue(0, 8).unwrap();
         assert_eq!(again.recover(12), Some(vec![1, 3]));
+    }
+
+    /// The guest owns its used index. One moved further than the batch the
+    /// backend had completed must not clear the marks of requests begun
+    /// after the previous batch was published (head 1 reused here).
+    #[test]
+    fn a_used_index_moved_past_the_batch_clears_only_that_batch() {
+        let r = region(1, 8);
+        let mut q = r.queue(0, 8).unwrap();
+        q.recover(0);
+        for h in [1, 2] {
+            q.begin(h);
+        }
+        q.completed(1);
+        q.completed(2);
+        q.published(2);
+        q.begin(1);
+        q.begin(5);
+        q.completed(5);
+        // the backend dies with 5 on the used ring unpublished; the guest
+        // claims three more entries instead of one
+        let mut again = r.queue(0, 8).unwrap();
+        assert_eq!(again.recover(5), Some(vec![1]));
+        // and backwards: no completed head is reachable any more
+        again.begin(3);
+        let mut third = r.queue(0, 8).unwrap();
+        assert_eq!(third.recover(1), Some(vec![1, 3]));
     }
 
     #[test]
