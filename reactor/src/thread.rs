@@ -233,6 +233,9 @@ struct Reactor {
     new_inbox: Receiver<Inbox>,
     inboxes: Vec<Inbox>,
     epfd: RawFd,
+    /// The wake fds the epoll set is meant to hold (and the only ones
+    /// `sleep` reads).
+    watched: Vec<RawFd>,
     /// The engine's device generation the epoll set was built for.
     device_generation: u64,
 }
@@ -276,6 +279,7 @@ impl Reactor {
             new_inbox,
             inboxes: vec![first],
             epfd,
+            watched: Vec::new(),
             device_generation: u64::MAX,
         };
         Ok(r)
@@ -394,11 +398,19 @@ impl Reactor {
         if !self.ctx.epoll_dirty && generation == self.device_generation {
             return;
         }
+        self.watched.clear();
+        self.watched.push(self.bell.fd());
+        self.watched.push(self.ring_efd.fd());
+        let ReactorCtx { pollers, io, .. } = &self.ctx;
+        self.watched
+            .extend(pollers.iter().flatten().filter_map(|p| p.wake_fd()));
+        self.watched.extend(io.device_wake_fds());
         // SAFETY: creates a new epoll instance.
         let epfd = unsafe { libc::epoll_create1(libc::EPOLL_CLOEXEC) };
         if epfd < 0 {
-            // keep the old set and the one-second timeout; try again at
-            // the next sleep
+            // Keep the old set (stale entries in it are filtered out in
+            // `sleep` against `watched`) and the one-second timeout; try
+            // again at the next sleep.
             tracing::warn!(
                 reactor = self.cfg.id,
                 "epoll_create1: {}",
@@ -406,36 +418,30 @@ impl Reactor {
             );
             return;
         }
-        // SAFETY: the old epoll fd is ours; closing it drops every
-        // registration made through it.
-        unsafe { libc::close(self.epfd) };
-        self.epfd = epfd;
-        self.ctx.epoll_dirty = false;
-        self.device_generation = generation;
-        let mut fds = vec![self.bell.fd(), self.ring_efd.fd()];
-        fds.extend(
-            self.ctx
-                .pollers
-                .iter()
-                .flatten()
-                .filter_map(|p| p.wake_fd()),
-        );
-        fds.extend(self.ctx.io.device_wake_fds());
-        for fd in fds {
+        let mut complete = true;
+        for &fd in &self.watched {
             let mut ev = libc::epoll_event {
                 events: libc::EPOLLIN as u32,
                 u64: fd as u64,
             };
             // SAFETY: valid epoll fd and event struct.
-            if unsafe { libc::epoll_ctl(self.epfd, libc::EPOLL_CTL_ADD, fd, &mut ev) } != 0 {
+            if unsafe { libc::epoll_ctl(epfd, libc::EPOLL_CTL_ADD, fd, &mut ev) } != 0 {
                 tracing::warn!(
                     reactor = self.cfg.id,
                     fd,
                     "epoll_ctl: {}",
                     std::io::Error::last_os_error()
                 );
+                complete = false;
             }
         }
+        // SAFETY: the old epoll fd is ours; closing it drops every
+        // registration made through it.
+        unsafe { libc::close(self.epfd) };
+        self.epfd = epfd;
+        // a source that could not be added is tried again at the next sleep
+        self.ctx.epoll_dirty = !complete;
+        self.device_generation = generation;
     }
 
     fn sleep(&mut self) {
@@ -453,6 +459,9 @@ impl Reactor {
                 unsafe { libc::epoll_wait(self.epfd, evs.as_mut_ptr(), evs.len() as i32, 1000) };
             for ev in evs.iter().take(n.max(0) as usize) {
                 let fd = ev.u64 as RawFd;
+                if !self.watched.contains(&fd) {
+                    continue; // an entry from an older set (see sync_epoll)
+                }
                 let mut v: u64 = 0;
                 // Drain the eventfd's count. Pollers hand over non-blocking
                 // fds; the poll with a zero timeout guards against one that

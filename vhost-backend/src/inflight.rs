@@ -281,9 +281,12 @@ impl InflightQueue {
     /// the head completed first after the previous clearing (its link is
     /// [`NO_BATCH`]), so even a guest that moves its used index by more
     /// than one batch cannot make this reach heads in flight again.
+    ///
+    /// Each step is safe to repeat after a crash at any point: the marks
+    /// go first, then the chain's end, and the caller records the used
+    /// index last, so a restart walks the same batch again.
     fn clear_batch(&mut self, n: u16) {
         let mut head = self.rd16(OFF_LAST_BATCH_HEAD);
-        self.wr16(OFF_LAST_BATCH_HEAD, NO_BATCH);
         for _ in 0..n.min(self.size) {
             if head >= self.size {
                 break; // the batch's end, or a link the frontend scribbled over
@@ -292,6 +295,7 @@ impl InflightQueue {
             // SAFETY: desc()+6 is the next link, in bounds.
             head = unsafe { std::ptr::read_volatile(self.desc(head).add(6).cast::<u16>()) };
         }
+        self.wr16(OFF_LAST_BATCH_HEAD, NO_BATCH);
     }
 
     /// Bring the region in line with the guest's used ring at queue start.
@@ -316,6 +320,10 @@ impl InflightQueue {
             self.clear_batch(used_ring_idx.wrapping_sub(recorded));
             self.wr16(OFF_USED_IDX, used_ring_idx);
         }
+        // Whatever the chain held (a batch completed but never published,
+        // or a region from a build without the end marker), every head
+        // still marked is resubmitted below: the next batch starts afresh.
+        self.wr16(OFF_LAST_BATCH_HEAD, NO_BATCH);
         let mut heads: Vec<(u64, u16)> = (0..self.size)
             .filter(|&h| self.is_inflight(h))
             .map(|h| (self.counter_of(h), h))
@@ -414,6 +422,25 @@ mod tests {
         again.begin(3);
         let mut third = r.queue(0, 8).unwrap();
         assert_eq!(third.recover(1), Some(vec![1, 3]));
+    }
+
+    /// A crash after a completion but before its publication leaves the
+    /// chain naming that head; it is resubmitted, and after the restart a
+    /// guest that over-advances its used index still cannot clear it.
+    #[test]
+    fn recovery_starts_a_fresh_chain() {
+        let r = region(1, 8);
+        let mut q = r.queue(0, 8).unwrap();
+        q.recover(0);
+        q.begin(4);
+        q.begin(6);
+        q.completed(4);
+        let mut again = r.queue(0, 8).unwrap();
+        assert_eq!(again.recover(0), Some(vec![4, 6]));
+        // after the restart: 6 completes first; the guest claims two
+        again.completed(6);
+        let mut third = r.queue(0, 8).unwrap();
+        assert_eq!(third.recover(2), Some(vec![4]));
     }
 
     #[test]

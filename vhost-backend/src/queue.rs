@@ -8,7 +8,7 @@ use std::os::fd::{AsRawFd, RawFd};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 
-use quern_bdev::{IoEngine, IoKind, IoRequest, IoResult};
+use quern_bdev::{BdevError, IoEngine, IoKind, IoRequest, IoResult};
 use quern_reactor::Poller;
 
 use crate::blk::{self, Decoded};
@@ -249,7 +249,15 @@ impl QueuePoller {
                     }
                     Err(e) => {
                         tracing::debug!(device = %self.name, head, "request refused: {e}");
-                        self.finish(head, req.status, blk::VIRTIO_BLK_S_IOERR, 1)
+                        // a kind the bdev lacks (discard on a qcow2 overlay,
+                        // sent although the feature was not offered) is
+                        // UNSUPP, as the spec says; the rest are I/O errors
+                        let st = if matches!(e, BdevError::Unsupported { .. }) {
+                            blk::VIRTIO_BLK_S_UNSUPP
+                        } else {
+                            blk::VIRTIO_BLK_S_IOERR
+                        };
+                        self.finish(head, req.status, st, 1)
                     }
                 }
             }
