@@ -354,3 +354,91 @@ fn get_id_fills_the_serial() {
     blk::fill_id(&iov, &serial);
     assert_eq!(&g.read(BUF + 0x1000, 20)[..], &serial[..]);
 }
+
+/// A request kind the bdev cannot do, sent although the feature was not
+/// offered (discard to a qcow2 overlay), completes with UNSUPP through the
+/// whole queue path, and the queue goes on serving.
+#[test]
+fn a_kind_the_bdev_lacks_completes_unsupported() {
+    use std::sync::atomic::AtomicBool;
+    use std::sync::Arc;
+
+    use quern_bdev::drivers::{MallocBdev, Qcow2Bdev, Qcow2Options};
+    use quern_bdev::{EngineConfig, IoEngine};
+    use quern_reactor::Poller;
+
+    use crate::device::new_eventfd;
+    use crate::queue::{QueueParts, QueuePoller, QueueStats};
+
+    let g = Guest::new();
+    // head 0: a discard of sectors 0..8; head 3: a 4 KiB read
+    g.header(BUF, blk::VIRTIO_BLK_T_DISCARD, 0);
+    let mut seg = [0u8; 16];
+    seg[8..12].copy_from_slice(&8u32.to_le_bytes());
+    g.write(BUF + 0x1000, &seg);
+    g.desc(DESC, 0, BUF, 16, VRING_DESC_F_NEXT, 1);
+    g.desc(DESC, 1, BUF + 0x1000, 16, VRING_DESC_F_NEXT, 2);
+    g.desc(DESC, 2, BUF + 0x100, 1, VRING_DESC_F_WRITE, 0);
+    g.header(BUF + 0x200, blk::VIRTIO_BLK_T_IN, 0);
+    g.desc(DESC, 3, BUF + 0x200, 16, VRING_DESC_F_NEXT, 4);
+    g.desc(
+        DESC,
+        4,
+        BUF + 0x2000,
+        4096,
+        VRING_DESC_F_NEXT | VRING_DESC_F_WRITE,
+        5,
+    );
+    g.desc(DESC, 5, BUF + 0x101, 1, VRING_DESC_F_WRITE, 0);
+    g.write(BUF + 0x100, &[0xff, 0xff]);
+    // avail ring: flags, idx 2, heads 0 and 3
+    g.write(AVAIL, &[0, 0, 2, 0, 0, 0, 3, 0]);
+
+    let dir = tempfile::tempdir().unwrap();
+    let ov = Arc::new(
+        Qcow2Bdev::open(&Qcow2Options {
+            name: "ov".into(),
+            path: dir.path().join("ov.qcow2"),
+            base: Arc::new(MallocBdev::new("base", 1 << 20, 512, false).unwrap()),
+            size: None,
+            cluster_size: 65536,
+            copy_on_read: false,
+            read_only: false,
+            direct: false,
+        })
+        .unwrap(),
+    );
+    let mut io = IoEngine::new(EngineConfig::default()).unwrap();
+    let dev = io.add_device(ov).unwrap();
+    let mut p = QueuePoller::new(QueueParts {
+        q: g.queue(),
+        mem: g.mem.clone(),
+        dev,
+        capacity: 1 << 20,
+        read_only: false,
+        writeback: Arc::new(AtomicBool::new(true)),
+        kick: new_eventfd().unwrap(),
+        call: new_eventfd().unwrap(),
+        max_segs: 126,
+        serial: *b"unsupp-test-00000000",
+        stats: Arc::new(QueueStats::default()),
+        name: "t".into(),
+        inflight_region: None,
+        resubmit: Vec::new(),
+    });
+    for _ in 0..10_000 {
+        p.poll(&mut io, 0);
+        io.flush();
+        io.reap(|cookie, res| p.on_complete(cookie, res));
+        p.end_cycle();
+        if p.in_flight() == 0 && g.read(USED + 2, 2) == [2, 0] {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_micros(100));
+    }
+    assert_eq!(g.read(USED + 2, 2), [2, 0], "both requests completed");
+    assert_eq!(
+        g.read(BUF + 0x100, 2),
+        [blk::VIRTIO_BLK_S_UNSUPP, blk::VIRTIO_BLK_S_OK]
+    );
+}
