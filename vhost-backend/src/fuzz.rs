@@ -1,6 +1,6 @@
 //! Fuzzing the guest-facing path with proptest: arbitrary descriptor tables
 //! (direct and indirect), avail rings, request headers and buffer contents
-//! in a fake guest memory, run through the real [`QueuePoller`] on an
+//! in a fake guest memory, run through the real [`QueuePoller`](crate::queue::QueuePoller) on an
 //! [`IoEngine`] with a malloc disk.
 //!
 //! Each case checks that nothing panics, every request Quern accepts gets
@@ -13,7 +13,6 @@
 //! fuzz`. A failure prints the minimal case; add it to
 //! `fuzz_regressions` below as a named test.
 
-use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 
 use proptest::prelude::*;
@@ -21,9 +20,7 @@ use quern_bdev::drivers::MallocBdev;
 use quern_bdev::{EngineConfig, IoEngine};
 use quern_reactor::Poller;
 
-use crate::device::new_eventfd;
-use crate::queue::{QueueParts, QueuePoller, QueueStats};
-use crate::tests::{Guest, GPA, MEM, UVA};
+use crate::tests::{cycle, test_poller, Guest, GPA, MEM, UVA};
 use crate::virtq::{SplitQueue, VRING_DESC_F_INDIRECT, VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
 
 const QSIZE: u16 = 16;
@@ -224,7 +221,6 @@ fn run(c: &Case) {
     let mut io = IoEngine::new(EngineConfig::default()).unwrap();
     let bdev = Arc::new(MallocBdev::new("m", CAPACITY, 512, false).unwrap());
     let dev = io.add_device(bdev).unwrap();
-    let stats = Arc::new(QueueStats::default());
     let region = c.inflight.then(|| {
         let (f, size) = crate::inflight::create(1, QSIZE, 1).unwrap();
         Arc::new(crate::inflight::InflightRegion::map(&f, size, 0, 1, QSIZE, 1).unwrap())
@@ -234,27 +230,9 @@ fn run(c: &Case) {
         assert_eq!(q.recover(0), None, "a fresh region");
         q
     });
-    let mut p = QueuePoller::new(QueueParts {
-        q,
-        mem: g.mem.clone(),
-        dev,
-        capacity: CAPACITY,
-        read_only: c.read_only,
-        writeback: Arc::new(AtomicBool::new(true)),
-        kick: new_eventfd().unwrap(),
-        call: new_eventfd().unwrap(),
-        max_segs: 126,
-        serial: *b"fuzz-serial-00000000",
-        stats: stats.clone(),
-        name: "fuzz".into(),
-        inflight_region: tracker,
-        resubmit: Vec::new(),
-    });
+    let mut p = test_poller(q, &g.mem, dev, CAPACITY, c.read_only, tracker);
     for _ in 0..100 {
-        p.poll(&mut io, 0);
-        io.flush();
-        io.reap(|cookie, res| p.on_complete(cookie, res));
-        p.end_cycle();
+        cycle(&mut p, &mut io);
         if p.in_flight() == 0 && p.q.last_avail == p.q.avail_idx() {
             break;
         }

@@ -85,6 +85,44 @@ impl Guest {
     }
 }
 
+/// A queue poller over `q` for tests, with private eventfds.
+pub(crate) fn test_poller(
+    q: SplitQueue,
+    mem: &std::sync::Arc<MemTable>,
+    dev: u16,
+    capacity: u64,
+    read_only: bool,
+    inflight_region: Option<crate::inflight::InflightQueue>,
+) -> crate::queue::QueuePoller {
+    use std::sync::atomic::AtomicBool;
+    use std::sync::Arc;
+    crate::queue::QueuePoller::new(crate::queue::QueueParts {
+        q,
+        mem: mem.clone(),
+        dev,
+        capacity,
+        read_only,
+        writeback: Arc::new(AtomicBool::new(true)),
+        kick: crate::device::new_eventfd().unwrap(),
+        call: crate::device::new_eventfd().unwrap(),
+        max_segs: 126,
+        serial: *b"quern-test-000000000",
+        stats: Arc::new(crate::queue::QueueStats::default()),
+        name: "test".into(),
+        inflight_region,
+        resubmit: Vec::new(),
+    })
+}
+
+/// One reactor cycle for a lone poller.
+pub(crate) fn cycle(p: &mut crate::queue::QueuePoller, io: &mut quern_bdev::IoEngine) {
+    use quern_reactor::Poller;
+    p.poll(io, 0);
+    io.flush();
+    io.reap(|cookie, res| p.on_complete(cookie, res));
+    p.end_cycle();
+}
+
 fn chain(g: &Guest, head: u16) -> Result<Vec<Seg>, ChainError> {
     let q = g.queue();
     let mut out = Vec::new();
@@ -360,15 +398,11 @@ fn get_id_fills_the_serial() {
 /// whole queue path, and the queue goes on serving.
 #[test]
 fn a_kind_the_bdev_lacks_completes_unsupported() {
-    use std::sync::atomic::AtomicBool;
     use std::sync::Arc;
 
     use quern_bdev::drivers::{MallocBdev, Qcow2Bdev, Qcow2Options};
     use quern_bdev::{EngineConfig, IoEngine};
     use quern_reactor::Poller;
-
-    use crate::device::new_eventfd;
-    use crate::queue::{QueueParts, QueuePoller, QueueStats};
 
     let g = Guest::new();
     // head 0: a discard of sectors 0..8; head 3: a 4 KiB read
@@ -410,27 +444,9 @@ fn a_kind_the_bdev_lacks_completes_unsupported() {
     );
     let mut io = IoEngine::new(EngineConfig::default()).unwrap();
     let dev = io.add_device(ov).unwrap();
-    let mut p = QueuePoller::new(QueueParts {
-        q: g.queue(),
-        mem: g.mem.clone(),
-        dev,
-        capacity: 1 << 20,
-        read_only: false,
-        writeback: Arc::new(AtomicBool::new(true)),
-        kick: new_eventfd().unwrap(),
-        call: new_eventfd().unwrap(),
-        max_segs: 126,
-        serial: *b"unsupp-test-00000000",
-        stats: Arc::new(QueueStats::default()),
-        name: "t".into(),
-        inflight_region: None,
-        resubmit: Vec::new(),
-    });
+    let mut p = test_poller(g.queue(), &g.mem, dev, 1 << 20, false, None);
     for _ in 0..10_000 {
-        p.poll(&mut io, 0);
-        io.flush();
-        io.reap(|cookie, res| p.on_complete(cookie, res));
-        p.end_cycle();
+        cycle(&mut p, &mut io);
         if p.in_flight() == 0 && g.read(USED + 2, 2) == [2, 0] {
             break;
         }
