@@ -6,9 +6,11 @@
 //!       drive an already running vhost-user-blk socket; fio-style JSON on stdout
 //!   vhost-bench compare JOBFILE [--out DIR] [--file PATH] [--size 1G]
 //!       [--poll busy|adaptive|interrupt] [--merge on|off] [--null]
-//!       [--backends quern,qsd,fio] [--quern PATH]
+//!       [--backends quern,qsd,fio] [--quern PATH] [--kernel-merges off]
 //!       run the job against Quern, qemu-storage-daemon and fio on the same
-//!       file (or null devices with --null) and print a table
+//!       file (or null devices with --null) and print a table;
+//!       --kernel-merges off sets the file's disk to `nomerges=2` for the
+//!       run (root; restored after), so that only Quern's merge stage merges
 //!
 //! Job files: a small fio subset (`key=value` lines, `[sections]` and `;`/`#`
 //! comments ignored): rw=randread|randwrite|read|write, bs, iodepth,
@@ -294,6 +296,57 @@ struct Opts {
     null: bool,
     backends: Vec<String>,
     quern: PathBuf,
+    kernel_merges: bool,
+}
+
+/// The block-layer merge switch of the disk under `file`
+/// (`/sys/dev/block/MAJ:MIN/queue/nomerges`, or the partition's parent's).
+fn nomerges_path(file: &Path) -> Result<PathBuf, String> {
+    use std::os::unix::fs::MetadataExt;
+    let dev = std::fs::metadata(file)
+        .map_err(|e| format!("{}: {e}", file.display()))?
+        .dev();
+    let (maj, min) = (libc::major(dev), libc::minor(dev));
+    if maj == 0 {
+        return Err(format!(
+            "{} is not on a block device (device {maj}:{min})",
+            file.display()
+        ));
+    }
+    let sys = std::fs::canonicalize(format!("/sys/dev/block/{maj}:{min}"))
+        .map_err(|e| format!("/sys/dev/block/{maj}:{min}: {e}"))?;
+    [sys.join("queue/nomerges"), sys.join("../queue/nomerges")]
+        .into_iter()
+        .find(|p| p.exists())
+        .ok_or_else(|| format!("no queue/nomerges for {}", sys.display()))
+}
+
+/// Sets `nomerges=2` while alive, and puts the old value back on drop.
+struct NoMerges {
+    path: PathBuf,
+    old: String,
+}
+
+impl NoMerges {
+    fn set(file: &Path) -> Result<Self, String> {
+        let path = nomerges_path(file)?;
+        let old = std::fs::read_to_string(&path).map_err(|e| format!("{}: {e}", path.display()))?;
+        std::fs::write(&path, "2").map_err(|e| format!("{}: {e} (needs root)", path.display()))?;
+        eprintln!(
+            "kernel merging off: {} = 2 (was {})",
+            path.display(),
+            old.trim()
+        );
+        Ok(NoMerges { path, old })
+    }
+}
+
+impl Drop for NoMerges {
+    fn drop(&mut self) {
+        if let Err(e) = std::fs::write(&self.path, self.old.trim()) {
+            eprintln!("could not restore {}: {e}", self.path.display());
+        }
+    }
 }
 
 struct Row {
@@ -525,11 +578,21 @@ fn compare(job: &Job, o: &Opts) {
     if !o.null {
         prepare_file(&o.file, o.size).expect("prepare backing file");
     }
+    let _nomerges = (!o.kernel_merges && !o.null).then(|| {
+        NoMerges::set(&o.file).unwrap_or_else(|e| {
+            eprintln!("--kernel-merges off: {e}");
+            std::process::exit(1);
+        })
+    });
     let _ = pin_to_cpu(0);
     let mut rows = Vec::new();
     let mut series = Vec::new();
     let mut reactor_busy: Vec<(String, (f64, f64))> = Vec::new();
-    let mode = if o.null { "null" } else { "file" };
+    let mode = match (o.null, o.kernel_merges) {
+        (true, _) => "null",
+        (false, true) => "file",
+        (false, false) => "file-nomerges",
+    };
     for be in &o.backends {
         let res = match be.as_str() {
             "quern" => Some(run_quern(job, o)),
@@ -586,7 +649,7 @@ fn compare(job: &Job, o: &Opts) {
         rows.push(row);
     }
     println!(
-        "\n{} ({mode}): rw={} bs={} iodepth={} numjobs={} runtime={}s poll={} merge={}\n",
+        "\n{} ({mode}): rw={} bs={} iodepth={} numjobs={} runtime={}s poll={} merge={}{}\n",
         job.name,
         job.rw,
         job.bs,
@@ -594,7 +657,12 @@ fn compare(job: &Job, o: &Opts) {
         job.numjobs,
         job.runtime,
         o.poll,
-        if o.merge { "on" } else { "off" }
+        if o.merge { "on" } else { "off" },
+        if o.kernel_merges {
+            ""
+        } else {
+            " kernel-merges=off"
+        }
     );
     let svg = o.out.join(format!("{}-{mode}-latency.svg", job.name));
     std::fs::write(
@@ -683,7 +751,8 @@ fn main() {
     let usage = "usage: vhost-bench run JOBFILE --socket SOCK [--cpu 0] [--wait] | \
                  vhost-bench idle --socket SOCK --pid PID [--secs 10] [--queues 1] | \
                  vhost-bench compare JOBFILE [--out DIR] [--file PATH] [--size 1G] \
-                 [--poll busy] [--merge on|off] [--null] [--backends quern,qsd,fio] [--quern PATH]";
+                 [--poll busy] [--merge on|off] [--null] [--backends quern,qsd,fio] [--quern PATH] \
+                 [--kernel-merges off]";
     if args.len() < 3 {
         eprintln!("{usage}");
         std::process::exit(2);
@@ -718,6 +787,7 @@ fn main() {
                 quern: arg_value(&args, "--quern")
                     .unwrap_or_else(|| "target/release/quern".into())
                     .into(),
+                kernel_merges: arg_value(&args, "--kernel-merges").is_none_or(|m| m != "off"),
             };
             compare(&job, &o);
         }
