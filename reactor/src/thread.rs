@@ -236,6 +236,9 @@ struct Reactor {
     /// The wake fds the epoll set is meant to hold (and the only ones
     /// `sleep` reads).
     watched: Vec<RawFd>,
+    /// The last rebuild could not add every source (it is retried at each
+    /// sleep; the failure is logged once).
+    epoll_retrying: bool,
     /// The engine's device generation the epoll set was built for.
     device_generation: u64,
 }
@@ -280,6 +283,7 @@ impl Reactor {
             inboxes: vec![first],
             epfd,
             watched: Vec::new(),
+            epoll_retrying: false,
             device_generation: u64::MAX,
         };
         Ok(r)
@@ -411,11 +415,14 @@ impl Reactor {
             // Keep the old set (stale entries in it are filtered out in
             // `sleep` against `watched`) and the one-second timeout; try
             // again at the next sleep.
-            tracing::warn!(
-                reactor = self.cfg.id,
-                "epoll_create1: {}",
-                std::io::Error::last_os_error()
-            );
+            if !self.epoll_retrying {
+                tracing::warn!(
+                    reactor = self.cfg.id,
+                    "epoll_create1: {}; waking at least once a second",
+                    std::io::Error::last_os_error()
+                );
+            }
+            self.epoll_retrying = true;
             return;
         }
         let mut complete = true;
@@ -426,15 +433,19 @@ impl Reactor {
             };
             // SAFETY: valid epoll fd and event struct.
             if unsafe { libc::epoll_ctl(epfd, libc::EPOLL_CTL_ADD, fd, &mut ev) } != 0 {
-                tracing::warn!(
-                    reactor = self.cfg.id,
-                    fd,
-                    "epoll_ctl: {}",
-                    std::io::Error::last_os_error()
-                );
+                let e = std::io::Error::last_os_error();
+                // said once, not at every retry
+                if !self.epoll_retrying {
+                    tracing::warn!(
+                        reactor = self.cfg.id,
+                        fd,
+                        "epoll_ctl: {e}; waking at least once a second"
+                    );
+                }
                 complete = false;
             }
         }
+        self.epoll_retrying = !complete;
         // SAFETY: the old epoll fd is ours; closing it drops every
         // registration made through it.
         unsafe { libc::close(self.epfd) };
