@@ -505,19 +505,23 @@ fn fragmented_and_vectored_requests() {
     qemu_compare(dir.path(), &o.path, &model);
 }
 
-/// `qemu-img create` an overlay over base.raw in `dir`, then run `qemu-io`
-/// commands on it.
-fn qemu_made(dir: &Path, compat: &str, cmds: &[&str]) -> std::path::PathBuf {
+/// `qemu-img create -o OPTIONS` an overlay `ov.qcow2` over base.raw in `dir`.
+fn qemu_create(dir: &Path, options: &str) -> std::path::PathBuf {
     let out = Command::new("qemu-img")
         .current_dir(dir)
-        .args(["create", "-f", "qcow2", "-o"])
-        .arg(format!("compat={compat}"))
+        .args(["create", "-f", "qcow2", "-o", options])
         .args(["-b", "base.raw", "-F", "raw", "ov.qcow2"])
         .output()
         .expect("qemu-img is required for these tests");
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{err}");
-    let ov = dir.join("ov.qcow2");
+    dir.join("ov.qcow2")
+}
+
+/// `qemu-img create` an overlay over base.raw in `dir`, then run `qemu-io`
+/// commands on it.
+fn qemu_made(dir: &Path, compat: &str, cmds: &[&str]) -> std::path::PathBuf {
+    let ov = qemu_create(dir, &format!("compat={compat}"));
     let mut args: Vec<&str> = cmds.iter().flat_map(|c| ["-c", c]).collect();
     args.push(ov.to_str().unwrap());
     let out = tool("qemu-io", &args);
@@ -1041,4 +1045,67 @@ fn hostile_images_are_refused() {
     std::fs::write(&o.path, &good).unwrap();
     drop(overlay(&o));
     qemu_check(&o.path);
+}
+
+/// An image whose refcount table is full gets a larger one, written at
+/// the end of the file and describing itself, and QEMU agrees with the
+/// result. QEMU's own images start with a one-cluster table: with 4 KiB
+/// clusters that covers 4 GiB of file, so the image is first extended
+/// (sparsely) to just short of that, and the overlay's next clusters then
+/// fall past the table.
+#[test]
+fn a_full_refcount_table_grows() {
+    let dir = tempdir();
+    let size = 4 * MB;
+    let data = pattern(size);
+    let b = base(dir.path(), &data);
+    let ov = qemu_create(dir.path(), "cluster_size=4096");
+    let header = |p: &Path| {
+        use std::os::unix::fs::FileExt;
+        let mut h = [0u8; 64];
+        std::fs::File::open(p)
+            .unwrap()
+            .read_exact_at(&mut h, 0)
+            .unwrap();
+        (
+            u64::from_be_bytes(h[48..56].try_into().unwrap()),
+            u32::from_be_bytes(h[56..60].try_into().unwrap()),
+        )
+    };
+    let (rt_offset, rt_clusters) = header(&ov);
+    let cs = 4096u64;
+    let covered = u64::from(rt_clusters) * (cs / 8) * (cs / 2) * cs;
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&ov)
+        .unwrap()
+        .set_len(covered - 3 * cs)
+        .unwrap();
+    let o = opts(dir.path(), &b, 4096);
+    let mut model = data.clone();
+    {
+        let mut e = engine();
+        let d = e.add_device(overlay(&o)).unwrap();
+        // 16 new clusters each, the first few below the old table's reach
+        for (i, at) in [0u64, MB, 2 * MB + 8192, 3 * MB].into_iter().enumerate() {
+            write(&mut e, d, &mut model, at, 65536, 0x40 + i as u8);
+        }
+        assert_eq!(first_diff(&read_all(&mut e, d, size), &model), None);
+    }
+    let (new_offset, new_clusters) = header(&ov);
+    assert!(new_clusters > rt_clusters, "the table grew");
+    assert!(new_offset >= covered - 3 * cs, "and moved to the end");
+    assert_ne!(new_offset, rt_offset);
+    qemu_check(&ov);
+    qemu_compare(dir.path(), &ov, &model);
+    // reopened, it reads back and keeps allocating
+    {
+        let mut e = engine();
+        let d = e.add_device(overlay(&o)).unwrap();
+        assert_eq!(first_diff(&read_all(&mut e, d, size), &model), None);
+        write(&mut e, d, &mut model, MB + 65536, 65536, 0x50);
+        assert_eq!(first_diff(&read_all(&mut e, d, size), &model), None);
+    }
+    qemu_check(&ov);
+    qemu_compare(dir.path(), &ov, &model);
 }

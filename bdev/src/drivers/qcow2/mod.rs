@@ -11,9 +11,13 @@
 //! [`worker`]), which serialises allocations and orders metadata writes so
 //! that a crash can leak a cluster but never expose garbage.
 //!
-//! Not supported: discard and write-zeroes (reported as unsupported),
-//! internal snapshots, compression, encryption, external data files, growing
-//! the refcount table of an image made elsewhere, freeing clusters.
+//! A full refcount table (an image made elsewhere with small clusters and
+//! a small table) is replaced by a larger one at the end of the file, as
+//! QEMU does.
+//!
+//! Not supported: discard and write-zeroes (not offered to guests),
+//! internal snapshots, compression, encryption, external data files,
+//! freeing clusters.
 
 mod channel;
 pub mod format;

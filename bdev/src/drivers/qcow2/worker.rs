@@ -486,13 +486,8 @@ impl Worker {
             let idx = off / cs;
             let r = (idx / per_block) as usize;
             if r >= self.meta.rt.len() {
-                return Err(io::Error::new(
-                    io::ErrorKind::StorageFull,
-                    format!(
-                        "cluster {idx} is past the refcount table ({} blocks); growing it is not supported",
-                        self.meta.rt.len()
-                    ),
-                ));
+                self.grow_refcount_table(r)?;
+                continue; // next_free is now past the new table
             }
             self.meta.next_free += cs;
             let entry = 2 * (idx % per_block);
@@ -512,6 +507,105 @@ impl Worker {
                 .write_all_at(&off.to_be_bytes(), self.meta.rt_offset + 8 * r as u64)?;
             self.meta.rt[r] = off;
         }
+    }
+
+    /// Replace the refcount table with a larger one covering refcount
+    /// block `need`, as QEMU does: the new table and the refcount blocks
+    /// its own clusters need go at the end of the file, describing
+    /// themselves; they are written and synced before the header points at
+    /// them (a crash before that leaks them, nothing more), and the old
+    /// table's clusters are then freed.
+    fn grow_refcount_table(&mut self, need: usize) -> io::Result<()> {
+        let cs = self.cs();
+        let per_block = cs / 2;
+        let old_n = self.meta.rt.len();
+        let start = self.meta.next_free / cs;
+        // blocks in `lo..=hi` that do not exist yet
+        let missing = |rt: &[u64], lo: u64, hi: u64| {
+            (lo..=hi)
+                .filter(|&r| rt.get(r as usize).is_none_or(|&e| e == 0))
+                .count() as u64
+        };
+        let mut n2 = (need + 1).max(old_n * 2);
+        let (t, b) = loop {
+            let t = (n2 as u64 * 8).div_ceil(cs);
+            // b new blocks right after the table, enough to count the
+            // table and themselves (a fixed point: b only grows)
+            let mut b = 0;
+            loop {
+                let nb = missing(
+                    &self.meta.rt,
+                    start / per_block,
+                    (start + t + b - 1) / per_block,
+                );
+                if nb == b {
+                    break;
+                }
+                b = nb;
+            }
+            if (((start + t + b - 1) / per_block) as usize) < n2 {
+                break (t, b);
+            }
+            n2 *= 2;
+        };
+        let end = start + t + b;
+        let (lo, hi) = (start / per_block, (end - 1) / per_block);
+        let mut rt = self.meta.rt.clone();
+        rt.resize(n2, 0);
+        let mut next_block = start + t;
+        let f = &self.meta.file;
+        for r in lo..=hi {
+            let first = (r * per_block).max(start);
+            let last = ((r + 1) * per_block).min(end);
+            if rt[r as usize] == 0 {
+                let off = next_block * cs;
+                next_block += 1;
+                let mut block = vec![0u8; cs as usize];
+                for idx in first..last {
+                    let e = (2 * (idx % per_block)) as usize;
+                    block[e..e + 2].copy_from_slice(&1u16.to_be_bytes());
+                }
+                f.write_all_at(&block, off)?;
+                rt[r as usize] = off;
+            } else {
+                for idx in first..last {
+                    f.write_all_at(&1u16.to_be_bytes(), rt[r as usize] + 2 * (idx % per_block))?;
+                }
+            }
+        }
+        debug_assert_eq!(next_block, end);
+        let mut table = vec![0u8; (t * cs) as usize];
+        for (i, &e) in rt.iter().enumerate() {
+            table[8 * i..8 * i + 8].copy_from_slice(&e.to_be_bytes());
+        }
+        f.write_all_at(&table, start * cs)?;
+        f.sync_data()?;
+        // refcount_table_offset and refcount_table_clusters, side by side
+        let mut hdr = [0u8; 12];
+        hdr[..8].copy_from_slice(&(start * cs).to_be_bytes());
+        hdr[8..].copy_from_slice(&(t as u32).to_be_bytes());
+        f.write_all_at(&hdr, 48)?;
+        f.sync_data()?;
+        // the old table's clusters are free now (a crash before this only
+        // leaks them)
+        let old_first = self.meta.rt_offset / cs;
+        let old_clusters = (old_n as u64 * 8).div_ceil(cs);
+        for idx in old_first..old_first + old_clusters {
+            let blk = rt[(idx / per_block) as usize];
+            if blk != 0 {
+                f.write_all_at(&0u16.to_be_bytes(), blk + 2 * (idx % per_block))?;
+            }
+        }
+        tracing::info!(
+            old_entries = old_n,
+            new_entries = n2,
+            table_offset = start * cs,
+            "qcow2: refcount table grown"
+        );
+        self.meta.rt = rt;
+        self.meta.rt_offset = start * cs;
+        self.meta.next_free = end * cs;
+        Ok(())
     }
 
     /// End of a batch: make the new clusters durable, then map them, then
