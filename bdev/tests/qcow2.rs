@@ -1047,6 +1047,27 @@ fn hostile_images_are_refused() {
     qemu_check(&o.path);
 }
 
+/// The first `n` bytes of a (possibly huge, sparse) file.
+fn read_head(p: &Path, n: usize) -> Vec<u8> {
+    use std::os::unix::fs::FileExt;
+    let mut h = vec![0u8; n];
+    std::fs::File::open(p)
+        .unwrap()
+        .read_exact_at(&mut h, 0)
+        .unwrap();
+    h
+}
+
+/// Extend a file to `len` bytes without writing (sparse).
+fn extend_sparse(p: &Path, len: u64) {
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(p)
+        .unwrap()
+        .set_len(len)
+        .unwrap();
+}
+
 /// An image whose refcount table is full gets a larger one, written at
 /// the end of the file and describing itself, and QEMU agrees with the
 /// result. QEMU's own images start with a one-cluster table: with 4 KiB
@@ -1061,12 +1082,7 @@ fn a_full_refcount_table_grows() {
     let b = base(dir.path(), &data);
     let ov = qemu_create(dir.path(), "cluster_size=4096");
     let header = |p: &Path| {
-        use std::os::unix::fs::FileExt;
-        let mut h = [0u8; 64];
-        std::fs::File::open(p)
-            .unwrap()
-            .read_exact_at(&mut h, 0)
-            .unwrap();
+        let h = read_head(p, 64);
         (
             u64::from_be_bytes(h[48..56].try_into().unwrap()),
             u32::from_be_bytes(h[56..60].try_into().unwrap()),
@@ -1075,12 +1091,7 @@ fn a_full_refcount_table_grows() {
     let (rt_offset, rt_clusters) = header(&ov);
     let cs = 4096u64;
     let covered = u64::from(rt_clusters) * (cs / 8) * (cs / 2) * cs;
-    std::fs::OpenOptions::new()
-        .write(true)
-        .open(&ov)
-        .unwrap()
-        .set_len(covered - 3 * cs)
-        .unwrap();
+    extend_sparse(&ov, covered - 3 * cs);
     let o = opts(dir.path(), &b, 4096);
     let mut model = data.clone();
     {
@@ -1108,4 +1119,30 @@ fn a_full_refcount_table_grows() {
     }
     qemu_check(&ov);
     qemu_compare(dir.path(), &ov, &model);
+}
+
+/// Past the largest refcount table a qcow2 image may have (8 MiB: 8 TiB of
+/// file at 4 KiB clusters), an allocating write fails cleanly: nothing is
+/// written (header and length unchanged; `qemu-img check` itself refuses a
+/// file this large), reads go on, and the image opens again.
+#[test]
+fn past_the_largest_refcount_table_writes_fail_cleanly() {
+    let dir = tempdir();
+    let size = 4 * MB;
+    let data = pattern(size);
+    let b = base(dir.path(), &data);
+    let ov = qemu_create(dir.path(), "cluster_size=4096");
+    // sparse, on the disk-backed /var/tmp (ext4 takes files up to 16 TiB)
+    extend_sparse(&ov, 8 << 40);
+    let header = read_head(&ov, 4096);
+    let o = opts(dir.path(), &b, 4096);
+    for _ in 0..2 {
+        let mut e = engine();
+        let d = e.add_device(overlay(&o)).unwrap();
+        let mut buf = vec![0x66u8; 4096];
+        assert!(io(&mut e, d, IoKind::Write, 0, &mut buf).is_err());
+        assert_eq!(first_diff(&read_all(&mut e, d, size), &data), None);
+    }
+    assert!(read_head(&ov, 4096) == header, "the header was rewritten");
+    assert_eq!(std::fs::metadata(&ov).unwrap().len(), 8 << 40);
 }

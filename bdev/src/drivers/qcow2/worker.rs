@@ -526,9 +526,25 @@ impl Worker {
                 .filter(|&r| rt.get(r as usize).is_none_or(|&e| e == 0))
                 .count() as u64
         };
-        let mut n2 = (need + 1).max(old_n * 2);
+        // QEMU (and our own header check) refuse larger tables: an image
+        // with one would open nowhere
+        let max_entries = (super::format::MAX_REFTABLE_BYTES / 8) as usize;
+        let full = |need: usize| {
+            io::Error::new(
+                io::ErrorKind::StorageFull,
+                format!(
+                    "refcount block {need} is past the largest refcount table a qcow2 image may have ({max_entries} entries)"
+                ),
+            )
+        };
+        let mut n2 = (need + 1).max(old_n * 2).min(max_entries);
         let (t, b) = loop {
+            if need >= n2 {
+                return Err(full(need));
+            }
             let t = (n2 as u64 * 8).div_ceil(cs);
+            // the table's clusters hold this many entries: use them all
+            n2 = (t * cs / 8) as usize;
             // b new blocks right after the table, enough to count the
             // table and themselves (a fixed point: b only grows)
             let mut b = 0;
@@ -546,8 +562,12 @@ impl Worker {
             if (((start + t + b - 1) / per_block) as usize) < n2 {
                 break (t, b);
             }
-            n2 *= 2;
+            if n2 >= max_entries {
+                return Err(full((start + t + b - 1) as usize / per_block as usize));
+            }
+            n2 = (n2 * 2).min(max_entries);
         };
+        let t32 = u32::try_from(t).map_err(|_| full(need))?;
         let end = start + t + b;
         let (lo, hi) = (start / per_block, (end - 1) / per_block);
         let mut rt = self.meta.rt.clone();
@@ -583,28 +603,32 @@ impl Worker {
         // refcount_table_offset and refcount_table_clusters, side by side
         let mut hdr = [0u8; 12];
         hdr[..8].copy_from_slice(&(start * cs).to_be_bytes());
-        hdr[8..].copy_from_slice(&(t as u32).to_be_bytes());
+        hdr[8..].copy_from_slice(&t32.to_be_bytes());
         f.write_all_at(&hdr, 48)?;
         f.sync_data()?;
-        // the old table's clusters are free now (a crash before this only
-        // leaks them)
-        let old_first = self.meta.rt_offset / cs;
-        let old_clusters = (old_n as u64 * 8).div_ceil(cs);
-        for idx in old_first..old_first + old_clusters {
-            let blk = rt[(idx / per_block) as usize];
-            if blk != 0 {
-                f.write_all_at(&0u16.to_be_bytes(), blk + 2 * (idx % per_block))?;
-            }
-        }
+        // the new table is the image's now
+        let old_offset = std::mem::replace(&mut self.meta.rt_offset, start * cs);
+        self.meta.next_free = end * cs;
         tracing::info!(
             old_entries = old_n,
             new_entries = n2,
             table_offset = start * cs,
             "qcow2: refcount table grown"
         );
+        // The old table's clusters are free. Failing (or crashing) here
+        // only leaks them, which `qemu-img check -r leaks` repairs.
+        let old_first = old_offset / cs;
+        let old_clusters = (old_n as u64 * 8).div_ceil(cs);
+        for idx in old_first..old_first + old_clusters {
+            let blk = rt[(idx / per_block) as usize];
+            if blk != 0 {
+                if let Err(e) = f.write_all_at(&0u16.to_be_bytes(), blk + 2 * (idx % per_block)) {
+                    tracing::warn!("qcow2: freeing the old refcount table: {e}; its clusters leak");
+                    break;
+                }
+            }
+        }
         self.meta.rt = rt;
-        self.meta.rt_offset = start * cs;
-        self.meta.next_free = end * cs;
         Ok(())
     }
 
