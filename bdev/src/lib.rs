@@ -13,9 +13,11 @@
 
 pub mod drivers;
 pub mod engine;
+mod fd;
 pub mod merge;
 mod types;
 
 pub use engine::{EngineConfig, EngineStats, IoEngine, IoRequest};
+pub use fd::eventfd;
 pub use merge::{MergeConfig, MergeStats};
 pub use types::*;

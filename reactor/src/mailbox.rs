@@ -1,7 +1,7 @@
 //! Messages to a reactor: one lock-free SPSC ring per sender, plus an
 //! eventfd doorbell that wakes a sleeping reactor.
 
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::sync::Arc;
 
 use ringbuf::traits::{Consumer, Producer, Split};
@@ -19,13 +19,7 @@ pub(crate) struct Doorbell(OwnedFd);
 
 impl Doorbell {
     pub(crate) fn new() -> std::io::Result<Self> {
-        // SAFETY: eventfd returns a new fd or -1.
-        let fd = unsafe { libc::eventfd(0, libc::EFD_NONBLOCK | libc::EFD_CLOEXEC) };
-        if fd < 0 {
-            return Err(std::io::Error::last_os_error());
-        }
-        // SAFETY: fd is fresh and owned by nobody else.
-        Ok(Doorbell(unsafe { OwnedFd::from_raw_fd(fd) }))
+        quern_bdev::eventfd().map(Doorbell)
     }
 
     pub(crate) fn ring(&self) {

@@ -312,14 +312,7 @@ impl BlkDevice {
 }
 
 pub(crate) fn new_eventfd() -> std::io::Result<File> {
-    use std::os::fd::FromRawFd;
-    // SAFETY: eventfd returns a new fd or -1.
-    let fd = unsafe { libc::eventfd(0, libc::EFD_NONBLOCK | libc::EFD_CLOEXEC) };
-    if fd < 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    // SAFETY: fresh fd.
-    Ok(unsafe { File::from_raw_fd(fd) })
+    quern_bdev::eventfd().map(File::from)
 }
 
 impl VhostUserBackendReqHandlerMut for BlkDevice {

@@ -4,9 +4,9 @@
 //! so SQEs name it by index. Flush is `fdatasync`, a forced-unit-access write
 //! is `RWF_DSYNC`, discard punches a hole, write-zeroes zeroes a range.
 
-use std::fs::{File, OpenOptions};
+use std::fs::File;
 use std::os::fd::AsRawFd;
-use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
+use std::os::unix::fs::FileTypeExt;
 use std::path::PathBuf;
 
 use io_uring::{opcode, types};
@@ -63,22 +63,7 @@ impl UringBdev {
                 }
             }
         }
-        let open = |direct: bool| {
-            let mut oo = OpenOptions::new();
-            oo.read(true).write(!o.read_only);
-            if direct {
-                oo.custom_flags(libc::O_DIRECT);
-            }
-            oo.open(&o.path)
-        };
-        let (file, direct) = match open(o.direct) {
-            Ok(f) => (f, o.direct),
-            Err(e) if o.direct && e.raw_os_error() == Some(libc::EINVAL) => {
-                tracing::warn!(bdev = %o.name, path = %o.path.display(), "O_DIRECT not supported here; using buffered I/O");
-                (open(false)?, false)
-            }
-            Err(e) => return Err(e),
-        };
+        let (file, direct) = super::open_data_file(&o.name, &o.path, o.read_only, o.direct)?;
         let meta = file.metadata()?;
         let (capacity, dev_bs) = if meta.file_type().is_block_device() {
             let mut size: u64 = 0;

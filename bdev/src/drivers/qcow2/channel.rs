@@ -25,7 +25,8 @@ use crossbeam_channel::{Receiver, Sender};
 use io_uring::{opcode, types, IoUring};
 
 use super::worker::{scatter, IovPtr, Job};
-use super::{eventfd, Shared, ZERO};
+use super::{Shared, ZERO};
+use crate::eventfd;
 use crate::types::{submit_to_channel, BdevChannel, BdevRef, IoKind, Op, Submitter, IOV_MAX};
 
 /// Sub-operations (and private ring entries) per channel.

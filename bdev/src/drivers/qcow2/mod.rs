@@ -25,8 +25,8 @@ mod worker;
 
 use std::fs::{File, OpenOptions};
 use std::io::{self, Error, ErrorKind};
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
-use std::os::unix::fs::{FileExt, OpenOptionsExt};
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::FileExt;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64};
 use std::sync::Arc;
@@ -102,7 +102,8 @@ impl Qcow2Bdev {
         }
         let ctx = |e: Error| Error::new(e.kind(), format!("{}: {e}", o.path.display()));
         let (meta, shared) = load(o, cap).map_err(ctx)?;
-        let data_file = open_data(o)?;
+        // for the reactors' data I/O
+        let (data_file, _) = super::open_data_file(&o.name, &o.path, o.read_only, o.direct)?;
         let shared = Arc::new(shared);
         let (tx, rx) = crossbeam_channel::bounded(JOB_QUEUE);
         let worker = Worker::spawn(&o.name, meta, shared.clone(), o.base.clone(), rx)?;
@@ -356,36 +357,6 @@ fn check_cluster(
         });
     }
     Ok(())
-}
-
-/// Open the image for the reactors' data I/O, O_DIRECT when possible.
-fn open_data(o: &Qcow2Options) -> io::Result<File> {
-    let open = |direct: bool| {
-        let mut oo = OpenOptions::new();
-        oo.read(true).write(!o.read_only);
-        if direct {
-            oo.custom_flags(libc::O_DIRECT);
-        }
-        oo.open(&o.path)
-    };
-    match open(o.direct) {
-        Err(e) if o.direct && e.raw_os_error() == Some(libc::EINVAL) => {
-            tracing::warn!(bdev = %o.name, path = %o.path.display(), "O_DIRECT not supported here; using buffered I/O");
-            open(false)
-        }
-        r => r,
-    }
-}
-
-/// A fresh non-blocking eventfd.
-fn eventfd() -> io::Result<OwnedFd> {
-    // SAFETY: plain syscall; the result is checked before use.
-    let fd = unsafe { libc::eventfd(0, libc::EFD_NONBLOCK | libc::EFD_CLOEXEC) };
-    if fd < 0 {
-        return Err(Error::last_os_error());
-    }
-    // SAFETY: fd is a new descriptor we own.
-    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
 }
 
 impl Bdev for Qcow2Bdev {

@@ -520,12 +520,10 @@ impl Worker {
         let per_block = cs / 2;
         let old_n = self.meta.rt.len();
         let start = self.meta.next_free / cs;
-        // blocks in `lo..=hi` that do not exist yet
-        let missing = |rt: &[u64], lo: u64, hi: u64| {
-            (lo..=hi)
-                .filter(|&r| rt.get(r as usize).is_none_or(|&e| e == 0))
-                .count() as u64
-        };
+        let lo = start / per_block;
+        // `need` is the block of the next free cluster, past the old
+        // table: every refcount block from `lo` on is new
+        debug_assert!(need as u64 == lo && need >= old_n);
         // QEMU (and our own header check) refuse larger tables: an image
         // with one would open nowhere
         let max_entries = (super::format::MAX_REFTABLE_BYTES / 8) as usize;
@@ -545,15 +543,11 @@ impl Worker {
             let t = (n2 as u64 * 8).div_ceil(cs);
             // the table's clusters hold this many entries: use them all
             n2 = (t * cs / 8) as usize;
-            // b new blocks right after the table, enough to count the
-            // table and themselves (a fixed point: b only grows)
+            // b new blocks right after the table, as many as it takes to
+            // count the table and themselves (a fixed point: b only grows)
             let mut b = 0;
             loop {
-                let nb = missing(
-                    &self.meta.rt,
-                    start / per_block,
-                    (start + t + b - 1) / per_block,
-                );
+                let nb = (start + t + b - 1) / per_block - lo + 1;
                 if nb == b {
                     break;
                 }
@@ -569,31 +563,19 @@ impl Worker {
         };
         let t32 = u32::try_from(t).map_err(|_| full(need))?;
         let end = start + t + b;
-        let (lo, hi) = (start / per_block, (end - 1) / per_block);
         let mut rt = self.meta.rt.clone();
         rt.resize(n2, 0);
-        let mut next_block = start + t;
         let f = &self.meta.file;
-        for r in lo..=hi {
-            let first = (r * per_block).max(start);
-            let last = ((r + 1) * per_block).min(end);
-            if rt[r as usize] == 0 {
-                let off = next_block * cs;
-                next_block += 1;
-                let mut block = vec![0u8; cs as usize];
-                for idx in first..last {
-                    let e = (2 * (idx % per_block)) as usize;
-                    block[e..e + 2].copy_from_slice(&1u16.to_be_bytes());
-                }
-                f.write_all_at(&block, off)?;
-                rt[r as usize] = off;
-            } else {
-                for idx in first..last {
-                    f.write_all_at(&1u16.to_be_bytes(), rt[r as usize] + 2 * (idx % per_block))?;
-                }
+        for (k, r) in (lo..lo + b).enumerate() {
+            let off = (start + t + k as u64) * cs;
+            let mut block = vec![0u8; cs as usize];
+            for idx in (r * per_block).max(start)..((r + 1) * per_block).min(end) {
+                let e = (2 * (idx % per_block)) as usize;
+                block[e..e + 2].copy_from_slice(&1u16.to_be_bytes());
             }
+            f.write_all_at(&block, off)?;
+            rt[r as usize] = off;
         }
-        debug_assert_eq!(next_block, end);
         let mut table = vec![0u8; (t * cs) as usize];
         for (i, &e) in rt.iter().enumerate() {
             table[8 * i..8 * i + 8].copy_from_slice(&e.to_be_bytes());

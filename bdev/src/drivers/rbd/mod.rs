@@ -42,7 +42,7 @@ pub mod ffi;
 
 use std::ffi::{c_void, CString};
 use std::io::{Error, ErrorKind};
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -436,13 +436,7 @@ impl Bdev for RbdBdev {
         _file_slot: u32,
     ) -> std::io::Result<Box<dyn BdevChannel>> {
         let img = Image::open(&self.conn, &self.opts, self.opts.read_only)?;
-        // SAFETY: plain eventfd creation.
-        let fd = unsafe { libc::eventfd(0, libc::EFD_NONBLOCK | libc::EFD_CLOEXEC) };
-        if fd < 0 {
-            return Err(Error::last_os_error());
-        }
-        // SAFETY: fd is a new descriptor that nothing else owns.
-        let efd = unsafe { OwnedFd::from_raw_fd(fd) };
+        let efd = crate::eventfd()?;
         // SAFETY: live image handle and eventfd; librbd only writes to it.
         let r = unsafe {
             (self.conn.lib.rbd_set_image_notification)(
