@@ -84,6 +84,9 @@ pub struct ReactorSection {
     /// Requests one reactor keeps in flight at most.
     #[serde(default = "default_max_requests")]
     pub max_requests: usize,
+    /// Most io_uring submissions per kernel entry (0: all of a cycle's).
+    #[serde(default = "default_submit_batch")]
+    pub submit_batch: usize,
 }
 
 fn default_poll_mode() -> String {
@@ -94,6 +97,9 @@ fn default_idle_spin() -> u64 {
 }
 fn default_max_requests() -> usize {
     1024
+}
+fn default_submit_batch() -> usize {
+    quern_bdev::engine::DEFAULT_SUBMIT_BATCH
 }
 
 #[derive(Debug, Deserialize)]
@@ -285,6 +291,12 @@ impl Config {
             return Err(invalid(
                 "reactor.max_requests",
                 format!("{} is outside 1..=65536", r.max_requests),
+            ));
+        }
+        if r.submit_batch > 65536 {
+            return Err(invalid(
+                "reactor.submit_batch",
+                format!("{} is outside 0..=65536 (0: no limit)", r.submit_batch),
             ));
         }
         let m = &self.merge;

@@ -155,6 +155,7 @@ impl Engine {
         }
         let engine_cfg = EngineConfig {
             max_requests: cfg.reactor.max_requests,
+            submit_batch: cfg.reactor.submit_batch,
             merge: MergeConfig {
                 enabled: cfg.merge.enabled,
                 max_bytes: cfg.merge.max_bytes,

@@ -28,6 +28,7 @@ fn base_is_valid_and_defaults_apply() {
     assert_eq!(c.reactor.poll_mode, "adaptive");
     assert!(c.merge.enabled);
     assert_eq!(c.merge.max_bytes, 1 << 20);
+    assert_eq!(c.reactor.submit_batch, 4);
 }
 
 #[test]
@@ -63,6 +64,19 @@ fn missing_core_is_refused() {
 fn bad_poll_mode_is_refused() {
     let e = err(&BASE.replace("cores = [0]", "cores = [0]\npoll_mode = \"lazy\""));
     assert!(e.contains("reactor.poll_mode") && e.contains("lazy"), "{e}");
+}
+
+#[test]
+fn submit_batch_is_bounded() {
+    let c = Config::parse(&BASE.replace("cores = [0]", "cores = [0]\nsubmit_batch = 0")).unwrap();
+    assert_eq!(c.reactor.submit_batch, 0);
+    let e = err(&BASE.replace("cores = [0]", "cores = [0]\nsubmit_batch = 70000"));
+    assert!(
+        e.contains("reactor.submit_batch") && e.contains("70000"),
+        "{e}"
+    );
+    let e = err(&BASE.replace("cores = [0]", "cores = [0]\nsubmit_batch = -1"));
+    assert!(e.contains("submit_batch"), "{e}");
 }
 
 #[test]

@@ -4,9 +4,11 @@
 //!
 //! Usage: uring-bench [--file PATH] [--size 1G] [--runtime SECS] [--cpu N]
 //!                    [--wait] [--no-fio] [--only randread|randwrite]
+//!                    [--submit-batch N]
 //!
 //! By default the loop spins on flush/reap (polled mode, like a reactor);
 //! `--wait` blocks in `submit_and_wait(1)` when a cycle reaped nothing.
+//! `--submit-batch` is the engine's most SQEs per enter (0: a whole cycle's).
 
 use std::alloc::{self, Layout};
 use std::io::Write;
@@ -30,6 +32,7 @@ struct Opts {
     wait: bool,
     fio: bool,
     only: Option<String>,
+    submit_batch: usize,
 }
 
 #[derive(Clone, Copy)]
@@ -96,6 +99,7 @@ fn run_quern(o: &Opts, kind: IoKind, qd: usize) -> Figures {
         ring_entries: 256,
         bounce_buffers: 0,
         merge: MergeConfig::default(),
+        submit_batch: o.submit_batch,
         ..EngineConfig::default()
     };
     let mut e = IoEngine::new(cfg).expect("io_uring");
@@ -230,13 +234,17 @@ fn main() {
         wait: args.iter().any(|a| a == "--wait"),
         fio: !args.iter().any(|a| a == "--no-fio"),
         only: arg_value(&args, "--only"),
+        submit_batch: arg_value(&args, "--submit-batch")
+            .map_or(quern_bdev::engine::DEFAULT_SUBMIT_BATCH, |b| {
+                b.parse().expect("--submit-batch N")
+            }),
     };
     prepare_file(&o.file, o.size).expect("prepare file");
     if let Err(e) = pin_to_cpu(o.cpu) {
         eprintln!("warning: could not pin to cpu {}: {e}", o.cpu);
     }
     println!(
-        "uring bdev: file {} ({} MiB), O_DIRECT, 4k, {} s per case, cpu {}, {} loop",
+        "uring bdev: file {} ({} MiB), O_DIRECT, 4k, {} s per case, cpu {}, {} loop, submit_batch {}",
         o.file.display(),
         o.size >> 20,
         o.runtime,
@@ -245,7 +253,8 @@ fn main() {
             "wait (submit_and_wait)"
         } else {
             "spin (flush/reap)"
-        }
+        },
+        o.submit_batch
     );
     if o.fio {
         println!(

@@ -297,6 +297,8 @@ struct Opts {
     backends: Vec<String>,
     quern: PathBuf,
     kernel_merges: bool,
+    /// Quern's `[reactor] submit_batch`; None leaves Quern's default.
+    submit_batch: Option<usize>,
 }
 
 /// The block-layer merge switch of the disk under `file`
@@ -430,8 +432,11 @@ fn run_quern(job: &Job, o: &Opts) -> (Value, f64) {
             o.file.display()
         )
     };
+    let submit_batch = o
+        .submit_batch
+        .map_or(String::new(), |b| format!("submit_batch = {b}\n"));
     let toml = format!(
-        "state_dir = \"{}\"\n\n[reactor]\ncores = [1]\npoll_mode = \"{}\"\n\n[merge]\nenabled = {}\n\n\
+        "state_dir = \"{}\"\n\n[reactor]\ncores = [1]\npoll_mode = \"{}\"\n{submit_batch}\n[merge]\nenabled = {}\n\n\
          [[bdev]]\nname = \"disk0\"\n{bdev}\n[[vhost_blk]]\nname = \"bench0\"\nbdev = \"disk0\"\n\
          socket = \"{}\"\nnum_queues = {}\ncores = [1]\n",
         dir.display(),
@@ -649,7 +654,7 @@ fn compare(job: &Job, o: &Opts) {
         rows.push(row);
     }
     println!(
-        "\n{} ({mode}): rw={} bs={} iodepth={} numjobs={} runtime={}s poll={} merge={}{}\n",
+        "\n{} ({mode}): rw={} bs={} iodepth={} numjobs={} runtime={}s poll={} merge={}{}{}\n",
         job.name,
         job.rw,
         job.bs,
@@ -662,7 +667,9 @@ fn compare(job: &Job, o: &Opts) {
             ""
         } else {
             " kernel-merges=off"
-        }
+        },
+        o.submit_batch
+            .map_or(String::new(), |b| format!(" submit_batch={b}"))
     );
     let svg = o.out.join(format!("{}-{mode}-latency.svg", job.name));
     std::fs::write(
@@ -752,7 +759,7 @@ fn main() {
                  vhost-bench idle --socket SOCK --pid PID [--secs 10] [--queues 1] | \
                  vhost-bench compare JOBFILE [--out DIR] [--file PATH] [--size 1G] \
                  [--poll busy] [--merge on|off] [--null] [--backends quern,qsd,fio] [--quern PATH] \
-                 [--kernel-merges off]";
+                 [--kernel-merges off] [--submit-batch N]";
     if args.len() < 3 {
         eprintln!("{usage}");
         std::process::exit(2);
@@ -788,6 +795,8 @@ fn main() {
                     .unwrap_or_else(|| "target/release/quern".into())
                     .into(),
                 kernel_merges: arg_value(&args, "--kernel-merges").is_none_or(|m| m != "off"),
+                submit_batch: arg_value(&args, "--submit-batch")
+                    .map(|b| b.parse().expect("--submit-batch N")),
             };
             compare(&job, &o);
         }
