@@ -299,6 +299,8 @@ struct Opts {
     kernel_merges: bool,
     /// Quern's `[reactor] submit_batch`; None leaves Quern's default.
     submit_batch: Option<usize>,
+    /// Quern's `[merge] max_bytes`; None leaves Quern's default.
+    merge_max_bytes: Option<u64>,
 }
 
 /// The block-layer merge switch of the disk under `file`
@@ -435,8 +437,11 @@ fn run_quern(job: &Job, o: &Opts) -> (Value, f64) {
     let submit_batch = o
         .submit_batch
         .map_or(String::new(), |b| format!("submit_batch = {b}\n"));
+    let merge_max = o
+        .merge_max_bytes
+        .map_or(String::new(), |b| format!("max_bytes = {b}\n"));
     let toml = format!(
-        "state_dir = \"{}\"\n\n[reactor]\ncores = [1]\npoll_mode = \"{}\"\n{submit_batch}\n[merge]\nenabled = {}\n\n\
+        "state_dir = \"{}\"\n\n[reactor]\ncores = [1]\npoll_mode = \"{}\"\n{submit_batch}\n[merge]\nenabled = {}\n{merge_max}\n\
          [[bdev]]\nname = \"disk0\"\n{bdev}\n[[vhost_blk]]\nname = \"bench0\"\nbdev = \"disk0\"\n\
          socket = \"{}\"\nnum_queues = {}\ncores = [1]\n",
         dir.display(),
@@ -654,7 +659,7 @@ fn compare(job: &Job, o: &Opts) {
         rows.push(row);
     }
     println!(
-        "\n{} ({mode}): rw={} bs={} iodepth={} numjobs={} runtime={}s poll={} merge={}{}{}\n",
+        "\n{} ({mode}): rw={} bs={} iodepth={} numjobs={} runtime={}s poll={} merge={}{}{}{}\n",
         job.name,
         job.rw,
         job.bs,
@@ -669,7 +674,9 @@ fn compare(job: &Job, o: &Opts) {
             " kernel-merges=off"
         },
         o.submit_batch
-            .map_or(String::new(), |b| format!(" submit_batch={b}"))
+            .map_or(String::new(), |b| format!(" submit_batch={b}")),
+        o.merge_max_bytes
+            .map_or(String::new(), |b| format!(" merge_max_bytes={b}"))
     );
     let svg = o.out.join(format!("{}-{mode}-latency.svg", job.name));
     std::fs::write(
@@ -759,7 +766,7 @@ fn main() {
                  vhost-bench idle --socket SOCK --pid PID [--secs 10] [--queues 1] | \
                  vhost-bench compare JOBFILE [--out DIR] [--file PATH] [--size 1G] \
                  [--poll busy] [--merge on|off] [--null] [--backends quern,qsd,fio] [--quern PATH] \
-                 [--kernel-merges off] [--submit-batch N]";
+                 [--kernel-merges off] [--submit-batch N] [--merge-max-bytes SIZE]";
     if args.len() < 3 {
         eprintln!("{usage}");
         std::process::exit(2);
@@ -797,6 +804,8 @@ fn main() {
                 kernel_merges: arg_value(&args, "--kernel-merges").is_none_or(|m| m != "off"),
                 submit_batch: arg_value(&args, "--submit-batch")
                     .map(|b| b.parse().expect("--submit-batch N")),
+                merge_max_bytes: arg_value(&args, "--merge-max-bytes")
+                    .map(|b| parse_size(&b).expect("--merge-max-bytes SIZE")),
             };
             compare(&job, &o);
         }
