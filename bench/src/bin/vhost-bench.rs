@@ -108,6 +108,28 @@ fn is_read(rw: &str) -> bool {
 struct ThreadOut {
     ios: u64,
     hist: Histogram<u64>,
+    /// Time spent in polls that returned completions and in handling them
+    /// (resubmitting), in `ticks` units, and the run's length in them.
+    busy_ticks: u64,
+    run_ticks: u64,
+    polls: u64,
+    empty_polls: u64,
+}
+
+/// A cheap monotonic counter for the client's busy accounting: the TSC on
+/// x86_64 (constant rate on any CPU this runs on), nanoseconds elsewhere.
+#[inline]
+fn ticks() -> u64 {
+    #[cfg(target_arch = "x86_64")]
+    // SAFETY: rdtsc has no preconditions.
+    unsafe {
+        std::arch::x86_64::_rdtsc()
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        static EPOCH: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
+        EPOCH.get_or_init(Instant::now).elapsed().as_nanos() as u64
+    }
 }
 
 /// Drive `socket` with `job`; client threads pinned to `cpu`. Returns fio-style JSON.
@@ -185,16 +207,26 @@ fn run_client(job: &Job, socket: &Path, cpu: usize, wait: bool) -> Value {
                 let mut ios = 0u64;
                 let mut inflight = job.iodepth;
                 let mut stopping = false;
+                let (mut busy_ticks, mut polls, mut empty_polls) = (0u64, 0u64, 0u64);
+                let (tick0, mut tick_end) = (ticks(), 0u64);
                 while inflight > 0 {
+                    let t_poll = ticks();
                     let k = q
                         .do_io(&mut comps, usize::from(wait), None, None)
                         .expect("do_io");
+                    if !stopping {
+                        polls += 1;
+                    }
                     if k == 0 {
+                        if !stopping {
+                            empty_polls += 1;
+                        }
                         continue;
                     }
                     let now = Instant::now();
                     if !stopping && now >= end {
                         stopping = true;
+                        tick_end = t_poll;
                     }
                     for c in &comps[..k] {
                         // SAFETY: do_io initialised the first k entries.
@@ -213,8 +245,19 @@ fn run_client(job: &Job, socket: &Path, cpu: usize, wait: bool) -> Value {
                         submit(&mut q, slot, off);
                         inflight += 1;
                     }
+                    if !stopping {
+                        busy_ticks += ticks() - t_poll;
+                    }
                 }
-                (ThreadOut { ios, hist }, start.elapsed(), q)
+                let out = ThreadOut {
+                    ios,
+                    hist,
+                    busy_ticks,
+                    run_ticks: tick_end.saturating_sub(tick0),
+                    polls,
+                    empty_polls,
+                };
+                (out, start.elapsed(), q)
             })
         })
         .collect();
@@ -222,16 +265,31 @@ fn run_client(job: &Job, socket: &Path, cpu: usize, wait: bool) -> Value {
     let mut hist = Histogram::<u64>::new_with_bounds(1, 60_000_000_000, 3).unwrap();
     let mut secs: f64 = 0.0;
     let mut queues = Vec::new();
+    let (mut busy_share, mut polls, mut empty_polls) = (0.0f64, 0u64, 0u64);
+    let nthreads = threads.len().max(1) as f64;
     for t in threads {
         let (o, el, q) = t.join().expect("client thread");
         ios += o.ios;
         hist.add(&o.hist).unwrap();
+        busy_share += o.busy_ticks as f64 / o.run_ticks.max(1) as f64 / nthreads;
+        polls += o.polls;
+        empty_polls += o.empty_polls;
         secs = secs.max(el.as_secs_f64().min(job.runtime as f64));
         queues.push(q);
     }
     drop(queues);
     drop(b);
-    fio_json(job, ios, secs, &hist)
+    let mut v = fio_json(job, ios, secs, &hist);
+    // busy time per I/O: each client thread's share of the run, as time
+    let busy_s = busy_share * nthreads * secs;
+    v["vhost_bench_client"] = json!({
+        "busy_share": busy_share,
+        "busy_ns_per_io": if ios > 0 { busy_s * 1e9 / ios as f64 } else { 0.0 },
+        "polls": polls,
+        "empty_polls": empty_polls,
+        "completions_per_busy_poll": ios as f64 / (polls - empty_polls).max(1) as f64,
+    });
+    v
 }
 
 fn fio_json(job: &Job, ios: u64, secs: f64, hist: &Histogram<u64>) -> Value {
@@ -598,6 +656,7 @@ fn compare(job: &Job, o: &Opts) {
     let mut rows = Vec::new();
     let mut series = Vec::new();
     let mut reactor_busy: Vec<(String, (f64, f64))> = Vec::new();
+    let mut client_busy: Vec<(String, (f64, f64, f64))> = Vec::new();
     let mode = match (o.null, o.kernel_merges) {
         (true, _) => "null",
         (false, true) => "file",
@@ -631,6 +690,14 @@ fn compare(job: &Job, o: &Opts) {
         writeln!(f, "{}", serde_json::to_string_pretty(&v).unwrap()).unwrap();
         series.push((tag.clone(), percentiles(&v, &job.rw)));
         let row = figures(&tag, &v, &job.rw, cpu);
+        let c = &v["vhost_bench_client"];
+        if let (Some(share), Some(ns), Some(per)) = (
+            c["busy_share"].as_f64(),
+            c["busy_ns_per_io"].as_f64(),
+            c["completions_per_busy_poll"].as_f64(),
+        ) {
+            client_busy.push((tag.clone(), (share, ns, per)));
+        }
         let qr = &v["quern_reactors"];
         if let (Some(b), Some(i), Some(idle)) = (
             qr["busy_ns"].as_u64(),
@@ -703,6 +770,15 @@ fn compare(job: &Job, o: &Opts) {
             "\n{name} reactor: busy {:.0} ns per I/O, busy {:.0}% of the time \
              (the rest is polling with nothing to do)",
             r.0, r.1
+        );
+    }
+    for (name, c) in &client_busy {
+        println!(
+            "\nclient against {name}: busy {:.0}% of the time, {:.0} ns per I/O, \
+             {:.1} completions per poll that found any (the rest is polling an empty used ring)",
+            100.0 * c.0,
+            c.1,
+            c.2
         );
     }
     let q = rows.iter().find(|r| r.name.starts_with("quern"));
