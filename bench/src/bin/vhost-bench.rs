@@ -116,8 +116,9 @@ struct ThreadOut {
     empty_polls: u64,
 }
 
-/// A cheap monotonic counter for the client's busy accounting: the TSC on
-/// x86_64 (constant rate on any CPU this runs on), nanoseconds elsewhere.
+/// A cheap monotonic counter for the client's clocks (latency, busy time):
+/// the TSC on x86_64, as fio's default `clocksource=cpu`, a few ns where
+/// `clock_gettime` is about 20; nanoseconds elsewhere.
 #[inline]
 fn ticks() -> u64 {
     #[cfg(target_arch = "x86_64")]
@@ -144,9 +145,26 @@ fn connect(socket: &Path, queues: usize) -> (Blkio, blkio::BlkioStartOutcome) {
     (b, started)
 }
 
+/// Nanoseconds per `ticks()` unit, measured once against the monotonic
+/// clock over 50 ms (the TSC is invariant on the CPUs this runs on: the
+/// kernel's `tsc` clocksource relies on the same).
+fn ns_per_tick() -> f64 {
+    static SCALE: std::sync::OnceLock<f64> = std::sync::OnceLock::new();
+    *SCALE.get_or_init(|| {
+        if !cfg!(target_arch = "x86_64") {
+            return 1.0;
+        }
+        let (t, k) = (Instant::now(), ticks());
+        std::thread::sleep(Duration::from_millis(50));
+        let (dk, dt) = (ticks() - k, t.elapsed());
+        dt.as_nanos() as f64 / dk.max(1) as f64
+    })
+}
+
 /// `wait`: block in do_io until a completion arrives instead of spinning
 /// (for backends that need the client's CPU, e.g. a Ceph on the same host).
 fn run_client(job: &Job, socket: &Path, cpu: usize, wait: bool) -> Value {
+    let scale = ns_per_tick();
     let (mut b, started) = connect(socket, job.numjobs);
     let capacity = b.get_u64("capacity").expect("capacity");
     let size = job.size.unwrap_or(capacity).min(capacity);
@@ -185,8 +203,9 @@ fn run_client(job: &Job, socket: &Path, cpu: usize, wait: bool) -> Value {
                     };
                     blk * job.bs as u64
                 };
-                let mut hist = Histogram::<u64>::new_with_bounds(1, 60_000_000_000, 3).unwrap();
-                let mut t0 = vec![Instant::now(); job.iodepth];
+                // latencies in ticks; fio_json scales them to ns
+                let mut hist = Histogram::<u64>::new_with_bounds(1, 600_000_000_000, 3).unwrap();
+                let mut t0 = vec![0u64; job.iodepth];
                 let mut comps: Vec<MaybeUninit<Completion>> =
                     (0..job.iodepth).map(|_| MaybeUninit::uninit()).collect();
                 let submit = |q: &mut blkio::Blkioq, slot: usize, off: u64| {
@@ -198,9 +217,9 @@ fn run_client(job: &Job, socket: &Path, cpu: usize, wait: bool) -> Value {
                     }
                 };
                 let start = Instant::now();
-                let end = start + Duration::from_secs(job.runtime);
+                let end = ticks() + (job.runtime as f64 * 1e9 / scale) as u64;
                 for (slot, t) in t0.iter_mut().enumerate() {
-                    *t = Instant::now();
+                    *t = ticks();
                     let off = next_off(&mut rng);
                     submit(&mut q, slot, off);
                 }
@@ -223,7 +242,7 @@ fn run_client(job: &Job, socket: &Path, cpu: usize, wait: bool) -> Value {
                         }
                         continue;
                     }
-                    let now = Instant::now();
+                    let now = ticks();
                     if !stopping && now >= end {
                         stopping = true;
                         tick_end = t_poll;
@@ -238,9 +257,8 @@ fn run_client(job: &Job, socket: &Path, cpu: usize, wait: bool) -> Value {
                             continue;
                         }
                         ios += 1;
-                        let ns = now.duration_since(t0[slot]).as_nanos() as u64;
-                        hist.record(ns.max(1)).unwrap();
-                        t0[slot] = Instant::now();
+                        hist.saturating_record(now.saturating_sub(t0[slot]).max(1));
+                        t0[slot] = ticks();
                         let off = next_off(&mut rng);
                         submit(&mut q, slot, off);
                         inflight += 1;
@@ -262,7 +280,7 @@ fn run_client(job: &Job, socket: &Path, cpu: usize, wait: bool) -> Value {
         })
         .collect();
     let mut ios = 0u64;
-    let mut hist = Histogram::<u64>::new_with_bounds(1, 60_000_000_000, 3).unwrap();
+    let mut hist = Histogram::<u64>::new_with_bounds(1, 600_000_000_000, 3).unwrap();
     let mut secs: f64 = 0.0;
     let mut queues = Vec::new();
     let (mut busy_share, mut polls, mut empty_polls) = (0.0f64, 0u64, 0u64);
@@ -279,7 +297,7 @@ fn run_client(job: &Job, socket: &Path, cpu: usize, wait: bool) -> Value {
     }
     drop(queues);
     drop(b);
-    let mut v = fio_json(job, ios, secs, &hist);
+    let mut v = fio_json(job, ios, secs, &hist, scale);
     // busy time per I/O: each client thread's share of the run, as time
     let busy_s = busy_share * nthreads * secs;
     v["vhost_bench_client"] = json!({
@@ -292,11 +310,16 @@ fn run_client(job: &Job, socket: &Path, cpu: usize, wait: bool) -> Value {
     v
 }
 
-fn fio_json(job: &Job, ios: u64, secs: f64, hist: &Histogram<u64>) -> Value {
+/// `hist` holds latencies in units of `ns_per_unit` ns.
+fn fio_json(job: &Job, ios: u64, secs: f64, hist: &Histogram<u64>, ns_per_unit: f64) -> Value {
     let iops = ios as f64 / secs;
+    let ns = |v: u64| (v as f64 * ns_per_unit).round() as u64;
     let mut pct = serde_json::Map::new();
     for p in PCTS {
-        pct.insert(format!("{p:.6}"), json!(hist.value_at_quantile(p / 100.0)));
+        pct.insert(
+            format!("{p:.6}"),
+            json!(ns(hist.value_at_quantile(p / 100.0))),
+        );
     }
     let dir = json!({
         "io_bytes": ios * job.bs as u64,
@@ -306,10 +329,10 @@ fn fio_json(job: &Job, ios: u64, secs: f64, hist: &Histogram<u64>) -> Value {
         "iops": iops,
         "bw": iops * job.bs as f64 / 1024.0,
         "clat_ns": {
-            "min": hist.min(), "max": hist.max(), "mean": hist.mean(),
-            "stddev": hist.stdev(), "N": hist.len(), "percentile": Value::Object(pct),
+            "min": ns(hist.min()), "max": ns(hist.max()), "mean": hist.mean() * ns_per_unit,
+            "stddev": hist.stdev() * ns_per_unit, "N": hist.len(), "percentile": Value::Object(pct),
         },
-        "lat_ns": { "mean": hist.mean() },
+        "lat_ns": { "mean": hist.mean() * ns_per_unit },
     });
     let empty = json!({"io_bytes": 0, "io_kbytes": 0, "total_ios": 0, "iops": 0.0, "bw": 0.0});
     let (r, w) = if is_read(&job.rw) {
@@ -473,6 +496,8 @@ fn stop(child: &mut Child) {
 
 /// Run the job against a started backend; returns (json, backend cpu seconds).
 fn measure(job: &Job, pid: u32, sock: &Path) -> (Value, f64) {
+    // calibrated outside the backend's CPU window
+    ns_per_tick();
     let c0 = proc_cpu(pid);
     let v = run_client(job, sock, 0, false);
     let c1 = proc_cpu(pid);
