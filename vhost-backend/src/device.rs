@@ -155,16 +155,17 @@ impl BlkDevice {
             | VIRTIO_RING_F_EVENT_IDX
             | VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits();
         // offer only what the bdev does: a guest then never sends a request
-        // it would have to see refused (a qcow2 overlay has no discard)
+        // it would have to see refused; discard and write-zeroes are writes
         let info = self.bdev.info();
+        if self.cfg.read_only || info.read_only {
+            f |= VIRTIO_BLK_F_RO;
+            return f;
+        }
         if info.supports_discard {
             f |= VIRTIO_BLK_F_DISCARD;
         }
         if info.supports_write_zeroes {
             f |= VIRTIO_BLK_F_WRITE_ZEROES;
-        }
-        if self.cfg.read_only || info.read_only {
-            f |= VIRTIO_BLK_F_RO;
         }
         f
     }

@@ -311,11 +311,11 @@ fn two_queues_run_on_two_reactors_under_load() {
 }
 
 /// The device offers only what its bdev does. A read-only bdev makes a
-/// read-only device even when the device section does not say so (libblkio
-/// then refuses a writable connection itself), and a qcow2 overlay, which
-/// has neither discard nor write-zeroes, offers neither (libblkio refuses
-/// both with ENOTSUP before they reach the device), while reads and writes
-/// work.
+/// read-only device even when the device section does not say so: libblkio
+/// then refuses a writable connection itself, and the device offers no
+/// discard or write-zeroes (libblkio refuses them before they reach it). A
+/// qcow2 overlay offers both, and they do what they say on allocated
+/// clusters (the overlay's own tests cover the rest).
 #[test]
 fn features_follow_the_bdev() {
     let ro: BdevRef = Arc::new(MallocBdev::new("ro", 1 << 20, 512, true).unwrap());
@@ -333,6 +333,11 @@ fn features_follow_the_bdev() {
     let p = c.buf(0, 4096).as_mut_ptr();
     c.queues[0].read(0, p, 4096, 1, ReqFlags::empty());
     assert_eq!(c.wait(0, 1), vec![(1, 0)]);
+    c.queues[0].discard(0, 4096, 2, ReqFlags::empty());
+    c.queues[0].write_zeroes(0, 4096, 3, ReqFlags::empty());
+    let mut r = c.wait(0, 2);
+    r.sort();
+    assert_eq!(r, vec![(2, -libc::ENOTSUP), (3, -libc::ENOTSUP)]);
     drop(c);
     drop(s);
 
@@ -352,17 +357,23 @@ fn features_follow_the_bdev() {
     );
     let s = start(ov, 1, false, PollMode::Adaptive);
     let mut c = connect(&s.socket, 1, false);
-    c.buf(0, 8192).fill(0x5a);
-    let p = c.buf(0, 8192).as_mut_ptr();
-    c.queues[0].write(65536, p, 8192, 1, ReqFlags::empty());
+    c.buf(0, 16384).fill(0x5a);
+    let p = c.buf(0, 16384).as_mut_ptr();
+    c.queues[0].write(65536, p, 16384, 1, ReqFlags::empty());
     assert_eq!(c.wait(0, 1), vec![(1, 0)]);
-    c.queues[0].discard(65536, 4096, 2, ReqFlags::empty());
-    c.queues[0].write_zeroes(65536, 4096, 3, ReqFlags::empty());
+    c.queues[0].write_zeroes(65536 + 4096, 4096, 2, ReqFlags::empty());
+    c.queues[0].discard(65536 + 12288, 4096, 3, ReqFlags::empty());
     let mut r = c.wait(0, 2);
     r.sort();
-    assert_eq!(r, vec![(2, -libc::ENOTSUP), (3, -libc::ENOTSUP)]);
-    let q = c.buf(8192, 8192).as_mut_ptr();
-    c.queues[0].read(65536, q, 8192, 4, ReqFlags::empty());
+    assert_eq!(r, vec![(2, 0), (3, 0)]);
+    let q = c.buf(16384, 16384).as_mut_ptr();
+    c.queues[0].read(65536, q, 16384, 4, ReqFlags::empty());
     assert_eq!(c.wait(0, 1), vec![(4, 0)]);
-    assert!(c.buf(8192, 8192).iter().all(|&x| x == 0x5a));
+    let got = c.buf(16384, 16384);
+    for (k, want) in [0x5a, 0, 0x5a, 0].into_iter().enumerate() {
+        assert!(
+            got[k * 4096..(k + 1) * 4096].iter().all(|&x| x == want),
+            "4 KiB block {k} is not {want:#x}"
+        );
+    }
 }

@@ -24,7 +24,7 @@ use std::sync::Arc;
 use crossbeam_channel::{Receiver, Sender};
 use io_uring::{opcode, types, IoUring};
 
-use super::worker::{scatter, IovPtr, Job};
+use super::worker::{scatter, IovPtr, Job, RwKind};
 use super::{Shared, ZERO};
 use crate::eventfd;
 use crate::types::{submit_to_channel, BdevChannel, BdevRef, IoKind, Op, Submitter, IOV_MAX};
@@ -257,15 +257,28 @@ impl Qcow2Channel {
     }
 
     fn submit_to_worker(&mut self, op: &Op<'_>, tag: u64) -> bool {
-        let Some(p) = self.reserve(tag, 1, op.len as i32) else {
+        let kind = match op.kind {
+            IoKind::Read => RwKind::Read,
+            IoKind::Write => RwKind::Write,
+            IoKind::WriteZeroes => RwKind::Zero { discard: false },
+            IoKind::Discard => RwKind::Zero { discard: true },
+            IoKind::Flush => unreachable!("flushes go to the ring"),
+        };
+        let data = op.kind.has_data();
+        let Some(p) = self.reserve(tag, 1, if data { op.len as i32 } else { 0 }) else {
             return false;
         };
-        let ix = self.new_sub(p, op.len, op.offset, op.iov, 0);
+        // a zeroing op moves no bytes: its sub expects a result of 0
+        let ix = if data {
+            self.new_sub(p, op.len, op.offset, op.iov, 0)
+        } else {
+            self.new_sub(p, 0, op.offset, &[], 0)
+        };
         let s = &self.subs[ix as usize];
         let job = Job::Rw {
             chan: self.id,
             sub: ix,
-            write: op.kind == IoKind::Write,
+            kind,
             fua: op.fua,
             offset: op.offset,
             len: op.len,
@@ -510,10 +523,7 @@ impl BdevChannel for Qcow2Channel {
                     self.submit_split(op, tag, sub)
                 }
             }
-            IoKind::Discard | IoKind::WriteZeroes => {
-                sub.complete(tag, -libc::EOPNOTSUPP);
-                true
-            }
+            IoKind::Discard | IoKind::WriteZeroes => self.submit_to_worker(op, tag),
         }
     }
 

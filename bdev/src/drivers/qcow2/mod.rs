@@ -15,9 +15,14 @@
 //! a small table) is replaced by a larger one at the end of the file, as
 //! QEMU does.
 //!
-//! Not supported: discard and write-zeroes (not offered to guests),
-//! internal snapshots, compression, encryption, external data files,
-//! freeing clusters.
+//! Discard and write-zeroes go to the worker: whole unallocated clusters
+//! become zero clusters (v3), allocated ranges are punched out of the image
+//! file (still allocated, reading as zeroes), and write-zeroes copies up a
+//! partly covered unallocated cluster with the range zeroed.
+//!
+//! Not supported: internal snapshots, compression, encryption, external
+//! data files, freeing clusters (a discard keeps the cluster allocated; the
+//! punched hole gives the space back to the file system).
 
 mod channel;
 pub mod format;
@@ -115,8 +120,8 @@ impl Qcow2Bdev {
                 capacity_bytes: cap,
                 read_only: o.read_only,
                 buf_align: base_info.buf_align.max(direct_align),
-                supports_discard: false,
-                supports_write_zeroes: false,
+                supports_discard: !o.read_only,
+                supports_write_zeroes: !o.read_only,
                 driver: "qcow2",
             },
             shared,
@@ -219,6 +224,7 @@ fn load(o: &Qcow2Options, cap: u64) -> io::Result<(Meta, Shared)> {
         rt,
         rt_offset: h.refcount_table_offset,
         next_free: file_len.next_multiple_of(cs),
+        v3: h.version >= 3,
     };
     let shared = Shared {
         map,

@@ -24,7 +24,7 @@ use std::sync::Arc;
 use crossbeam_channel::{Receiver, Sender};
 use io_uring::IoUring;
 
-use super::format::COPIED;
+use super::format::{COPIED, ZERO_FLAG};
 use super::{Shared, ZERO};
 use crate::types::{BdevChannel, BdevRef, IoKind, Op, Submitter};
 
@@ -51,7 +51,7 @@ pub(super) enum Job {
     Rw {
         chan: u32,
         sub: u32,
-        write: bool,
+        kind: RwKind,
         fua: bool,
         offset: u64,
         len: u64,
@@ -60,6 +60,19 @@ pub(super) enum Job {
     /// copy-on-read: copy one guest cluster from the base into the overlay.
     Populate {
         cluster: u64,
+    },
+}
+
+/// What a [`Job::Rw`] does.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum RwKind {
+    Read,
+    Write,
+    /// Write-zeroes, or (`discard`) a discard: whole clusters become zero
+    /// clusters or have their data punched out; a discard leaves partial
+    /// clusters it does not own as they are.
+    Zero {
+        discard: bool,
     },
 }
 
@@ -72,6 +85,8 @@ pub(super) struct Meta {
     pub rt: Vec<u64>,
     pub rt_offset: u64,
     pub next_free: u64,
+    /// Version 3 or later: L2 entries may carry the zero flag.
+    pub v3: bool,
 }
 
 /// A cluster-sized, 4 KiB-aligned buffer (O_DIRECT bases need alignment).
@@ -316,7 +331,7 @@ impl Worker {
             Job::Rw {
                 chan,
                 sub,
-                write,
+                kind,
                 fua,
                 offset,
                 len,
@@ -324,22 +339,24 @@ impl Worker {
             } => {
                 // SAFETY: see `IovPtr`: valid until we reply.
                 let iov = unsafe { std::slice::from_raw_parts(iov.ptr, iov.cnt) };
-                let r = if write {
-                    self.fua |= fua;
-                    self.write(offset, len, iov)
-                } else {
-                    self.read(offset, len, iov)
+                let r = match kind {
+                    RwKind::Write => {
+                        self.fua |= fua;
+                        self.write(offset, len, iov)
+                    }
+                    RwKind::Read => self.read(offset, len, iov),
+                    RwKind::Zero { discard } => self.zero(offset, len, discard),
                 };
                 let res = match r {
+                    // a zeroing op carries no data: its sub counts 0 bytes
+                    Ok(()) if matches!(kind, RwKind::Zero { .. }) => 0,
                     Ok(()) => len as i32,
                     Err(e) => {
-                        tracing::warn!(
-                            "qcow2: {} at {offset}+{len}: {e}",
-                            if write { "write" } else { "read" }
-                        );
+                        tracing::warn!("qcow2: {kind:?} at {offset}+{len}: {e}");
                         -e.raw_os_error().unwrap_or(libc::EIO)
                     }
                 };
+                let write = kind != RwKind::Read;
                 self.out.push(Reply {
                     chan,
                     sub,
@@ -359,13 +376,23 @@ impl Worker {
         1 << self.shared.cluster_bits
     }
 
+    /// The map value of a guest cluster, this batch's pending one first.
+    fn value(&self, g: u64) -> u64 {
+        match self.pending.get(&g) {
+            Some(&v) => v,
+            None => self.shared.map[g as usize].load(Ordering::Acquire),
+        }
+    }
+
     /// The host offset of a guest cluster, if allocated (or pending).
     fn lookup(&self, g: u64) -> Option<u64> {
-        if let Some(&h) = self.pending.get(&g) {
-            return Some(h);
-        }
-        let m = self.shared.map[g as usize].load(Ordering::Acquire);
-        (m > ZERO).then_some(m)
+        let v = self.value(g);
+        (v > ZERO).then_some(v)
+    }
+
+    /// Does the guest cluster read as zeroes without a host cluster?
+    fn is_zero(&self, g: u64) -> bool {
+        self.value(g) == ZERO
     }
 
     /// Walk `[offset, offset+len)` cluster by cluster: (guest cluster,
@@ -412,10 +439,88 @@ impl Worker {
         Ok(())
     }
 
+    /// Write-zeroes or discard `[offset, offset+len)`, cluster by cluster:
+    /// - a zero cluster stays one;
+    /// - on an allocated cluster the range is punched out of the image file
+    ///   (it reads as zeroes; the cluster stays allocated, so no refcount
+    ///   changes and `qemu-img check` stays clean);
+    /// - a whole unallocated cluster becomes a zero cluster (v3: one L2
+    ///   entry, no data);
+    /// - otherwise write-zeroes copies the cluster up with the range zeroed,
+    ///   as a write of zeroes would, and a discard leaves it alone (the
+    ///   virtio spec lets discarded data read as anything).
+    fn zero(&mut self, offset: u64, len: u64, discard: bool) -> io::Result<()> {
+        if self.meta.read_only {
+            return Err(io::Error::from_raw_os_error(libc::EROFS));
+        }
+        let cs = self.cs();
+        let cap = self.shared.capacity;
+        for (g, in_off, n, _) in self.pieces(offset, len).collect::<Vec<_>>() {
+            if self.is_zero(g) {
+                continue;
+            }
+            if let Some(host) = self.lookup(g) {
+                self.punch(host + in_off, n)?;
+                continue;
+            }
+            // the last cluster of an image whose size is not a multiple of
+            // the cluster size is whole when the range reaches the end
+            let whole = in_off == 0 && (n == cs || g * cs + n == cap);
+            if whole && self.meta.v3 {
+                if self.failed {
+                    return Err(io::Error::from_raw_os_error(libc::EIO));
+                }
+                self.ensure_l2(g)?;
+                self.pending.insert(g, ZERO);
+                continue;
+            }
+            if discard {
+                continue;
+            }
+            if self.failed {
+                return Err(io::Error::from_raw_os_error(libc::EIO));
+            }
+            if whole {
+                self.buf.get().fill(0);
+            } else {
+                self.fill_cluster(g)?;
+                self.buf.get()[in_off as usize..(in_off + n) as usize].fill(0);
+            }
+            self.place_buffered(g)?;
+        }
+        Ok(())
+    }
+
+    /// Make `[off, off+len)` of the image file read as zeroes: punch a hole,
+    /// or write zeroes where the file system cannot punch.
+    fn punch(&mut self, off: u64, len: u64) -> io::Result<()> {
+        let fd = self.meta.file.as_raw_fd();
+        let mode = libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE;
+        // SAFETY: fallocate on our own fd; no memory is passed.
+        if unsafe { libc::fallocate(fd, mode, off as i64, len as i64) } == 0 {
+            return Ok(());
+        }
+        let e = io::Error::last_os_error();
+        if e.raw_os_error() != Some(libc::EOPNOTSUPP) {
+            return Err(e);
+        }
+        let buf = self.buf.get();
+        buf.fill(0);
+        let mut done = 0;
+        while done < len {
+            let n = (len - done).min(buf.len() as u64);
+            self.meta
+                .file
+                .write_all_at(&buf[..n as usize], off + done)?;
+            done += n;
+        }
+        Ok(())
+    }
+
     fn read(&mut self, offset: u64, len: u64, iov: &[libc::iovec]) -> io::Result<()> {
         for (g, in_off, n, pos) in self.pieces(offset, len).collect::<Vec<_>>() {
             let host = self.lookup(g);
-            let zero = self.shared.map[g as usize].load(Ordering::Acquire) == ZERO;
+            let zero = self.is_zero(g);
             let buf = &mut self.buf.get()[..n as usize];
             match host {
                 Some(host) => self.meta.file.read_exact_at(buf, host + in_off)?,
@@ -428,11 +533,7 @@ impl Worker {
     }
 
     fn populate(&mut self, g: u64) -> io::Result<()> {
-        if self.meta.read_only
-            || self.failed
-            || self.lookup(g).is_some()
-            || self.shared.map[g as usize].load(Ordering::Acquire) == ZERO
-        {
+        if self.meta.read_only || self.failed || self.lookup(g).is_some() || self.is_zero(g) {
             return Ok(());
         }
         self.fill_cluster(g)?;
@@ -445,7 +546,7 @@ impl Worker {
         let cs = self.cs();
         let start = g * cs;
         let avail = self.shared.capacity.saturating_sub(start).min(cs) as usize;
-        let zero = self.shared.map[g as usize].load(Ordering::Acquire) == ZERO;
+        let zero = self.is_zero(g);
         let buf = self.buf.get();
         if zero {
             buf.fill(0);
@@ -688,7 +789,12 @@ impl Worker {
         let shift = self.shared.cluster_bits - 3;
         for (&g, &host) in &self.pending {
             let table = self.meta.l1[(g >> shift) as usize];
-            f.write_all_at(&(host | COPIED).to_be_bytes(), table + 8 * (g & mask))?;
+            let e = if host == ZERO {
+                ZERO_FLAG
+            } else {
+                host | COPIED
+            };
+            f.write_all_at(&e.to_be_bytes(), table + 8 * (g & mask))?;
         }
         while let Some(&i) = self.new_l1.last() {
             let e = self.meta.l1[i] | COPIED;
