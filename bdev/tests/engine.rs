@@ -208,6 +208,26 @@ fn uring_direct_round_trip_discard_and_zeroes() {
     );
     assert!(r.buf()[..8192].iter().all(|&x| x == 0));
     assert!(r.buf()[8192..].iter().all(|&x| x == 0x11));
+    // forced unit access (a writethrough device): fallocate linked to a sync
+    e.submit(&IoRequest {
+        dev: d,
+        kind: IoKind::WriteZeroes,
+        offset: 16384,
+        len: 4096,
+        iov: &[],
+        fua: true,
+        cookie: 9,
+    })
+    .unwrap();
+    let mut out = Vec::new();
+    e.run_until_idle(|c, res| out.push((c, res)));
+    assert_eq!(out, vec![(9, Ok(0))]);
+    assert_eq!(
+        one(&mut e, d, IoKind::Read, 8192, &mut [iov(r.buf())], 16384),
+        Ok(16384)
+    );
+    assert!(r.buf()[..12288].iter().all(|&x| x == 0));
+    assert!(r.buf()[12288..].iter().all(|&x| x == 0x11));
     assert_eq!(e.stats().bounced_ops, 0);
 }
 

@@ -280,10 +280,10 @@ fn qemu_map(path: &Path) -> Vec<(u64, u64, bool, bool)> {
 
 /// Write-zeroes and discard on every kind of cluster: allocated (whole and
 /// part: the range is punched out of the image file), unallocated whole
-/// (a zero cluster, no data) and part (write-zeroes copies up; discard
-/// leaves it). QEMU reads the same, `qemu-img check` finds no leak, QEMU
-/// maps the zeroed unallocated range as zero without data, and a reopened
-/// overlay reads it all back.
+/// (write-zeroes: a zero cluster, no data) and part (write-zeroes copies
+/// up); a discard leaves unallocated clusters alone. QEMU reads the same,
+/// `qemu-img check` finds no leak, QEMU maps the zeroed unallocated ranges
+/// as zero without data, and a reopened overlay reads it all back.
 #[test]
 fn write_zeroes_and_discard() {
     let dir = tempdir();
@@ -307,16 +307,15 @@ fn write_zeroes_and_discard() {
         zero(&mut e, IoKind::WriteZeroes, 64 * k, 128 * k, &mut model);
         // unallocated, part of a cluster: copied up with the range zeroed
         zero(&mut e, IoKind::WriteZeroes, 300 * k, 8 * k, &mut model);
-        // 1 MiB of unallocated clusters, and a discard of 128 KiB more
+        // 1 MiB of unallocated clusters
         zero(&mut e, IoKind::WriteZeroes, MB, MB, &mut model);
-        zero(&mut e, IoKind::Discard, 2 * MB, 128 * k, &mut model);
         // a discard of an allocated cluster reads as zeroes
         zero(&mut e, IoKind::Discard, 3584 * k, 64 * k, &mut model);
-        // a discard of part of an unallocated cluster leaves the base's data
-        assert_eq!(
-            zeroing(&mut e, d, IoKind::Discard, 3 * MB + 4 * k, 4 * k),
-            Ok(0)
-        );
+        // a discard of unallocated clusters, whole or not, leaves the base's
+        // data (and costs no metadata)
+        for (off, len) in [(2 * MB, 128 * k), (3 * MB + 4 * k, 4 * k)] {
+            assert_eq!(zeroing(&mut e, d, IoKind::Discard, off, len), Ok(0));
+        }
         // a write into a zero cluster copies up zeroes around it
         write(&mut e, d, &mut model, MB + 8 * k, 4 * k as usize, 0x33);
         assert_eq!(first_diff(&read_all(&mut e, d, size), &model), None);
@@ -327,7 +326,7 @@ fn write_zeroes_and_discard() {
     // the unallocated zeroed ranges are zero clusters without data (the one
     // written into afterwards aside)
     let map = qemu_map(&o.path);
-    for (lo, hi) in [(MB + 64 * k, 2 * MB), (2 * MB, 2 * MB + 128 * k)] {
+    for (lo, hi) in [(128 * k, 192 * k), (MB + 64 * k, 2 * MB)] {
         for &(start, len, data, zero) in &map {
             if start < hi && lo < start + len {
                 assert!(zero && !data, "{start}+{len} data={data} zero={zero}");
@@ -339,7 +338,40 @@ fn write_zeroes_and_discard() {
     assert_eq!(first_diff(&read_all(&mut e, d, size), &model), None);
 }
 
-/// A read-only overlay offers neither discard nor write-zeroes.
+/// An image whose size is not a multiple of the cluster size: write-zeroes
+/// reaching the end makes the short last cluster a zero cluster, and one
+/// on part of a cluster copies it up.
+#[test]
+fn write_zeroes_on_a_short_last_cluster() {
+    let dir = tempdir();
+    let k = 1024;
+    let size = 4 * MB + 32 * k;
+    let data = pattern(size);
+    let b = base(dir.path(), &data);
+    let o = opts(dir.path(), &b, 65536);
+    let mut model = data.clone();
+    {
+        let mut e = engine();
+        let d = e.add_device(overlay(&o)).unwrap();
+        for (off, len) in [(4 * MB - 8 * k, 4 * k), (4 * MB, 32 * k)] {
+            assert_eq!(zeroing(&mut e, d, IoKind::WriteZeroes, off, len), Ok(0));
+            model[off as usize..(off + len) as usize].fill(0);
+        }
+        assert_eq!(first_diff(&read_all(&mut e, d, size), &model), None);
+        assert_eq!(io(&mut e, d, IoKind::Flush, 0, &mut []), Ok(0));
+    }
+    qemu_check(&o.path);
+    qemu_compare(dir.path(), &o.path, &model);
+    let map = qemu_map(&o.path);
+    let last = map
+        .iter()
+        .find(|m| m.0 <= 4 * MB && 4 * MB < m.0 + m.1)
+        .unwrap();
+    assert!(last.3 && !last.2, "last cluster: {last:?}");
+}
+
+/// A read-only overlay offers neither discard nor write-zeroes (the engine
+/// refuses them before they reach it).
 #[test]
 fn read_only_overlay_refuses_zeroing() {
     let dir = tempdir();
@@ -687,6 +719,16 @@ fn opens_images_made_by_qemu() {
             write(&mut e, d, &mut model, 3 * MB + 512, 4096, 0x77); // a new cluster
             write(&mut e, d, &mut model, 4096, 4096, 0x78); // qemu's cluster
             write(&mut e, d, &mut model, 2 * MB + 8192, 4096, 0x79); // a zero cluster
+                                                                     // write-zeroes: whole unallocated clusters (v2 has no zero flag:
+                                                                     // copied up), and part of qemu's allocated cluster (punched)
+            for (off, len) in [(3 * MB + 65536, 131072u64), (8192, 4096)] {
+                assert_eq!(
+                    zeroing(&mut e, d, IoKind::WriteZeroes, off, len),
+                    Ok(0),
+                    "{compat}"
+                );
+                model[off as usize..(off + len) as usize].fill(0);
+            }
             assert_eq!(
                 first_diff(&read_all(&mut e, d, size), &model),
                 None,

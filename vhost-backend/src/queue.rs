@@ -228,7 +228,10 @@ impl QueuePoller {
                 self.finish(head, req.status, blk::VIRTIO_BLK_S_OK, req.written)
             }
             Decoded::Io { kind, offset, len } => {
-                let fua = kind == IoKind::Write && !self.writeback.load(Ordering::Relaxed);
+                // writethrough: a write, and a write of zeroes, is durable
+                // when it completes
+                let fua = matches!(kind, IoKind::Write | IoKind::WriteZeroes)
+                    && !self.writeback.load(Ordering::Relaxed);
                 let r = IoRequest {
                     dev: self.dev,
                     kind,

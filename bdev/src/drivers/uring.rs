@@ -132,12 +132,17 @@ struct UringChannel {
     delay: Option<Box<types::Timespec>>,
 }
 
-/// user_data of injected-delay timeouts (their CQEs are skipped anyway).
+/// user_data of the entries linked before a request's own (an injected
+/// delay's timeout, a write-zeroes' fallocate before its sync): their
+/// completions, posted only on failure, are ignored.
 pub const DELAY_USER_DATA: u64 = u64::MAX;
 
 impl BdevChannel for UringChannel {
     fn submit(&mut self, op: &Op<'_>, tag: u64, sub: &mut Submitter<'_>) -> bool {
-        let need = if self.delay.is_some() { 2 } else { 1 };
+        // fallocate has no RWF_DSYNC: a forced-unit-access write of zeroes
+        // is the fallocate linked to an fdatasync that carries the tag
+        let sync_after = op.fua && op.kind == IoKind::WriteZeroes;
+        let need = 1 + usize::from(self.delay.is_some()) + usize::from(sync_after);
         if sub.sq_room() < need {
             return false;
         }
@@ -172,6 +177,20 @@ impl BdevChannel for UringChannel {
                 .mode(libc::FALLOC_FL_ZERO_RANGE | libc::FALLOC_FL_KEEP_SIZE)
                 .build(),
         };
+        if sync_after {
+            // a failed fallocate posts its own (ignored) completion and
+            // cancels the sync, which fails the request with ECANCELED
+            sub.push_sqe(
+                &sqe.flags(
+                    io_uring::squeue::Flags::IO_LINK | io_uring::squeue::Flags::SKIP_SUCCESS,
+                )
+                .user_data(DELAY_USER_DATA),
+            );
+            let sync = opcode::Fsync::new(fd)
+                .flags(types::FsyncFlags::DATASYNC)
+                .build();
+            return sub.push_sqe(&sync.user_data(tag));
+        }
         sub.push_sqe(&sqe.user_data(tag))
     }
 }

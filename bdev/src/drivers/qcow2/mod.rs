@@ -15,10 +15,11 @@
 //! a small table) is replaced by a larger one at the end of the file, as
 //! QEMU does.
 //!
-//! Discard and write-zeroes go to the worker: whole unallocated clusters
-//! become zero clusters (v3), allocated ranges are punched out of the image
-//! file (still allocated, reading as zeroes), and write-zeroes copies up a
-//! partly covered unallocated cluster with the range zeroed.
+//! Discard and write-zeroes go to the worker: allocated ranges are punched
+//! out of the image file (still allocated, reading as zeroes); write-zeroes
+//! makes whole unallocated clusters zero clusters (v3) and copies up a
+//! partly covered one with the range zeroed; a discard leaves unallocated
+//! clusters alone.
 //!
 //! Not supported: internal snapshots, compression, encryption, external
 //! data files, freeing clusters (a discard keeps the cluster allocated; the

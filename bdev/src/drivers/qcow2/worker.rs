@@ -345,7 +345,10 @@ impl Worker {
                         self.write(offset, len, iov)
                     }
                     RwKind::Read => self.read(offset, len, iov),
-                    RwKind::Zero { discard } => self.zero(offset, len, discard),
+                    RwKind::Zero { discard } => {
+                        self.fua |= fua;
+                        self.zero(offset, len, discard)
+                    }
                 };
                 let res = match r {
                     // a zeroing op carries no data: its sub counts 0 bytes
@@ -444,11 +447,11 @@ impl Worker {
     /// - on an allocated cluster the range is punched out of the image file
     ///   (it reads as zeroes; the cluster stays allocated, so no refcount
     ///   changes and `qemu-img check` stays clean);
-    /// - a whole unallocated cluster becomes a zero cluster (v3: one L2
-    ///   entry, no data);
-    /// - otherwise write-zeroes copies the cluster up with the range zeroed,
-    ///   as a write of zeroes would, and a discard leaves it alone (the
-    ///   virtio spec lets discarded data read as anything).
+    /// - a discard leaves unallocated clusters alone (the virtio spec lets
+    ///   discarded data read as anything);
+    /// - write-zeroes makes a whole unallocated cluster a zero cluster (v3:
+    ///   one L2 entry, no data) and copies up any other with the range
+    ///   zeroed, as a write of zeroes would.
     fn zero(&mut self, offset: u64, len: u64, discard: bool) -> io::Result<()> {
         if self.meta.read_only {
             return Err(io::Error::from_raw_os_error(libc::EROFS));
@@ -463,6 +466,12 @@ impl Worker {
                 self.punch(host + in_off, n)?;
                 continue;
             }
+            if discard {
+                // nothing of the overlay's to give back; the guest may see
+                // the base's data (a whole-disk discard by mkfs or fstrim
+                // then costs no metadata)
+                continue;
+            }
             // the last cluster of an image whose size is not a multiple of
             // the cluster size is whole when the range reaches the end
             let whole = in_off == 0 && (n == cs || g * cs + n == cap);
@@ -472,9 +481,6 @@ impl Worker {
                 }
                 self.ensure_l2(g)?;
                 self.pending.insert(g, ZERO);
-                continue;
-            }
-            if discard {
                 continue;
             }
             if self.failed {
@@ -503,6 +509,11 @@ impl Worker {
         let e = io::Error::last_os_error();
         if e.raw_os_error() != Some(libc::EOPNOTSUPP) {
             return Err(e);
+        }
+        let zr = libc::FALLOC_FL_ZERO_RANGE | libc::FALLOC_FL_KEEP_SIZE;
+        // SAFETY: as above.
+        if unsafe { libc::fallocate(fd, zr, off as i64, len as i64) } == 0 {
+            return Ok(());
         }
         let buf = self.buf.get();
         buf.fill(0);
@@ -787,14 +798,29 @@ impl Worker {
         f.sync_data()?;
         let mask = (1u64 << (self.shared.cluster_bits - 3)) - 1;
         let shift = self.shared.cluster_bits - 3;
-        for (&g, &host) in &self.pending {
-            let table = self.meta.l1[(g >> shift) as usize];
-            let e = if host == ZERO {
-                ZERO_FLAG
-            } else {
-                host | COPIED
-            };
-            f.write_all_at(&e.to_be_bytes(), table + 8 * (g & mask))?;
+        // in guest order, one write per run of neighbouring entries of one
+        // L2 table (a large write-zeroes or sequential fill maps thousands)
+        let mut entries: Vec<(u64, u64)> = self.pending.iter().map(|(&g, &h)| (g, h)).collect();
+        entries.sort_unstable();
+        let mut run: Vec<u8> = Vec::new();
+        let mut i = 0;
+        while i < entries.len() {
+            let first = entries[i].0;
+            run.clear();
+            while let Some(&(g, host)) = entries.get(i) {
+                if g != first + (run.len() / 8) as u64 || g >> shift != first >> shift {
+                    break;
+                }
+                let e = if host == ZERO {
+                    ZERO_FLAG
+                } else {
+                    host | COPIED
+                };
+                run.extend_from_slice(&e.to_be_bytes());
+                i += 1;
+            }
+            let table = self.meta.l1[(first >> shift) as usize];
+            f.write_all_at(&run, table + 8 * (first & mask))?;
         }
         while let Some(&i) = self.new_l1.last() {
             let e = self.meta.l1[i] | COPIED;
