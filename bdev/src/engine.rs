@@ -45,7 +45,8 @@ pub struct EngineConfig {
     pub merge: MergeConfig,
     /// Most submission entries handed to the kernel by one `io_uring_enter`
     /// (0: everything queued, once per cycle). A cycle with more queued
-    /// enters again for each further group. Small groups keep a virtual disk
+    /// enters again for each further group (an operation's linked entries,
+    /// such as an injected delay's timer, are never split). Small groups keep a virtual disk
     /// busy: 32 reads dispatched together go to the host as one plugged
     /// batch and tend to come back together, so the queue runs in waves
     /// (see bench/RESULTS.md, "Submission batches").
@@ -179,8 +180,9 @@ pub struct IoEngine {
     free_bounce: Vec<u32>,
     done: Vec<(u64, i32)>,
     sq_dirty: bool,
-    /// Entries pushed since the last enter.
-    sq_unsubmitted: usize,
+    /// The kernel refused the last enter (EBUSY/EAGAIN): no more enters
+    /// in this cycle's `kick`; `flush` tries once more.
+    sq_blocked: bool,
     /// `EngineConfig::submit_batch`, 0 read as unlimited.
     submit_batch: usize,
     stats: EngineStats,
@@ -258,7 +260,7 @@ impl IoEngine {
             bounce,
             done: Vec::with_capacity(n),
             sq_dirty: false,
-            sq_unsubmitted: 0,
+            sq_blocked: false,
             submit_batch: if cfg.submit_batch == 0 {
                 usize::MAX
             } else {
@@ -398,6 +400,7 @@ impl IoEngine {
     /// the kernel if anything was queued: once, or once per `submit_batch`
     /// entries.
     pub fn flush(&mut self) {
+        self.sq_blocked = false;
         if !self.batch.is_empty() {
             self.plan_batch();
         }
@@ -444,7 +447,8 @@ impl IoEngine {
                 break;
             }
             self.pending.pop_front();
-            if self.sq_unsubmitted >= self.submit_batch {
+            // entries, not operations: a delayed or synced one pushes more
+            if !self.sq_blocked && self.ring.submission().len() >= self.submit_batch {
                 self.submit_ring();
             }
         }
@@ -501,7 +505,6 @@ impl IoEngine {
         );
         if pushed {
             self.sq_dirty = true;
-            self.sq_unsubmitted += 1;
         }
         if ok {
             self.inflight_ops += 1;
@@ -515,14 +518,16 @@ impl IoEngine {
 
     fn submit_ring(&mut self) {
         if self.sq_dirty {
-            self.sq_dirty = false;
-            self.sq_unsubmitted = 0;
             self.stats.ring_enters += 1;
-            if let Err(e) = self.ring.submit() {
-                // EBUSY/EAGAIN: the kernel could not take them now; the SQEs
-                // stay queued and the next cycle submits again
-                self.sq_dirty = true;
-                tracing::debug!("io_uring submit: {e}");
+            match self.ring.submit() {
+                // the kernel may take fewer than all: the rest go next time
+                Ok(_) => self.sq_dirty = !self.ring.submission().is_empty(),
+                Err(e) => {
+                    // EBUSY/EAGAIN: the kernel could not take them now; the
+                    // SQEs stay queued and the next cycle submits again
+                    self.sq_blocked = true;
+                    tracing::debug!("io_uring submit: {e}");
+                }
             }
         }
     }

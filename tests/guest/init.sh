@@ -8,7 +8,8 @@
 #
 # Kernel command line parameters (read from /proc/cmdline):
 #   quern.fio=JOB[,JOB...]  jobs to run, in order (default: verify). JOB is one
-#                           of the files baked into /jobs (verify, randread),
+#                           of the files baked into /jobs (verify, randread,
+#                           trim),
 #                           or verify-loop.
 #   quern.secs=N            verify-loop: keep doing write+verify passes until
 #                           N seconds have gone by (default 30; at least 1 pass)
@@ -28,6 +29,9 @@
 # Console markers, one per line (host side greps for them):
 #   QUERN-GUEST-START
 #   QUERN-MQ=<n>                 number of blk-mq hardware queues of vda
+#   QUERN-SERIAL=<s>             the serial vda reports (GET_ID)
+#   QUERN-DISCARD-MAX=<bytes>    vda's discard limit (0: no DISCARD feature)
+#   QUERN-WRITE-ZEROES-MAX=<b>   vda's write-zeroes limit (0: no feature)
 #   QUERN-JOB-BEGIN=<job>        ... fio output ...
 #   QUERN-PASS=<n> RC=<rc>       (verify-loop only, once per pass)
 #   QUERN-JOB-END=<job> RC=<rc>
@@ -101,6 +105,8 @@ done
 mq=$(ls /sys/block/vda/mq | wc -l)
 echo "QUERN-MQ=$mq"
 echo "QUERN-SERIAL=$(cat /sys/block/vda/serial 2>/dev/null)"
+echo "QUERN-DISCARD-MAX=$(cat /sys/block/vda/queue/discard_max_bytes 2>/dev/null)"
+echo "QUERN-WRITE-ZEROES-MAX=$(cat /sys/block/vda/queue/write_zeroes_max_bytes 2>/dev/null)"
 
 # Root mode: boot the disk's own userland.
 rootdev=$(param root "")

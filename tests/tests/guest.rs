@@ -52,3 +52,71 @@ fn guest_fio_verify_over_two_queues() {
         0
     );
 }
+
+/// A guest on a qcow2 overlay (over a uring base) sees DISCARD and
+/// WRITE_ZEROES, and fio writes, discards 30% of what it wrote, and checks
+/// that the discarded blocks read back as zeroes and the rest as written.
+/// The overlay is then clean for `qemu-img check`.
+#[test]
+fn guest_discards_on_a_qcow2_overlay() {
+    let r = quern_tests::start(
+        r#"
+state_dir = "@DIR@"
+[reactor]
+cores = [0, 1]
+poll_mode = "adaptive"
+[[bdev]]
+name = "base"
+driver = "uring"
+path = "base.img"
+size = "64M"
+[[bdev]]
+name = "ov"
+driver = "qcow2"
+path = "ov.qcow2"
+base = "base"
+cluster_size = "64K"
+[[vhost_blk]]
+name = "vm0-ov"
+bdev = "ov"
+socket = "vm0.sock"
+num_queues = 2
+cores = [0, 1]
+"#,
+    );
+    let sock = r.dir.path().join("vm0.sock");
+    let log = r.dir.path().join("console.log");
+    let (ok, console) = quern_tests::run_guest(
+        &sock,
+        &["-q", "2", "-a", "quern.fio=trim", "-t", "400"],
+        &log,
+    );
+    assert!(ok, "guest run failed:\n{console}");
+    assert!(console.contains("QUERN-FIO-RC=0"), "{console}");
+    for marker in ["QUERN-DISCARD-MAX=", "QUERN-WRITE-ZEROES-MAX="] {
+        let v: u64 = console
+            .lines()
+            .find_map(|l| l.trim().strip_prefix(marker))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or_else(|| panic!("no {marker} in:\n{console}"));
+        assert!(v > 0, "{marker}{v}: the guest sees no such feature");
+    }
+    assert!(
+        console.contains("trim: IOPS="),
+        "fio trimmed nothing:\n{console}"
+    );
+    assert!(!console.contains("verify: bad"), "{console}");
+    // every request has completed (the guest powered off); the image on
+    // disk is what a restart would open
+    let ov = r.dir.path().join("ov.qcow2");
+    let out = std::process::Command::new("qemu-img")
+        .args(["check", ov.to_str().unwrap()])
+        .output()
+        .expect("qemu-img");
+    assert!(
+        out.status.success(),
+        "qemu-img check: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}

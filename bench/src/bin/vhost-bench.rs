@@ -284,12 +284,14 @@ fn run_client(job: &Job, socket: &Path, cpu: usize, wait: bool) -> Value {
     let mut secs: f64 = 0.0;
     let mut queues = Vec::new();
     let (mut busy_share, mut polls, mut empty_polls) = (0.0f64, 0u64, 0u64);
+    let mut busy_ticks = 0u64;
     let nthreads = threads.len().max(1) as f64;
     for t in threads {
         let (o, el, q) = t.join().expect("client thread");
         ios += o.ios;
         hist.add(&o.hist).unwrap();
         busy_share += o.busy_ticks as f64 / o.run_ticks.max(1) as f64 / nthreads;
+        busy_ticks += o.busy_ticks;
         polls += o.polls;
         empty_polls += o.empty_polls;
         secs = secs.max(el.as_secs_f64().min(job.runtime as f64));
@@ -298,15 +300,15 @@ fn run_client(job: &Job, socket: &Path, cpu: usize, wait: bool) -> Value {
     drop(queues);
     drop(b);
     let mut v = fio_json(job, ios, secs, &hist, scale);
-    if nthreads > 1.0 {
-        // the threads share one core: wall-clock busy time would count the
-        // time each waits for the other
+    if nthreads > 1.0 || wait {
+        // several threads share one core: wall-clock busy time would count
+        // the time each waits for the others; a waiting client's polls
+        // include the time blocked in the kernel
         return v;
     }
-    let busy_s = busy_share * secs;
     v["vhost_bench_client"] = json!({
         "busy_share": busy_share,
-        "busy_ns_per_io": if ios > 0 { busy_s * 1e9 / ios as f64 } else { 0.0 },
+        "busy_ns_per_io": if ios > 0 { busy_ticks as f64 * scale / ios as f64 } else { 0.0 },
         "polls": polls,
         "empty_polls": empty_polls,
         "completions_per_busy_poll": ios as f64 / (polls - empty_polls).max(1) as f64,
