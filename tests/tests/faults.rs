@@ -1,8 +1,10 @@
-//! Storage that fails under Quern: a full filesystem under a uring bdev.
+//! Storage that fails under Quern: a full filesystem under a uring bdev,
+//! and under a qcow2 overlay.
 //! The affected requests complete with VIRTIO_BLK_S_IOERR (libblkio reports
 //! -EIO), nothing panics, the disk keeps serving what it can, and another
 //! device on the same reactors is untouched.
 
+use std::os::unix::process::CommandExt;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
@@ -31,58 +33,120 @@ bdev = "ram"
 socket = "ram.sock"
 "#;
 
-/// SIGKILL a child (sh exec'd into quern) when dropped: a test that panics.
+const QCOW2_CONFIG: &str = r#"
+state_dir = "@DIR@"
+[reactor]
+cores = [0, 1]
+[[bdev]]
+name = "base"
+driver = "malloc"
+size = "16M"
+[[bdev]]
+name = "ov"
+driver = "qcow2"
+path = "@DIR@/small-fs/ov.qcow2"
+base = "base"
+cluster_size = "64K"
+[[bdev]]
+name = "ram"
+driver = "malloc"
+size = "16M"
+[[vhost_blk]]
+name = "ov"
+bdev = "ov"
+socket = "ov.sock"
+[[vhost_blk]]
+name = "ram"
+bdev = "ram"
+socket = "ram.sock"
+"#;
+
+/// SIGKILL a process group when dropped: a test that panics must not leave
+/// quern running.
 struct KillOnDrop(i32);
 
 impl Drop for KillOnDrop {
     fn drop(&mut self) {
-        // SAFETY: signalling our own child, not yet reaped.
-        unsafe { libc::kill(self.0, libc::SIGKILL) };
+        // SAFETY: signalling our own child's process group.
+        unsafe { libc::kill(-self.0, libc::SIGKILL) };
     }
 }
 
-#[test]
-fn full_filesystem_gives_ioerr_and_quern_keeps_serving() {
-    let dir = quern_tests::disk_tempdir("quern-faults");
-    let d = dir.path();
-    std::fs::create_dir(d.join("small-fs")).unwrap();
-    let cfg = d.join("quern.toml");
-    std::fs::write(&cfg, CONFIG.replace("@DIR@", d.to_str().unwrap())).unwrap();
-    // a 4 MiB tmpfs in a private mount namespace holds a sparse 16 MiB disk
-    // (as root; otherwise in a user namespace that maps us to root)
-    // SAFETY: geteuid has no preconditions.
-    let ns = if unsafe { libc::geteuid() } == 0 {
-        "-m"
-    } else {
-        "-rm"
-    };
-    let script = format!(
-        "mount -t tmpfs -o size=4m quern-small {fs} && exec {bin} --config {cfg}",
-        fs = d.join("small-fs").display(),
-        bin = quern_tests::quern_bin().display(),
-        cfg = cfg.display()
-    );
-    let log = std::fs::File::create(d.join("quern.log")).unwrap();
-    let mut child = Command::new("unshare")
-        .args([ns, "--propagation", "private", "sh", "-c", &script])
-        .stdin(Stdio::null())
-        .stdout(log.try_clone().unwrap())
-        .stderr(log)
-        .spawn()
-        .expect("unshare (util-linux) runs");
-    let log_text = || std::fs::read_to_string(d.join("quern.log")).unwrap_or_default();
-    // a failed assertion must not leave quern running
-    let guard = KillOnDrop(child.id() as i32);
+/// Quern on `config` (`@DIR@` = `d`) with `d/small-fs` a 4 MiB tmpfs in a
+/// private mount namespace (as root; otherwise in a user namespace that
+/// maps us to root). The shell passes SIGTERM on to quern and, once quern
+/// has stopped, copies `small-fs/<keep>` out to `d/<keep>` (the tmpfs goes
+/// with the namespace).
+struct SmallFs {
+    child: std::process::Child,
+    guard: Option<KillOnDrop>,
+    log: std::path::PathBuf,
+}
 
-    let mut full = Client::connect_retry(&d.join("full.sock"), 1, Duration::from_secs(20));
-    let mut ram = Client::connect_retry(&d.join("ram.sock"), 1, Duration::from_secs(20));
-    assert_eq!(full.capacity(), 16 << 20, "{}", log_text());
-    // fill the disk 1 MiB at a time: the filesystem runs out part way
+impl SmallFs {
+    fn start(d: &std::path::Path, config: &str, keep: Option<&str>) -> SmallFs {
+        std::fs::create_dir(d.join("small-fs")).unwrap();
+        let cfg = d.join("quern.toml");
+        std::fs::write(&cfg, config.replace("@DIR@", d.to_str().unwrap())).unwrap();
+        // SAFETY: geteuid has no preconditions.
+        let ns = if unsafe { libc::geteuid() } == 0 {
+            "-m"
+        } else {
+            "-rm"
+        };
+        let fs = d.join("small-fs");
+        let copy = keep.map_or(String::new(), |k| {
+            format!("cp {}/{k} {}/{k} || exit 1\n", fs.display(), d.display())
+        });
+        let script = format!(
+            "mount -t tmpfs -o size=4m quern-small {fs} || exit 1\n\
+             {bin} --config {cfg} & pid=$!\n\
+             trap 'kill -TERM $pid' TERM\n\
+             wait $pid; wait $pid; rc=$?\n\
+             {copy}exit $rc",
+            fs = fs.display(),
+            bin = quern_tests::quern_bin().display(),
+            cfg = cfg.display(),
+        );
+        let log = d.join("quern.log");
+        let f = std::fs::File::create(&log).unwrap();
+        let child = Command::new("unshare")
+            .args([ns, "--propagation", "private", "sh", "-c", &script])
+            .process_group(0)
+            .stdin(Stdio::null())
+            .stdout(f.try_clone().unwrap())
+            .stderr(f)
+            .spawn()
+            .expect("unshare (util-linux) runs");
+        let guard = Some(KillOnDrop(child.id() as i32));
+        SmallFs { child, guard, log }
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// SIGTERM; quern must stop cleanly, without a panic.
+    fn stop(mut self) {
+        // SAFETY: signalling our own child (the shell, which passes it on).
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        let st = self.child.wait().unwrap();
+        std::mem::forget(self.guard.take());
+        let text = self.log();
+        assert!(st.success(), "quern did not stop cleanly:\n{text}");
+        assert!(!text.contains("panicked"), "{text}");
+    }
+}
+
+/// Write 1 MiB at a time over the 16 MiB `disk` until the filesystem under
+/// it runs out, with a 4 KiB write to `ram` in between each; returns the
+/// MiBs whose writes failed (each with EIO).
+fn fill(disk: &mut Client, ram: &mut Client) -> Vec<u64> {
     let mut failed = Vec::new();
     for mib in 0..16u64 {
-        full.buf(0, 1 << 20).fill(mib as u8 + 1);
-        full.write(0, mib << 20, 0, 1 << 20, mib as usize);
-        let (_, r) = full.wait(0, 1)[0];
+        disk.buf(0, 1 << 20).fill(mib as u8 + 1);
+        disk.write(0, mib << 20, 0, 1 << 20, mib as usize);
+        let (_, r) = disk.wait(0, 1)[0];
         if r != 0 {
             assert_eq!(r, -libc::EIO, "a failed write reports EIO");
             failed.push(mib);
@@ -94,34 +158,86 @@ fn full_filesystem_gives_ioerr_and_quern_keeps_serving() {
     }
     assert!(!failed.is_empty(), "the 4 MiB filesystem never filled up");
     assert!(failed.len() < 16, "no write succeeded at all");
-    // what was written before the filesystem filled reads back intact
-    for mib in 0..failed[0] {
-        full.read(0, mib << 20, 2 << 20, 1 << 20, 200);
-        assert_eq!(full.wait(0, 1), vec![(200, 0)]);
-        assert!(full
-            .buf(2 << 20, 1 << 20)
-            .iter()
-            .all(|&x| x == mib as u8 + 1));
+    failed
+}
+
+/// After `fill`: what was written before the first failure reads back,
+/// space already allocated still takes a write (and a flush), and `ram`
+/// holds all it was given.
+fn check_after_fill(disk: &mut Client, ram: &mut Client, first_failed: u64, log: &str) {
+    for mib in 0..first_failed {
+        disk.read(0, mib << 20, 2 << 20, 1 << 20, 200);
+        assert_eq!(disk.wait(0, 1), vec![(200, 0)]);
+        assert!(
+            disk.buf(2 << 20, 1 << 20)
+                .iter()
+                .all(|&x| x == mib as u8 + 1),
+            "MiB {mib} changed"
+        );
     }
-    // overwriting space already allocated still works, flush too
-    full.buf(0, 4096).fill(0xee);
-    full.write(0, 0, 0, 4096, 300);
-    full.flush(0, 301);
-    let mut r = full.wait(0, 2);
+    disk.buf(0, 4096).fill(0xee);
+    disk.write(0, 0, 0, 4096, 300);
+    disk.flush(0, 301);
+    let mut r = disk.wait(0, 2);
     r.sort();
-    assert_eq!(r, vec![(300, 0), (301, 0)]);
+    assert_eq!(r, vec![(300, 0), (301, 0)], "{log}");
+    disk.read(0, 0, 2 << 20, 4096, 302);
+    assert_eq!(disk.wait(0, 1), vec![(302, 0)]);
+    assert!(disk.buf(2 << 20, 4096).iter().all(|&x| x == 0xee));
     for mib in 0..16u64 {
         ram.read(0, mib * 4096, 3 << 20, 4096, 400);
         assert_eq!(ram.wait(0, 1), vec![(400, 0)]);
         assert!(ram.buf(3 << 20, 4096).iter().all(|&x| x == mib as u8));
     }
+}
+
+#[test]
+fn full_filesystem_gives_ioerr_and_quern_keeps_serving() {
+    let dir = quern_tests::disk_tempdir("quern-faults");
+    let d = dir.path();
+    let q = SmallFs::start(d, CONFIG, None);
+    let mut full = Client::connect_retry(&d.join("full.sock"), 1, Duration::from_secs(20));
+    let mut ram = Client::connect_retry(&d.join("ram.sock"), 1, Duration::from_secs(20));
+    assert_eq!(full.capacity(), 16 << 20, "{}", q.log());
+    let failed = fill(&mut full, &mut ram);
+    check_after_fill(&mut full, &mut ram, failed[0], &q.log());
     drop(full);
     drop(ram);
-    // SAFETY: signalling our own child (sh exec'd into quern).
-    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
-    let st = child.wait().unwrap();
-    std::mem::forget(guard);
-    let text = log_text();
-    assert!(st.success(), "quern did not stop cleanly:\n{text}");
-    assert!(!text.contains("panicked"), "{text}");
+    q.stop();
+}
+
+/// The filesystem under a qcow2 overlay fills up while a client allocates
+/// cluster after cluster: the writes that cannot be placed fail with EIO,
+/// what was written reads back, allocated clusters still take writes, the
+/// other device is untouched, Quern stops cleanly, and `qemu-img check`
+/// finds the image free of corruption (leaked clusters are allowed: a
+/// cluster whose refcount was written before its data failed).
+#[test]
+fn full_filesystem_under_a_qcow2_overlay() {
+    let dir = quern_tests::disk_tempdir("quern-faults");
+    let d = dir.path();
+    let q = SmallFs::start(d, QCOW2_CONFIG, Some("ov.qcow2"));
+    let mut ov = Client::connect_retry(&d.join("ov.sock"), 1, Duration::from_secs(20));
+    let mut ram = Client::connect_retry(&d.join("ram.sock"), 1, Duration::from_secs(20));
+    let failed = fill(&mut ov, &mut ram);
+    check_after_fill(&mut ov, &mut ram, failed[0], &q.log());
+    drop(ov);
+    drop(ram);
+    q.stop();
+    // exit 0: clean; 3: leaked clusters only; 2: corruption
+    let out = Command::new("qemu-img")
+        .args(["check", "-f", "qcow2"])
+        .arg(d.join("ov.qcow2"))
+        .output()
+        .expect("qemu-img");
+    let report = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        matches!(out.status.code(), Some(0 | 3)),
+        "qemu-img check: {report}"
+    );
+    assert!(!report.contains("ERROR"), "{report}");
 }
