@@ -46,10 +46,10 @@ pub struct EngineConfig {
     /// Most submission entries handed to the kernel by one `io_uring_enter`
     /// (0: everything queued, once per cycle). A cycle with more queued
     /// enters again for each further group (an operation's linked entries,
-    /// such as an injected delay's timer, are never split). Small groups keep a virtual disk
-    /// busy: 32 reads dispatched together go to the host as one plugged
-    /// batch and tend to come back together, so the queue runs in waves
-    /// (see bench/RESULTS.md, "Submission batches").
+    /// such as an injected delay's timer, are never split). Small groups
+    /// keep a virtual disk busy: 32 reads dispatched together go to the
+    /// host as one plugged batch and tend to come back together, so the
+    /// queue runs in waves (see bench/RESULTS.md, "Fourth session").
     pub submit_batch: usize,
 }
 
@@ -179,12 +179,9 @@ pub struct IoEngine {
     bounce: Vec<BounceBuf>,
     free_bounce: Vec<u32>,
     done: Vec<(u64, i32)>,
-    sq_dirty: bool,
     /// The kernel refused the last enter (EBUSY/EAGAIN): no more enters
     /// in this cycle's `kick`; `flush` tries once more.
     sq_blocked: bool,
-    /// `EngineConfig::submit_batch`, 0 read as unlimited.
-    submit_batch: usize,
     stats: EngineStats,
 }
 
@@ -192,7 +189,10 @@ pub struct IoEngine {
 pub const MAX_DEVICES: u32 = 256;
 
 impl IoEngine {
-    pub fn new(cfg: EngineConfig) -> std::io::Result<Self> {
+    pub fn new(mut cfg: EngineConfig) -> std::io::Result<Self> {
+        if cfg.submit_batch == 0 {
+            cfg.submit_batch = usize::MAX; // no limit: one enter per cycle
+        }
         // Completions that need the task's context (task work) are not
         // pushed at the reactor with an interrupt: the kernel raises a flag
         // and the reactor enters the kernel once per cycle to run them.
@@ -259,13 +259,7 @@ impl IoEngine {
             free_bounce: (0..bounce.len() as u32).rev().collect(),
             bounce,
             done: Vec::with_capacity(n),
-            sq_dirty: false,
             sq_blocked: false,
-            submit_batch: if cfg.submit_batch == 0 {
-                usize::MAX
-            } else {
-                cfg.submit_batch
-            },
             stats: EngineStats::default(),
             cfg,
         })
@@ -448,7 +442,7 @@ impl IoEngine {
             }
             self.pending.pop_front();
             // entries, not operations: a delayed or synced one pushes more
-            if !self.sq_blocked && self.ring.submission().len() >= self.submit_batch {
+            if !self.sq_blocked && self.ring.submission().len() >= self.cfg.submit_batch {
                 self.submit_ring();
             }
         }
@@ -496,16 +490,13 @@ impl IoEngine {
             fua: op.fua,
             drain: op.drain,
         };
-        let (ok, pushed) = submit_to_channel(
+        let (ok, _) = submit_to_channel(
             dev.chan.as_mut(),
             &o,
             u64::from(op_ix),
             &mut self.ring,
             &mut self.done,
         );
-        if pushed {
-            self.sq_dirty = true;
-        }
         if ok {
             self.inflight_ops += 1;
             self.stats.ops_started += 1;
@@ -516,18 +507,16 @@ impl IoEngine {
         ok
     }
 
+    /// Enter the kernel with what the submission queue holds, if anything
+    /// (the kernel may take fewer than all: the rest go next time).
     fn submit_ring(&mut self) {
-        if self.sq_dirty {
+        if !self.ring.submission().is_empty() {
             self.stats.ring_enters += 1;
-            match self.ring.submit() {
-                // the kernel may take fewer than all: the rest go next time
-                Ok(_) => self.sq_dirty = !self.ring.submission().is_empty(),
-                Err(e) => {
-                    // EBUSY/EAGAIN: the kernel could not take them now; the
-                    // SQEs stay queued and the next cycle submits again
-                    self.sq_blocked = true;
-                    tracing::debug!("io_uring submit: {e}");
-                }
+            if let Err(e) = self.ring.submit() {
+                // EBUSY/EAGAIN: the kernel could not take them now; the SQEs
+                // stay queued and the next cycle submits again
+                self.sq_blocked = true;
+                tracing::debug!("io_uring submit: {e}");
             }
         }
     }
@@ -545,7 +534,7 @@ impl IoEngine {
             let mut cq = self.ring.completion();
             cq.sync();
             for cqe in &mut cq {
-                if cqe.user_data() != crate::drivers::uring::DELAY_USER_DATA {
+                if cqe.user_data() != crate::drivers::uring::LINKED_USER_DATA {
                     self.done.push((cqe.user_data(), cqe.result()));
                 }
             }

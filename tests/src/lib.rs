@@ -107,6 +107,21 @@ pub fn boot_root(socket: &Path, dir: &Path, token: &str, timeout_secs: u32) -> S
     console
 }
 
+/// Run `qemu-img` with `args`: its exit status and its output (stdout,
+/// then stderr).
+pub fn qemu_img(args: &[&str]) -> (std::process::ExitStatus, String) {
+    let out = Command::new("qemu-img")
+        .args(args)
+        .output()
+        .expect("qemu-img runs (qemu-utils)");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out.status, text)
+}
+
 /// The `quern` binary cargo built next to this test executable.
 pub fn quern_bin() -> PathBuf {
     let exe = std::env::current_exe().expect("test executable path");

@@ -225,19 +225,8 @@ fn full_filesystem_under_a_qcow2_overlay() {
     drop(ram);
     q.stop();
     // exit 0: clean; 3: leaked clusters only; 2: corruption
-    let out = Command::new("qemu-img")
-        .args(["check", "-f", "qcow2"])
-        .arg(d.join("ov.qcow2"))
-        .output()
-        .expect("qemu-img");
-    let report = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert!(
-        matches!(out.status.code(), Some(0 | 3)),
-        "qemu-img check: {report}"
-    );
+    let ov = d.join("ov.qcow2");
+    let (st, report) = quern_tests::qemu_img(&["check", "-f", "qcow2", ov.to_str().unwrap()]);
+    assert!(matches!(st.code(), Some(0 | 3)), "qemu-img check: {report}");
     assert!(!report.contains("ERROR"), "{report}");
 }

@@ -109,14 +109,6 @@ cores = [0, 1]
     // every request has completed (the guest powered off); the image on
     // disk is what a restart would open
     let ov = r.dir.path().join("ov.qcow2");
-    let out = std::process::Command::new("qemu-img")
-        .args(["check", ov.to_str().unwrap()])
-        .output()
-        .expect("qemu-img");
-    assert!(
-        out.status.success(),
-        "qemu-img check: {}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let (st, report) = quern_tests::qemu_img(&["check", ov.to_str().unwrap()]);
+    assert!(st.success(), "qemu-img check: {report}");
 }

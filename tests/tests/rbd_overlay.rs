@@ -69,17 +69,10 @@ fn boot(socket: &Path, dir: &Path, token: &str) -> String {
     quern_tests::boot_root(socket, dir, token, 300)
 }
 
+/// `qemu-img` with `args`: whether it succeeded, and its output.
 fn qemu_img(args: &[&str]) -> (bool, String) {
-    let out = Command::new("qemu-img")
-        .args(args)
-        .output()
-        .expect("qemu-img runs (qemu-utils)");
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    (out.status.success(), text)
+    let (st, text) = quern_tests::qemu_img(args);
+    (st.success(), text)
 }
 
 /// `qemu-img check` reports a clean image (QEMU opens the RBD backing file

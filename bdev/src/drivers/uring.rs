@@ -135,7 +135,7 @@ struct UringChannel {
 /// user_data of the entries linked before a request's own (an injected
 /// delay's timeout, a write-zeroes' fallocate before its sync): their
 /// completions, posted only on failure, are ignored.
-pub const DELAY_USER_DATA: u64 = u64::MAX;
+pub const LINKED_USER_DATA: u64 = u64::MAX;
 
 impl BdevChannel for UringChannel {
     fn submit(&mut self, op: &Op<'_>, tag: u64, sub: &mut Submitter<'_>) -> bool {
@@ -153,7 +153,7 @@ impl BdevChannel for UringChannel {
                 .flags(types::TimeoutFlags::ETIME_SUCCESS)
                 .build()
                 .flags(io_uring::squeue::Flags::IO_LINK | io_uring::squeue::Flags::SKIP_SUCCESS)
-                .user_data(DELAY_USER_DATA);
+                .user_data(LINKED_USER_DATA);
             sub.push_sqe(&t);
         }
         let fd = self.slot;
@@ -184,7 +184,7 @@ impl BdevChannel for UringChannel {
                 &sqe.flags(
                     io_uring::squeue::Flags::IO_LINK | io_uring::squeue::Flags::SKIP_SUCCESS,
                 )
-                .user_data(DELAY_USER_DATA),
+                .user_data(LINKED_USER_DATA),
             );
             let sync = opcode::Fsync::new(fd)
                 .flags(types::FsyncFlags::DATASYNC)

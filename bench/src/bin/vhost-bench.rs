@@ -133,7 +133,6 @@ fn ticks() -> u64 {
     }
 }
 
-/// Drive `socket` with `job`; client threads pinned to `cpu`. Returns fio-style JSON.
 /// A libblkio `virtio-blk-vhost-user` client on `socket`, started with
 /// `queues` queues.
 fn connect(socket: &Path, queues: usize) -> (Blkio, blkio::BlkioStartOutcome) {
@@ -161,6 +160,7 @@ fn ns_per_tick() -> f64 {
     })
 }
 
+/// Drive `socket` with `job`; client threads pinned to `cpu`. Returns fio-style JSON.
 /// `wait`: block in do_io until a completion arrives instead of spinning
 /// (for backends that need the client's CPU, e.g. a Ceph on the same host).
 fn run_client(job: &Job, socket: &Path, cpu: usize, wait: bool) -> Value {
@@ -283,15 +283,14 @@ fn run_client(job: &Job, socket: &Path, cpu: usize, wait: bool) -> Value {
     let mut hist = Histogram::<u64>::new_with_bounds(1, 600_000_000_000, 3).unwrap();
     let mut secs: f64 = 0.0;
     let mut queues = Vec::new();
-    let (mut busy_share, mut polls, mut empty_polls) = (0.0f64, 0u64, 0u64);
-    let mut busy_ticks = 0u64;
-    let nthreads = threads.len().max(1) as f64;
+    let (mut busy_ticks, mut run_ticks, mut polls, mut empty_polls) = (0u64, 0u64, 0u64, 0u64);
+    let nthreads = threads.len();
     for t in threads {
         let (o, el, q) = t.join().expect("client thread");
         ios += o.ios;
         hist.add(&o.hist).unwrap();
-        busy_share += o.busy_ticks as f64 / o.run_ticks.max(1) as f64 / nthreads;
         busy_ticks += o.busy_ticks;
+        run_ticks += o.run_ticks;
         polls += o.polls;
         empty_polls += o.empty_polls;
         secs = secs.max(el.as_secs_f64().min(job.runtime as f64));
@@ -300,14 +299,14 @@ fn run_client(job: &Job, socket: &Path, cpu: usize, wait: bool) -> Value {
     drop(queues);
     drop(b);
     let mut v = fio_json(job, ios, secs, &hist, scale);
-    if nthreads > 1.0 || wait {
+    if nthreads > 1 || wait {
         // several threads share one core: wall-clock busy time would count
         // the time each waits for the others; a waiting client's polls
         // include the time blocked in the kernel
         return v;
     }
     v["vhost_bench_client"] = json!({
-        "busy_share": busy_share,
+        "busy_share": busy_ticks as f64 / run_ticks.max(1) as f64,
         "busy_ns_per_io": if ios > 0 { busy_ticks as f64 * scale / ios as f64 } else { 0.0 },
         "polls": polls,
         "empty_polls": empty_polls,

@@ -405,7 +405,7 @@ impl Qcow2Channel {
             let Some(c) = cq.next() else { break };
             drop(cq);
             // only our slot indices are ours: the base may put other
-            // entries on the ring (e.g. uring's DELAY_USER_DATA timers)
+            // entries on the ring (e.g. uring's LINKED_USER_DATA timers)
             let ix = c.user_data();
             if ix < SUBS as u64 && self.subs[ix as usize].parent != NONE {
                 self.finish(ix as u32, c.result(), done);

@@ -165,7 +165,7 @@ impl BaseReader {
                 "the base reader's ring failed earlier; no more base reads",
             ));
         }
-        // a fresh tag (never DELAY_USER_DATA): a late completion of an
+        // a fresh tag (never LINKED_USER_DATA): a late completion of an
         // earlier read can not pass for this one
         self.tag = self.tag.wrapping_add(1) % (1 << 62) + 1;
         let tag = self.tag;
@@ -472,19 +472,17 @@ impl Worker {
                 // then costs no metadata)
                 continue;
             }
+            // both ways on from here allocate: not on a failed image
+            if self.failed {
+                return Err(io::Error::from_raw_os_error(libc::EIO));
+            }
             // the last cluster of an image whose size is not a multiple of
             // the cluster size is whole when the range reaches the end
             let whole = in_off == 0 && (n == cs || g * cs + n == cap);
             if whole && self.meta.v3 {
-                if self.failed {
-                    return Err(io::Error::from_raw_os_error(libc::EIO));
-                }
                 self.ensure_l2(g)?;
                 self.pending.insert(g, ZERO);
                 continue;
-            }
-            if self.failed {
-                return Err(io::Error::from_raw_os_error(libc::EIO));
             }
             if whole {
                 self.buf.get().fill(0);
