@@ -3,7 +3,7 @@
 # (1 mon + 1 memstore OSD on loopback, started here by
 # tests/ceph/ceph-cluster.sh and stopped at the end).
 #
-# Usage: bench/rbd-bench.sh [--out DIR] [--size MIB] [--poll MODE] [--client wait|spin]
+# Usage: bench/rbd-bench.sh [--out DIR] [--size MIB] [--poll MODE] [--client wait|spin] [--smoke] [--port MON_PORT]
 #
 # 1. creates a SIZE MiB image (default 256) and fills it with `rbd bench
 #    --io-type write` (sequential, 4 MiB);
@@ -18,6 +18,8 @@
 #    so every spinning thread takes CPU from the store;
 # 4. prints IOPS and MiB/s per case and the Quern/rbd-bench ratios. JSON and
 #    logs stay in DIR (default /var/tmp/quern-bench/rbd).
+# --smoke: a check that the benchmark runs (the test suite does this), not a
+#    measurement: a 16 MiB image, 1 s client runs, small rbd bench totals.
 #
 # Needs the release binaries: cargo build --release -p quern -p quern-bench
 set -euo pipefail
@@ -28,17 +30,30 @@ OUT=/var/tmp/quern-bench/rbd
 SIZE=256
 POLL=interrupt
 CLIENT=wait
+SMOKE=0
+PORT=3390
 while [ $# -gt 0 ]; do
   case "$1" in
     --out) OUT="$2"; shift 2 ;;
     --size) SIZE="$2"; shift 2 ;;
     --poll) POLL="$2"; shift 2 ;;
     --client) CLIENT="$2"; shift 2 ;;
+    --smoke) SMOKE=1; shift ;;
+    --port) PORT="$2"; shift 2 ;;
     *) sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//' >&2; exit 2 ;;
   esac
 done
-QUERN="$REPO/target/release/quern"
-VB="$REPO/target/release/vhost-bench"
+QUERN="${QUERN:-$REPO/target/release/quern}"
+VB="${VHOST_BENCH:-$REPO/target/release/vhost-bench}"
+RUNTIME=()
+RAND_TOTAL=400M
+SEQ_TOTAL="$((SIZE * 4))M"
+if [ "$SMOKE" = 1 ]; then
+  SIZE=16
+  RUNTIME=(--runtime 1)
+  RAND_TOTAL=4M
+  SEQ_TOTAL=16M
+fi
 WAIT=""
 [ "$CLIENT" = wait ] && WAIT=--wait
 for b in "$QUERN" "$VB"; do
@@ -47,7 +62,7 @@ done
 
 rm -rf "$OUT"; mkdir -p "$OUT"
 CL="$OUT/ceph"
-"$REPO/tests/ceph/ceph-cluster.sh" start "$CL" 3390 >/dev/null
+"$REPO/tests/ceph/ceph-cluster.sh" start "$CL" "$PORT" >/dev/null
 QPID=""
 cleanup() {
   [ -n "$QPID" ] && kill "$QPID" 2>/dev/null && wait "$QPID" 2>/dev/null
@@ -65,8 +80,11 @@ rbd_bench() {
     --io-pattern "$2" --io-total "$3" rbd/bench 2>&1 | tee "$OUT/rbd-bench-$1-$2.log" |
     sed -n 's/.*ops\/sec: *\([0-9.]*\).*/\1/p' | tail -n1
 }
-RB_RAND=$(rbd_bench 4K rand 400M)
-RB_SEQ=$(rbd_bench 64K seq "$((SIZE * 4))M")
+RB_RAND=$(rbd_bench 4K rand "$RAND_TOTAL")
+RB_SEQ=$(rbd_bench 64K seq "$SEQ_TOTAL")
+
+# iops FILE: jobs[0].read.iops of a fio-style JSON
+iops() { python3 -c 'import json, sys; print(json.load(open(sys.argv[1]))["jobs"][0]["read"]["iops"])' "$1"; }
 
 # quern_run MERGE: serve the image, run both jobs, print "rand_iops seq_iops"
 quern_run() {
@@ -93,13 +111,14 @@ TOML
   QPID=$!
   for _ in $(seq 1 200); do [ -S "$OUT/state-$1/rbd0.sock" ] && break; sleep 0.05; done
   local r s
+  [ -S "$OUT/state-$1/rbd0.sock" ] || { echo "rbd-bench: quern did not start (log: $OUT/quern-$1.log)" >&2; exit 1; }
   "$VB" run "$REPO/bench/jobs/rbd-randread-4k-qd32.fio" --socket "$OUT/state-$1/rbd0.sock" --cpu 0 $WAIT \
-    >"$OUT/quern-merge-$1-randread.json"
+    "${RUNTIME[@]}" >"$OUT/quern-merge-$1-randread.json"
   "$VB" run "$REPO/bench/jobs/rbd-seqread-64k-qd32.fio" --socket "$OUT/state-$1/rbd0.sock" --cpu 0 $WAIT \
-    >"$OUT/quern-merge-$1-seqread.json"
+    "${RUNTIME[@]}" >"$OUT/quern-merge-$1-seqread.json"
   kill "$QPID"; wait "$QPID" || true; QPID=""
-  r=$(jq '.jobs[0].read.iops' "$OUT/quern-merge-$1-randread.json")
-  s=$(jq '.jobs[0].read.iops' "$OUT/quern-merge-$1-seqread.json")
+  r=$(iops "$OUT/quern-merge-$1-randread.json")
+  s=$(iops "$OUT/quern-merge-$1-seqread.json")
   echo "$r $s"
 }
 read -r Q_RAND_ON Q_SEQ_ON < <(quern_run true)

@@ -103,8 +103,11 @@ CODENAME="$(. /etc/os-release && echo "${VERSION_CODENAME:-}")"
 BACKPORTS="$CODENAME-backports"
 BACKPORTS_FILE=/etc/apt/sources.list.d/quern-$BACKPORTS.sources
 
+# Does apt itself use a $BACKPORTS source? Asking apt (after an update)
+# means commented-out lines, "Enabled: no" stanzas and files apt ignores
+# (*.save, *.disabled) do not count.
 backports_configured() {
-  grep -rqsE "(^|[[:space:]])$BACKPORTS([[:space:]]|$)" /etc/apt/sources.list /etc/apt/sources.list.d/
+  apt-cache policy 2>/dev/null | grep -qE "[ ,]n=$BACKPORTS(,|\$)"
 }
 
 # Add $CODENAME-backports with the mirror and key of the main Debian source.

@@ -1,4 +1,15 @@
-//! Shared helpers for the Quern benchmarks.
+//! The Quern benchmarks' library: fio-style jobs, the libblkio load
+//! generator, the backends `vhost-bench compare` measures side by side, and
+//! the reports. The binaries in `src/bin/` are thin command lines over it.
+
+pub mod backends;
+pub mod client;
+pub mod clock;
+pub mod compare;
+pub mod job;
+pub mod plot;
+pub mod proc;
+pub mod report;
 
 /// Pin the calling thread to one CPU.
 pub fn pin_to_cpu(cpu: usize) -> std::io::Result<()> {
@@ -45,13 +56,6 @@ impl Rng {
     }
 }
 
-/// Minimal `--flag value` parsing: returns the value after `flag`, if any.
-pub fn arg_value(args: &[String], flag: &str) -> Option<String> {
-    args.iter()
-        .position(|a| a == flag)
-        .and_then(|i| args.get(i + 1).cloned())
-}
-
 /// Create (if needed) and fully write the file so reads hit real blocks.
 pub fn prepare_file(path: &std::path::Path, size: u64) -> std::io::Result<()> {
     if let Ok(m) = std::fs::metadata(path) {
@@ -88,4 +92,19 @@ pub fn prepare_file(path: &std::path::Path, size: u64) -> std::io::Result<()> {
     }
     f.sync_all()?;
     Ok(())
+}
+
+/// The repository this benchmark was built from.
+pub fn root_dir() -> std::path::PathBuf {
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .map(std::path::Path::to_path_buf)
+        .unwrap_or_default()
+}
+
+/// Cores online.
+pub fn online_cpus() -> usize {
+    // SAFETY: sysconf has no preconditions.
+    let n = unsafe { libc::sysconf(libc::_SC_NPROCESSORS_ONLN) };
+    usize::try_from(n).unwrap_or(1).max(1)
 }

@@ -7,9 +7,10 @@
 use std::hint::black_box;
 use std::time::Instant;
 
+use clap::Parser;
 use quern_bdev::merge::{MergeConfig, MergeInput, MergePlanner};
 use quern_bdev::IoKind;
-use quern_bench::{arg_value, pin_to_cpu, Rng};
+use quern_bench::{pin_to_cpu, Rng};
 
 const BATCHES: [usize; 9] = [1, 2, 4, 8, 16, 32, 64, 128, 256];
 const BS: u64 = 4096;
@@ -77,11 +78,22 @@ fn run(batches: &[Vec<MergeInput>], total_requests: u64) -> Cell {
     }
 }
 
+/// ns per request of the merge stage's planner.
+#[derive(Parser)]
+#[command(name = "merge-bench")]
+struct Opts {
+    #[arg(long, default_value_t = 1)]
+    cpu: usize,
+    /// Requests planned per (pattern, batch size) cell.
+    #[arg(long, default_value_t = 20_000_000)]
+    requests: u64,
+}
+
 fn main() {
-    let args: Vec<String> = std::env::args().collect();
-    let cpu: usize = arg_value(&args, "--cpu").map_or(1, |s| s.parse().expect("--cpu N"));
-    let total: u64 =
-        arg_value(&args, "--requests").map_or(20_000_000, |s| s.parse().expect("--requests N"));
+    let Opts {
+        cpu,
+        requests: total,
+    } = Opts::parse();
     if let Err(e) = pin_to_cpu(cpu) {
         eprintln!("warning: could not pin to cpu {cpu}: {e}");
     }

@@ -17,22 +17,44 @@ use std::process::Command;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use clap::Parser;
 use hdrhistogram::Histogram;
 use quern_bdev::drivers::{UringBdev, UringOptions};
 use quern_bdev::{parse_size, EngineConfig, IoEngine, IoKind, IoRequest, MergeConfig};
-use quern_bench::{arg_value, pin_to_cpu, prepare_file, Rng};
+use quern_bench::{pin_to_cpu, prepare_file, Rng};
 
 const BS: usize = 4096;
 
+/// IoEngine + UringBdev on a file against fio on the same file.
+#[derive(Parser)]
+#[command(name = "uring-bench")]
 struct Opts {
+    /// The file (created and filled with random data when missing or sparse).
+    #[arg(long, default_value = "/var/tmp/quern-bench/disk.img")]
     file: PathBuf,
+    #[arg(long, default_value = "1G", value_parser = size_arg)]
     size: u64,
+    /// Seconds per case.
+    #[arg(long, default_value_t = 5)]
     runtime: u64,
+    #[arg(long, default_value_t = 1)]
     cpu: usize,
+    /// Block in submit_and_wait(1) when a cycle reaped nothing.
+    #[arg(long)]
     wait: bool,
-    fio: bool,
+    /// Do not run fio.
+    #[arg(long)]
+    no_fio: bool,
+    /// Only this case.
+    #[arg(long, value_parser = ["randread", "randwrite"])]
     only: Option<String>,
+    /// The engine's most SQEs per enter (0: a whole cycle's).
+    #[arg(long, default_value_t = quern_bdev::engine::DEFAULT_SUBMIT_BATCH)]
     submit_batch: usize,
+}
+
+fn size_arg(s: &str) -> Result<u64, String> {
+    parse_size(s)
 }
 
 #[derive(Clone, Copy)]
@@ -50,16 +72,18 @@ struct Buffers {
 }
 
 impl Buffers {
-    fn new(count: usize, rng: &mut Rng) -> Self {
-        let layout = Layout::from_size_align(count * BS, BS).expect("layout");
+    fn new(count: usize, rng: &mut Rng) -> Result<Self, String> {
+        let layout = Layout::from_size_align(count * BS, BS).map_err(|e| e.to_string())?;
         // SAFETY: non-zero size.
         let ptr = unsafe { alloc::alloc_zeroed(layout) };
-        assert!(!ptr.is_null());
+        if ptr.is_null() {
+            return Err(format!("cannot allocate {} bytes of buffers", count * BS));
+        }
         for i in 0..count * BS / 8 {
             // SAFETY: in bounds, and u64-aligned (base is 4k-aligned).
             unsafe { ptr.cast::<u64>().add(i).write(rng.next_u64()) };
         }
-        Buffers { ptr, layout }
+        Ok(Buffers { ptr, layout })
     }
 
     fn iov(&self, i: usize) -> libc::iovec {
@@ -78,7 +102,7 @@ impl Drop for Buffers {
     }
 }
 
-fn run_quern(o: &Opts, kind: IoKind, qd: usize) -> Figures {
+fn run_quern(o: &Opts, kind: IoKind, qd: usize) -> Result<Figures, String> {
     let bdev = UringBdev::open(&UringOptions {
         name: "bench".into(),
         path: o.file.clone(),
@@ -88,12 +112,13 @@ fn run_quern(o: &Opts, kind: IoKind, qd: usize) -> Figures {
         block_size: Some(4096),
         delay_us: 0,
     })
-    .expect("open uring bdev");
-    assert!(
-        bdev.is_direct(),
-        "O_DIRECT is not available on {}",
-        o.file.display()
-    );
+    .map_err(|e| format!("open {}: {e}", o.file.display()))?;
+    if !bdev.is_direct() {
+        return Err(format!(
+            "O_DIRECT is not available on {} (tmpfs?)",
+            o.file.display()
+        ));
+    }
     let cfg = EngineConfig {
         max_requests: 256,
         ring_entries: 256,
@@ -102,15 +127,21 @@ fn run_quern(o: &Opts, kind: IoKind, qd: usize) -> Figures {
         submit_batch: o.submit_batch,
         ..EngineConfig::default()
     };
-    let mut e = IoEngine::new(cfg).expect("io_uring");
-    let dev = e.add_device(Arc::new(bdev)).expect("add device");
-    let blocks = e.device_info(dev).expect("device").capacity_bytes / BS as u64;
+    let mut e = IoEngine::new(cfg).map_err(|e| format!("io_uring: {e}"))?;
+    let dev = e
+        .add_device(Arc::new(bdev))
+        .map_err(|e| format!("add device: {e}"))?;
+    let blocks = e.device_info(dev).map_or(0, |d| d.capacity_bytes) / BS as u64;
+    if blocks == 0 {
+        return Err(format!("{} is smaller than one block", o.file.display()));
+    }
     let mut rng = Rng::new(0xbeef ^ qd as u64 ^ ((kind as u64) << 8));
-    let bufs = Buffers::new(qd, &mut rng);
+    let bufs = Buffers::new(qd, &mut rng)?;
     let mut started = vec![Instant::now(); qd];
     let mut free: Vec<usize> = (0..qd).rev().collect();
     let mut ready: Vec<usize> = Vec::with_capacity(qd);
-    let mut hist = Histogram::<u64>::new_with_bounds(1, 10_000_000_000, 3).expect("histogram");
+    let mut hist =
+        Histogram::<u64>::new_with_bounds(1, 10_000_000_000, 3).map_err(|e| e.to_string())?;
     let mut done: u64 = 0;
     let mut errors: u64 = 0;
     let runtime = Duration::from_secs(o.runtime);
@@ -130,7 +161,7 @@ fn run_quern(o: &Opts, kind: IoKind, qd: usize) -> Figures {
                     cookie: i as u64,
                 };
                 started[i] = Instant::now();
-                e.submit(&r).expect("submit");
+                e.submit(&r).map_err(|e| format!("submit: {e}"))?;
             }
         }
         e.flush();
@@ -145,7 +176,7 @@ fn run_quern(o: &Opts, kind: IoKind, qd: usize) -> Figures {
             let now = Instant::now();
             for &i in &ready {
                 let ns = now.duration_since(started[i]).as_nanos() as u64;
-                hist.record(ns.max(1)).expect("record");
+                hist.saturating_record(ns.max(1));
             }
             done += n as u64;
             free.append(&mut ready);
@@ -160,7 +191,9 @@ fn run_quern(o: &Opts, kind: IoKind, qd: usize) -> Figures {
         }
     }
     let el = t0.elapsed().as_secs_f64();
-    assert_eq!(errors, 0, "{errors} I/O errors");
+    if errors > 0 {
+        return Err(format!("{errors} I/O errors"));
+    }
     let st = e.stats();
     eprintln!(
         "  quern {kind} qd{qd}: {done} ios, {} ops, {} ring enters, {} bounced, {} merged ops",
@@ -169,12 +202,12 @@ fn run_quern(o: &Opts, kind: IoKind, qd: usize) -> Figures {
         st.bounced_ops,
         e.merge_stats().merged_ops
     );
-    Figures {
+    Ok(Figures {
         iops: done as f64 / el,
         mean_us: hist.mean() / 1000.0,
         p50_us: hist.value_at_quantile(0.50) as f64 / 1000.0,
         p99_us: hist.value_at_quantile(0.99) as f64 / 1000.0,
-    }
+    })
 }
 
 fn run_fio(o: &Opts, rw: &str, qd: usize) -> Option<Figures> {
@@ -221,25 +254,19 @@ fn fio_args(o: &Opts, rw: &str, qd: usize) -> Vec<String> {
     ]
 }
 
-fn main() {
-    let args: Vec<String> = std::env::args().collect();
-    let o = Opts {
-        file: arg_value(&args, "--file").map_or_else(
-            || PathBuf::from("/var/tmp/quern-bench/disk.img"),
-            PathBuf::from,
-        ),
-        size: arg_value(&args, "--size").map_or(1 << 30, |s| parse_size(&s).expect("--size")),
-        runtime: arg_value(&args, "--runtime").map_or(5, |s| s.parse().expect("--runtime SECS")),
-        cpu: arg_value(&args, "--cpu").map_or(1, |s| s.parse().expect("--cpu N")),
-        wait: args.iter().any(|a| a == "--wait"),
-        fio: !args.iter().any(|a| a == "--no-fio"),
-        only: arg_value(&args, "--only"),
-        submit_batch: arg_value(&args, "--submit-batch")
-            .map_or(quern_bdev::engine::DEFAULT_SUBMIT_BATCH, |b| {
-                b.parse().expect("--submit-batch N")
-            }),
-    };
-    prepare_file(&o.file, o.size).expect("prepare file");
+fn main() -> std::process::ExitCode {
+    let o = Opts::parse();
+    match run(&o) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("uring-bench: {e}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(o: &Opts) -> Result<(), String> {
+    prepare_file(&o.file, o.size).map_err(|e| format!("{}: {e}", o.file.display()))?;
     if let Err(e) = pin_to_cpu(o.cpu) {
         eprintln!("warning: could not pin to cpu {}: {e}", o.cpu);
     }
@@ -256,10 +283,10 @@ fn main() {
         },
         o.submit_batch
     );
-    if o.fio {
+    if !o.no_fio {
         println!(
             "fio: fio {}",
-            fio_args(&o, "<rw>", 0)
+            fio_args(o, "<rw>", 0)
                 .join(" ")
                 .replace("--iodepth=0", "--iodepth=<qd>")
         );
@@ -273,7 +300,7 @@ fn main() {
             continue;
         }
         for qd in [1usize, 32] {
-            let q = run_quern(&o, kind, qd);
+            let q = run_quern(o, kind, qd)?;
             let row = |name: &str, f: &Figures| {
                 println!(
                     "| {rw} qd{qd} | {name} | {:.0} | {:.1} | {:.1} | {:.1} |",
@@ -282,8 +309,8 @@ fn main() {
             };
             row("quern", &q);
             let _ = std::io::stdout().flush();
-            if o.fio {
-                if let Some(f) = run_fio(&o, rw, qd) {
+            if !o.no_fio {
+                if let Some(f) = run_fio(o, rw, qd) {
                     row("fio", &f);
                     ratios.push((format!("{rw} qd{qd}"), q.iops / f.iops));
                 }
@@ -298,4 +325,5 @@ fn main() {
             println!("| {c} | {r:.3} |");
         }
     }
+    Ok(())
 }
