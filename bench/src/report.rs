@@ -108,23 +108,23 @@ pub fn summarize(job: &Job, runs: &[Vec<Row>]) -> Value {
     println!("|---|---:|---:|---:|---:|---:|---:|---:|");
     for l in &labels {
         let rows = of(l);
-        let m = |f: &dyn Fn(&Row) -> Option<f64>| {
+        let m = |f: &dyn Fn(&Row) -> Option<f64>, digits: usize| {
             let v: Vec<f64> = rows.iter().filter_map(|r| f(r)).collect();
             if v.is_empty() {
                 "-".to_string()
             } else {
-                format!("{:.2}", median(&v))
+                format!("{:.*}", digits, median(&v))
             }
         };
         println!(
             "| {l} | {} | {} | {} | {} | {} | {} | {} |",
             rows.len(),
-            m(&|r| Some(r.iops)).trim_end_matches(".00"),
-            m(&|r| Some(r.p50_us)),
-            m(&|r| Some(r.p99_us)),
-            m(&|r| Some(r.cpu_us_per_io(job.runtime_secs))),
-            m(&|r| r.reactor_ns_per_io),
-            m(&|r| r.client.map(|c| c.1)),
+            m(&|r| Some(r.iops), 0),
+            m(&|r| Some(r.p50_us), 2),
+            m(&|r| Some(r.p99_us), 2),
+            m(&|r| Some(r.cpu_us_per_io(job.runtime_secs)), 3),
+            m(&|r| r.reactor_ns_per_io, 0),
+            m(&|r| r.client.map(|c| c.1), 0),
         );
     }
     let Some(quern) = labels.iter().find(|l| l.starts_with("quern")).cloned() else {
