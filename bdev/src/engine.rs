@@ -23,9 +23,10 @@ use std::os::fd::RawFd;
 use io_uring::IoUring;
 
 use crate::merge::{MergeConfig, MergeInput, MergePlanner, MergeStats, MergedGroup};
+use crate::poller::Cookie;
 use crate::types::{
     submit_to_channel, validate, BdevChannel, BdevError, BdevInfo, BdevRef, IoKind, IoResult, Op,
-    IOV_MAX,
+    IOV_MAX, UNROUTED_TAG,
 };
 
 const NONE: u32 = u32::MAX;
@@ -40,7 +41,9 @@ pub struct EngineConfig {
     /// io_uring submission queue entries.
     pub ring_entries: u32,
     /// Aligned bounce buffers for O_DIRECT requests whose guest buffers are
-    /// not aligned; each is `max(merge.max_bytes, 128 KiB)` bytes.
+    /// not aligned; each is `max(merge.max_bytes, 128 KiB)` bytes. They are
+    /// allocated at start and never grow: a larger request is served
+    /// through one buffer in pieces.
     pub bounce_buffers: usize,
     pub merge: MergeConfig,
     /// Most submission entries handed to the kernel by one `io_uring_enter`
@@ -72,7 +75,8 @@ impl Default for EngineConfig {
 }
 
 /// One request as a producer hands it in. `iov` is copied into the slot; the
-/// buffers it points to must stay valid until the request completes.
+/// buffers it points to must stay valid until the request completes (the
+/// contract of [`IoEngine::submit`]).
 #[derive(Debug)]
 pub struct IoRequest<'a> {
     pub dev: u16,
@@ -83,7 +87,7 @@ pub struct IoRequest<'a> {
     pub iov: &'a [libc::iovec],
     pub fua: bool,
     /// Returned with the completion; the engine does not interpret it.
-    pub cookie: u64,
+    pub cookie: Cookie,
 }
 
 /// Counters since start.
@@ -96,10 +100,19 @@ pub struct EngineStats {
     pub bounced_ops: u64,
     pub split_retries: u64,
     pub ring_enters: u64,
+    /// Bounced operations larger than a bounce buffer, served in pieces.
+    bounced_in_pieces: u64,
+}
+
+impl EngineStats {
+    pub fn bounced_in_pieces(&self) -> u64 {
+        self.bounced_in_pieces
+    }
 }
 
 struct ReqSlot {
-    cookie: u64,
+    busy: bool,
+    cookie: Cookie,
     dev: u16,
     kind: IoKind,
     offset: u64,
@@ -111,6 +124,9 @@ struct ReqSlot {
 }
 
 struct OpSlot {
+    /// Started and not yet finished (a completion for an op that is not
+    /// is a bug: asserted).
+    started: bool,
     first_req: u32,
     count: u32,
     dev: u16,
@@ -124,6 +140,9 @@ struct OpSlot {
     /// The one iovec naming the bounce buffer while `bounce` is set; it lives
     /// here because the kernel reads it after `start_op` returns.
     bounce_iov: [libc::iovec; 1],
+    /// A bounced operation larger than its buffer runs in pieces: bytes
+    /// `[piece_start, piece_start + bounce_iov.iov_len)` are in flight.
+    piece_start: u64,
 }
 
 struct BounceBuf {
@@ -140,15 +159,17 @@ impl Drop for BounceBuf {
 }
 
 impl BounceBuf {
-    fn new(len: usize) -> Self {
-        let layout = Layout::from_size_align(len, 4096).expect("bounce layout");
+    fn new(len: usize) -> std::io::Result<Self> {
+        let layout = Layout::from_size_align(len.max(4096), 4096)
+            .map_err(|e| std::io::Error::other(format!("bounce buffer of {len} bytes: {e}")))?;
         // SAFETY: layout has a non-zero size.
         let ptr = unsafe { alloc::alloc_zeroed(layout) };
-        assert!(
-            !ptr.is_null(),
-            "bounce buffer allocation of {len} bytes failed"
-        );
-        BounceBuf { ptr, len, layout }
+        if ptr.is_null() {
+            return Err(std::io::Error::other(format!(
+                "cannot allocate a bounce buffer of {len} bytes"
+            )));
+        }
+        Ok(BounceBuf { ptr, len, layout })
     }
 }
 
@@ -211,7 +232,8 @@ impl IoEngine {
         let n = cfg.max_requests.max(1);
         let reqs = (0..n)
             .map(|_| ReqSlot {
-                cookie: 0,
+                busy: false,
+                cookie: Cookie::new(crate::poller::PollerId(0), 0),
                 dev: 0,
                 kind: IoKind::Read,
                 offset: 0,
@@ -223,6 +245,7 @@ impl IoEngine {
             .collect();
         let ops = (0..n)
             .map(|_| OpSlot {
+                started: false,
                 first_req: NONE,
                 count: 0,
                 dev: 0,
@@ -237,12 +260,13 @@ impl IoEngine {
                     iov_base: std::ptr::null_mut(),
                     iov_len: 0,
                 }],
+                piece_start: 0,
             })
             .collect();
         let bounce_len = (cfg.merge.max_bytes as usize).max(128 << 10);
         let bounce: Vec<BounceBuf> = (0..cfg.bounce_buffers)
             .map(|_| BounceBuf::new(bounce_len))
-            .collect();
+            .collect::<std::io::Result<_>>()?;
         Ok(IoEngine {
             ring,
             planner: MergePlanner::new(cfg.merge, n),
@@ -348,7 +372,14 @@ impl IoEngine {
     }
 
     /// Accept one request into this cycle's batch, or refuse it at once.
-    pub fn submit(&mut self, r: &IoRequest<'_>) -> Result<(), BdevError> {
+    ///
+    /// # Safety
+    /// Every iovec of a read or write must name memory valid for writes
+    /// (reads) or reads (writes) of its length until the request's
+    /// completion is reported by [`IoEngine::reap`]: the engine, the kernel
+    /// and the drivers copy into and out of it asynchronously. Nothing may
+    /// hold a Rust reference to that memory meanwhile.
+    pub unsafe fn submit(&mut self, r: &IoRequest<'_>) -> Result<(), BdevError> {
         let info = &self
             .devs
             .get(r.dev as usize)
@@ -374,6 +405,10 @@ impl IoEngine {
         }
         let ix = self.free_reqs.pop().ok_or(BdevError::Busy)?;
         let s = &mut self.reqs[ix as usize];
+        // invariants at the boundary, kept in release builds (one
+        // predictable branch each)
+        assert!(!s.busy, "request slot {ix} taken while in use");
+        s.busy = true;
         s.cookie = r.cookie;
         s.dev = r.dev;
         s.kind = r.kind;
@@ -450,8 +485,10 @@ impl IoEngine {
 
     fn start_op(&mut self, op_ix: u32) -> bool {
         let op = &mut self.ops[op_ix as usize];
+        assert!(!op.started, "operation {op_ix} started twice");
         let Some(dev) = self.devs.get_mut(op.dev as usize).and_then(Option::as_mut) else {
             // the device went away under its requests: fail them
+            op.started = true;
             self.done.push((u64::from(op_ix), -libc::ENODEV));
             self.inflight_ops += 1;
             return true;
@@ -461,31 +498,38 @@ impl IoEngine {
             let Some(b) = self.free_bounce.pop() else {
                 return false;
             };
-            if op.len as usize > self.bounce[b as usize].len {
-                // a misaligned request larger than a bounce buffer: rare enough
-                // to replace the pool buffer with a larger one for good
-                self.bounce[b as usize] = BounceBuf::new(op.len as usize);
-            }
             let buf = &self.bounce[b as usize];
-            if op.kind == IoKind::Write {
-                gather(&op.iov, buf.ptr);
-            }
             op.bounce = b;
+            op.piece_start = 0;
+            // a request larger than the buffer goes through it in pieces
+            let len = (op.len as usize).min(buf.len);
+            if len < op.len as usize {
+                self.stats.bounced_in_pieces += 1;
+            }
             op.bounce_iov[0] = libc::iovec {
                 iov_base: buf.ptr.cast(),
-                iov_len: op.len as usize,
+                iov_len: len,
             };
+            if op.kind == IoKind::Write {
+                // SAFETY: the buffer holds `len` bytes; the request's
+                // iovecs are valid for reads (submit's contract).
+                unsafe { gather(&op.iov, 0, len, buf.ptr) };
+            }
             self.stats.bounced_ops += 1;
         }
-        let iov: &[libc::iovec] = if op.bounce != NONE {
-            &op.bounce_iov
+        let (iov, offset, len): (&[libc::iovec], u64, u64) = if op.bounce != NONE {
+            (
+                &op.bounce_iov,
+                op.offset + op.piece_start,
+                op.bounce_iov[0].iov_len as u64,
+            )
         } else {
-            &op.iov
+            (&op.iov, op.offset, op.len)
         };
         let o = Op {
             kind: op.kind,
-            offset: op.offset,
-            len: op.len,
+            offset,
+            len,
             iov,
             fua: op.fua,
             drain: op.drain,
@@ -498,9 +542,10 @@ impl IoEngine {
             &mut self.done,
         );
         if ok {
+            op.started = true;
             self.inflight_ops += 1;
             self.stats.ops_started += 1;
-        } else if op.bounce != NONE {
+        } else if op.bounce != NONE && op.piece_start == 0 {
             self.free_bounce.push(op.bounce);
             op.bounce = NONE;
         }
@@ -523,7 +568,7 @@ impl IoEngine {
 
     /// Collect completions and hand each finished request to `on_done`.
     /// Returns the number of requests completed.
-    pub fn reap(&mut self, mut on_done: impl FnMut(u64, IoResult)) -> usize {
+    pub fn reap(&mut self, mut on_done: impl FnMut(Cookie, IoResult)) -> usize {
         let mut completed = 0;
         if self.ring.submission().taskrun() {
             // completions are waiting for task work: one enter runs it all
@@ -534,7 +579,7 @@ impl IoEngine {
             let mut cq = self.ring.completion();
             cq.sync();
             for cqe in &mut cq {
-                if cqe.user_data() != crate::drivers::uring::LINKED_USER_DATA {
+                if cqe.user_data() != UNROUTED_TAG {
                     self.done.push((cqe.user_data(), cqe.result()));
                 }
             }
@@ -563,14 +608,46 @@ impl IoEngine {
         &mut self,
         op_ix: u32,
         res: i32,
-        on_done: &mut impl FnMut(u64, IoResult),
+        on_done: &mut impl FnMut(Cookie, IoResult),
     ) -> usize {
+        assert!(
+            self.inflight_ops > 0,
+            "a completion with no operation in flight"
+        );
         self.inflight_ops -= 1;
         let op = &mut self.ops[op_ix as usize];
-        let ok = res >= 0 && (!op.kind.has_data() || i64::from(res) == op.len as i64);
+        assert!(
+            op.started,
+            "a completion for operation {op_ix}, which is not in flight"
+        );
+        op.started = false;
+        let want = if op.bounce != NONE {
+            op.bounce_iov[0].iov_len as u64
+        } else {
+            op.len
+        };
+        let ok = res >= 0 && (!op.kind.has_data() || i64::from(res) == want as i64);
         if op.bounce != NONE {
+            let b = &self.bounce[op.bounce as usize];
+            let piece = op.bounce_iov[0].iov_len;
             if ok && op.kind == IoKind::Read {
-                scatter(self.bounce[op.bounce as usize].ptr, &op.iov);
+                // SAFETY: the buffer holds the piece; the request's iovecs
+                // are valid for writes (submit's contract).
+                unsafe { scatter(b.ptr, &op.iov, op.piece_start as usize, piece) };
+            }
+            let next = op.piece_start + piece as u64;
+            if ok && next < op.len {
+                // the next piece, through the same buffer, before anything
+                // else that is pending (nothing may overtake the request)
+                op.piece_start = next;
+                let len = ((op.len - next) as usize).min(b.len);
+                op.bounce_iov[0].iov_len = len;
+                if op.kind == IoKind::Write {
+                    // SAFETY: as for the first piece in `start_op`.
+                    unsafe { gather(&op.iov, next as usize, len, b.ptr) };
+                }
+                self.pending.push_front(op_ix);
+                return 0;
             }
             self.free_bounce.push(op.bounce);
             op.bounce = NONE;
@@ -586,14 +663,16 @@ impl IoEngine {
         } else {
             Err(BdevError::Short {
                 done: res as u64,
-                len: op.len,
+                len: want,
             })
         };
         let mut r = std::mem::replace(&mut op.first_req, NONE);
         self.free_ops.push(op_ix);
         let mut n = 0;
         while r != NONE {
-            let s = &self.reqs[r as usize];
+            let s = &mut self.reqs[r as usize];
+            assert!(s.busy, "a completion for request slot {r}, which is free");
+            s.busy = false;
             let next = s.next;
             let out = result.map(|_| if s.kind.has_data() { s.len as u32 } else { 0 });
             if out.is_err() {
@@ -642,7 +721,7 @@ impl IoEngine {
 
     /// Drive the engine until nothing is pending or in flight (tests and
     /// shutdown). Blocks in the kernel while waiting for completions.
-    pub fn run_until_idle(&mut self, mut on_done: impl FnMut(u64, IoResult)) {
+    pub fn run_until_idle(&mut self, mut on_done: impl FnMut(Cookie, IoResult)) {
         loop {
             self.flush();
             self.reap(&mut on_done);
@@ -661,25 +740,13 @@ impl IoEngine {
     /// been consumed already).
     fn wait_for_completion(&mut self) {
         use std::os::fd::AsRawFd;
-        let mut fds: Vec<libc::pollfd> = self
-            .device_wake_fds()
-            .map(|fd| libc::pollfd {
-                fd,
-                events: libc::POLLIN,
-                revents: 0,
-            })
-            .collect();
+        let mut fds: Vec<RawFd> = self.device_wake_fds().collect();
         if fds.is_empty() {
             let _ = self.ring.submit_and_wait(1);
             return;
         }
-        fds.push(libc::pollfd {
-            fd: self.ring.as_raw_fd(),
-            events: libc::POLLIN,
-            revents: 0,
-        });
-        // SAFETY: fds is a valid array of fds.len() pollfds.
-        unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, 10) };
+        fds.push(self.ring.as_raw_fd());
+        crate::sys::poll_readable(&fds, 10);
     }
 }
 
@@ -709,21 +776,50 @@ fn iov_aligned(iov: &[libc::iovec], align: usize) -> bool {
             .all(|v| (v.iov_base as usize).is_multiple_of(align) && v.iov_len.is_multiple_of(align))
 }
 
-fn gather(iov: &[libc::iovec], dst: *mut u8) {
-    let mut off = 0;
+/// Copy request bytes `[skip, skip + len)` out of `iov` into `dst`.
+///
+/// # Safety
+/// `dst` is valid for writes of `len` bytes; every iovec is valid for reads.
+unsafe fn gather(iov: &[libc::iovec], mut skip: usize, len: usize, dst: *mut u8) {
+    let mut done = 0;
     for v in iov {
-        // SAFETY: the bounce buffer holds at least the op's length and every
-        // iovec is valid for reads until the request completes.
-        unsafe { std::ptr::copy_nonoverlapping(v.iov_base as *const u8, dst.add(off), v.iov_len) };
-        off += v.iov_len;
+        if done == len {
+            break;
+        }
+        if skip >= v.iov_len {
+            skip -= v.iov_len;
+            continue;
+        }
+        let n = (v.iov_len - skip).min(len - done);
+        // SAFETY: the caller's contract; n stays inside both.
+        unsafe {
+            std::ptr::copy_nonoverlapping((v.iov_base as *const u8).add(skip), dst.add(done), n)
+        };
+        done += n;
+        skip = 0;
     }
 }
 
-fn scatter(src: *const u8, iov: &[libc::iovec]) {
-    let mut off = 0;
+/// Copy `len` bytes from `src` into request bytes `[skip, skip + len)` of `iov`.
+///
+/// # Safety
+/// `src` is valid for reads of `len` bytes; every iovec is valid for writes.
+unsafe fn scatter(src: *const u8, iov: &[libc::iovec], mut skip: usize, len: usize) {
+    let mut done = 0;
     for v in iov {
-        // SAFETY: as in `gather`, with the iovecs valid for writes.
-        unsafe { std::ptr::copy_nonoverlapping(src.add(off), v.iov_base as *mut u8, v.iov_len) };
-        off += v.iov_len;
+        if done == len {
+            break;
+        }
+        if skip >= v.iov_len {
+            skip -= v.iov_len;
+            continue;
+        }
+        let n = (v.iov_len - skip).min(len - done);
+        // SAFETY: the caller's contract; n stays inside both.
+        unsafe {
+            std::ptr::copy_nonoverlapping(src.add(done), (v.iov_base as *mut u8).add(skip), n)
+        };
+        done += n;
+        skip = 0;
     }
 }

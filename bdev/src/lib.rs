@@ -6,6 +6,8 @@
 //! the channels: it validates requests, gathers each poll cycle's batch, runs
 //! the [`merge`] stage over it, executes the merged operations (one io_uring
 //! submission per cycle) and splits completions back to the originals.
+//! [`poller::ReactorIo`] is what a reactor runs: the engine and the
+//! [`poller::IoPoller`]s that feed it.
 //!
 //! Invariants: nothing on the request path allocates (slots and iovec arrays
 //! are preallocated), and nothing takes a lock (an engine belongs to one
@@ -13,11 +15,12 @@
 
 pub mod drivers;
 pub mod engine;
-mod fd;
 pub mod merge;
+pub mod poller;
+pub mod sys;
 mod types;
 
 pub use engine::{EngineConfig, EngineStats, IoEngine, IoRequest};
-pub use fd::eventfd;
 pub use merge::{MergeConfig, MergeStats};
+pub use poller::{Cookie, IoPoller, IoReactor, PollerId, ReactorIo};
 pub use types::*;

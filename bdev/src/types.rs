@@ -100,8 +100,16 @@ pub struct BdevInfo {
     pub driver: &'static str,
 }
 
-/// One operation as a channel executes it. The iovecs stay valid until the
-/// channel reports the completion of `tag`.
+/// The tag of submission entries whose completions no request waits for:
+/// entries linked before a request's own (an injected delay's timeout, a
+/// write-zeroes' fallocate before its sync), which post a completion only
+/// on failure, and the request's own entry carries the outcome. The engine
+/// skips completions with this tag.
+pub const UNROUTED_TAG: u64 = u64::MAX;
+
+/// One operation as a channel executes it. The iovecs, and the memory they
+/// name, stay valid until the channel reports the completion of its tag
+/// (the engine's contract with its producers, see `IoEngine::submit`).
 #[derive(Debug)]
 pub struct Op<'a> {
     pub kind: IoKind,
@@ -142,9 +150,13 @@ pub(crate) fn submit_to_channel(
 
 impl Submitter<'_> {
     /// Queue one SQE. Returns false if the submission queue is full.
-    pub fn push_sqe(&mut self, entry: &io_uring::squeue::Entry) -> bool {
-        // SAFETY: the caller's Op contract keeps every buffer the SQE names
-        // alive until its completion is reaped.
+    ///
+    /// # Safety
+    /// Every buffer, iovec array or other memory the entry names must stay
+    /// valid (and not be moved) until the entry's completion is reaped: the
+    /// kernel reads and writes it asynchronously.
+    pub unsafe fn push_sqe(&mut self, entry: &io_uring::squeue::Entry) -> bool {
+        // SAFETY: the caller's contract, above.
         unsafe { self.sq.push(entry).is_ok() }
     }
 

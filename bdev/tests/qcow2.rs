@@ -3,6 +3,9 @@
 //! (`qemu-img check/compare/create`, `qemu-io`) judging and producing
 //! images. The tools are required: a missing one fails the test.
 
+mod common;
+use common::{ck, Put};
+
 use std::path::Path;
 use std::process::Command;
 use std::sync::Arc;
@@ -108,9 +111,9 @@ fn io(e: &mut IoEngine, dev: u16, kind: IoKind, offset: u64, buf: &mut [u8]) -> 
         len: buf.len() as u64,
         iov: &iov,
         fua: false,
-        cookie: 1,
+        cookie: ck(1),
     };
-    e.submit(&r)?;
+    e.put(&r)?;
     let mut out = None;
     e.run_until_idle(|_, res| out = Some(res));
     out.expect("completion")
@@ -232,14 +235,14 @@ fn overlay_reads_base_and_keeps_writes() {
 }
 
 fn zeroing(e: &mut IoEngine, dev: u16, kind: IoKind, offset: u64, len: u64) -> IoResult {
-    e.submit(&IoRequest {
+    e.put(&IoRequest {
         dev,
         kind,
         offset,
         len,
         iov: &[],
         fua: false,
-        cookie: 1,
+        cookie: ck(1),
     })?;
     let mut out = None;
     e.run_until_idle(|_, res| out = Some(res));
@@ -416,14 +419,14 @@ fn concurrent_writes_to_one_new_cluster_both_land() {
         ));
     }
     for (off, iov) in &iovs {
-        e.submit(&IoRequest {
+        e.put(&IoRequest {
             dev: d,
             kind: IoKind::Write,
             offset: *off,
             len: 4096,
             iov,
             fua: false,
-            cookie: *off,
+            cookie: ck(*off),
         })
         .unwrap();
     }
@@ -611,14 +614,14 @@ fn vectored(e: &mut IoEngine, dev: u16, kind: IoKind, offset: u64, buf: &mut [u8
             iov_len: c.len(),
         })
         .collect();
-    e.submit(&IoRequest {
+    e.put(&IoRequest {
         dev,
         kind,
         offset,
         len: buf.len() as u64,
         iov: &iov,
         fua,
-        cookie: 9,
+        cookie: ck(9),
     })
     .unwrap();
     let mut out = None;
@@ -957,19 +960,19 @@ fn run_batch(
         })
         .collect();
     for (i, &(offset, len, kind)) in reqs.iter().enumerate() {
-        e.submit(&IoRequest {
+        e.put(&IoRequest {
             dev: d,
             kind,
             offset,
             len,
             iov: if kind.has_data() { &iovs[i] } else { &[] },
             fua: false,
-            cookie: i as u64,
+            cookie: ck(i as u64),
         })
         .unwrap();
     }
     let mut results = vec![None; reqs.len()];
-    e.run_until_idle(|c, r| results[c as usize] = Some(r));
+    e.run_until_idle(|c, r| results[c.tag() as usize] = Some(r));
     for (i, (buf, expect)) in bufs.iter_mut().enumerate() {
         let n = if reqs[i].2.has_data() { reqs[i].1 } else { 0 };
         prop_assert_eq!(results[i], Some(Ok(n as u32)));
@@ -1042,19 +1045,19 @@ fn overlay_over_a_delayed_uring_base_works() {
             .collect();
         for round in 0..3 {
             for (i, iov) in iovs.iter().enumerate() {
-                e.submit(&IoRequest {
+                e.put(&IoRequest {
                     dev: d,
                     kind: IoKind::Read,
                     offset: i as u64 * MB,
                     len: MB,
                     iov,
                     fua: false,
-                    cookie: i as u64,
+                    cookie: ck(i as u64),
                 })
                 .unwrap();
             }
             let mut results = Vec::new();
-            e.run_until_idle(|c, r| results.push((c, r)));
+            e.run_until_idle(|c, r| results.push((c.tag(), r)));
             results.sort_by_key(|r| r.0);
             let want: Vec<_> = (0..4u64).map(|i| (i, Ok(MB as u32))).collect();
             assert_eq!(results, want, "round {round}");
@@ -1094,14 +1097,14 @@ fn dropping_a_channel_waits_for_its_requests_at_the_worker() {
     }];
     let mut e = engine();
     let d = e.add_device(ov.clone()).unwrap();
-    e.submit(&IoRequest {
+    e.put(&IoRequest {
         dev: d,
         kind: IoKind::Write,
         offset: 8192,
         len: 4096,
         iov: &iov,
         fua: false,
-        cookie: 1,
+        cookie: ck(1),
     })
     .unwrap();
     e.flush();

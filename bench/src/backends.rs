@@ -264,12 +264,12 @@ fn quern_reactors(quern: &Path, cfg: &Path) -> Result<Value, String> {
     let out = Command::new(quern)
         .args(["ctl", "--config"])
         .arg(cfg)
-        .arg("reactors")
+        .args(["--json", "reactor_list"])
         .output()
         .map_err(|e| e.to_string())?;
     let v: Value = serde_json::from_slice(&out.stdout)
         .map_err(|e| format!("{e}: {}", String::from_utf8_lossy(&out.stderr).trim()))?;
-    let list = v["reactors"]
+    let list = v
         .as_array()
         .ok_or_else(|| format!("not a list of reactors: {v}"))?;
     let sum = |k: &str| list.iter().map(|x| x[k].as_u64().unwrap_or(0)).sum::<u64>();

@@ -60,7 +60,7 @@ fn merge_bench_runs() {
     assert!(o.status.success(), "{}", show(&o));
     let out = String::from_utf8_lossy(&o.stdout);
     // one row per batch size, with figures in it
-    assert!(out.contains("|   256 |"), "{}", show(&o));
+    assert!(out.contains("|  1024 |"), "{}", show(&o));
 }
 
 #[test]

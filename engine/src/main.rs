@@ -1,24 +1,47 @@
-//! `quern`: start the engine from a TOML file, or check one.
+//! `quern`: run the engine from a TOML file, check one, or talk to a
+//! running engine.
 //!
 //! ```text
-//! quern --config FILE.toml        run until SIGINT/SIGTERM
-//! quern check-config FILE.toml    validate only
-//! quern ctl [-c FILE.toml | -s SOCKET] REQUEST
-//!                                 ask a running quern (stats, devices, ...)
+//! quern --config FILE.toml [--reset-state]   run until SIGINT/SIGTERM
+//! quern check-config FILE.toml               validate only
+//! quern ctl [--socket S | --config F] [--json] METHOD [--param VALUE ...]
 //! ```
 
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::Arc;
 
+use clap::{Arg, ArgAction, Command};
 use quern::config::Config;
-use quern::startup::Engine;
+use quern::engine::{Engine, StartOptions, STOP_DRAIN};
+use quern::mgmt::Management;
 
-const USAGE: &str = "usage: quern --config FILE.toml
-       quern check-config FILE.toml
-       quern ctl [--config FILE.toml | --socket SOCKET] REQUEST
-                 (REQUEST: stats, reactors, bdevs, devices, version, help;
-                  the socket defaults to the one FILE.toml configures, or
-                  $TMPDIR/quern/quern.sock)";
+fn cli() -> Command {
+    Command::new("quern")
+        .about("A polled-mode storage engine serving vhost-user-blk disks")
+        .version(env!("CARGO_PKG_VERSION"))
+        .arg(
+            Arg::new("config")
+                .long("config")
+                .short('c')
+                .value_name("FILE.toml")
+                .help("Run with this configuration"),
+        )
+        .arg(
+            Arg::new("reset-state")
+                .long("reset-state")
+                .action(ArgAction::SetTrue)
+                .requires("config")
+                .help("Forget the state directory's bdevs and devices and start from the file's"),
+        )
+        .subcommand(
+            Command::new("check-config")
+                .about("Validate a configuration file without starting anything")
+                .arg(Arg::new("file").required(true).value_name("FILE.toml")),
+        )
+        .subcommand(quern::ctl::command())
+        .arg_required_else_help(true)
+}
 
 fn main() -> ExitCode {
     tracing_subscriber::fmt()
@@ -29,24 +52,28 @@ fn main() -> ExitCode {
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
-    let args: Vec<String> = std::env::args().skip(1).collect();
-    match args
-        .iter()
-        .map(String::as_str)
-        .collect::<Vec<_>>()
-        .as_slice()
-    {
-        ["check-config", path] | ["--check-config", path] => check(PathBuf::from(path)),
-        ["--config", path] | ["-c", path] => run(PathBuf::from(path)),
-        ["ctl", rest @ ..] => ctl(rest),
-        ["--help"] | ["-h"] => {
-            println!("{USAGE}");
-            ExitCode::SUCCESS
+    let m = match cli().try_get_matches() {
+        Ok(m) => m,
+        Err(e) => {
+            let _ = e.print();
+            return ExitCode::from(match e.kind() {
+                clap::error::ErrorKind::DisplayHelp | clap::error::ErrorKind::DisplayVersion => 0,
+                _ => 2,
+            });
         }
-        _ => {
-            eprintln!("{USAGE}");
-            ExitCode::from(2)
-        }
+    };
+    match m.subcommand() {
+        Some(("check-config", sub)) => check(PathBuf::from(
+            sub.get_one::<String>("file").cloned().unwrap_or_default(),
+        )),
+        Some(("ctl", sub)) => quern::ctl::run(sub),
+        _ => match m.get_one::<String>("config") {
+            Some(c) => run(PathBuf::from(c), m.get_flag("reset-state")),
+            None => {
+                let _ = cli().print_help();
+                ExitCode::from(2)
+            }
+        },
     }
 }
 
@@ -63,45 +90,7 @@ fn check(path: PathBuf) -> ExitCode {
     }
 }
 
-fn ctl(args: &[&str]) -> ExitCode {
-    let (socket, request) = match args {
-        ["--socket" | "-s", s, req] => (PathBuf::from(s), *req),
-        ["--config" | "-c", c, req] => match Config::load_unvalidated(std::path::Path::new(c)) {
-            Ok(cfg) => match cfg.management_socket() {
-                Some(s) => (s, *req),
-                None => {
-                    eprintln!("quern ctl: {c} disables the management socket");
-                    return ExitCode::from(1);
-                }
-            },
-            Err(e) => {
-                eprintln!("quern ctl: invalid configuration: {e}");
-                return ExitCode::from(1);
-            }
-        },
-        [req] => (std::env::temp_dir().join("quern/quern.sock"), *req),
-        _ => {
-            eprintln!("{USAGE}");
-            return ExitCode::from(2);
-        }
-    };
-    match quern::mgmt::request(&socket, request) {
-        Ok(answer) => {
-            println!("{answer}");
-            if answer.starts_with("{\"error\"") {
-                ExitCode::from(1)
-            } else {
-                ExitCode::SUCCESS
-            }
-        }
-        Err(e) => {
-            eprintln!("quern ctl: {}: {e}", socket.display());
-            ExitCode::from(1)
-        }
-    }
-}
-
-fn run(path: PathBuf) -> ExitCode {
+fn run(path: PathBuf, reset_state: bool) -> ExitCode {
     let cfg = match Config::load(&path) {
         Ok(c) => c,
         Err(e) => {
@@ -111,37 +100,58 @@ fn run(path: PathBuf) -> ExitCode {
     };
     // Block the stop signals before any thread starts, so every thread
     // inherits the mask and only this one receives them (in sigwait).
-    let set = stop_signals();
-    // SAFETY: set is an initialised sigset.
-    unsafe { libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut()) };
-    let engine = match Engine::start(&cfg) {
+    let set = quern::sys::block_stop_signals();
+    let engine = match Engine::start(&cfg, StartOptions { reset_state }) {
         Ok(e) => e,
         Err(e) => {
             eprintln!("quern: start-up failed: {e}");
             return ExitCode::from(1);
         }
     };
-    tracing::info!(config = %path.display(), reactors = engine.reactors.len(), bdevs = engine.bdevs.len(), "quern running");
-    let mut sig: libc::c_int = 0;
-    // SAFETY: waits for one of the blocked signals.
-    unsafe { libc::sigwait(&set, &mut sig) };
-    tracing::info!(signal = sig, "stopping: draining in-flight I/O");
-    engine.stop();
-    for r in &engine.reactors {
+    let mgmt = match cfg.management_socket() {
+        None => None,
+        Some(sock) => {
+            let gid = cfg
+                .management
+                .group
+                .as_deref()
+                .and_then(quern::sys::group_id);
+            match Management::serve(&sock, gid, Arc::clone(&engine)) {
+                Ok(m) => Some(m),
+                Err(e) => {
+                    eprintln!("quern: management socket {}: {e}", sock.display());
+                    engine.stop();
+                    return ExitCode::from(1);
+                }
+            }
+        }
+    };
+    tracing::info!(config = %path.display(), reactors = engine.reactors.len(), state = %engine.state_dir().display(), "quern running");
+    let sig = quern::sys::wait_for_stop_signal(&set);
+    tracing::info!(
+        signal = sig,
+        "stopping: no new requests; those in flight finish or stay recorded for the next start"
+    );
+    if let Some(m) = &mgmt {
+        m.stop();
+    }
+    let devices = engine.devices();
+    engine.stop_within(STOP_DRAIN);
+    for (r, io) in engine.reactors.iter().zip(&engine.io_stats) {
         let s = r.stats.snapshot();
         tracing::info!(
             reactor = r.id,
             cycles = s.cycles,
-            ios = s.ios_completed,
+            ios = io.snapshot().ios_completed,
             busy_ms = s.busy_ns / 1_000_000,
             "reactor statistics"
         );
     }
-    for d in &engine.devices {
+    for (name, d) in devices {
         for (q, st) in d.queues.iter().enumerate() {
             let g = |a: &std::sync::atomic::AtomicU64| a.load(std::sync::atomic::Ordering::Relaxed);
             tracing::info!(
-                device = %d.name,
+                device = %name,
                 queue = q,
                 requests = g(&st.requests),
                 completed = g(&st.completed),
@@ -153,15 +163,4 @@ fn run(path: PathBuf) -> ExitCode {
     }
     tracing::info!("quern stopped");
     ExitCode::SUCCESS
-}
-
-fn stop_signals() -> libc::sigset_t {
-    // SAFETY: sigemptyset/sigaddset initialise and fill a local set.
-    unsafe {
-        let mut set: libc::sigset_t = std::mem::zeroed();
-        libc::sigemptyset(&mut set);
-        libc::sigaddset(&mut set, libc::SIGINT);
-        libc::sigaddset(&mut set, libc::SIGTERM);
-        set
-    }
 }

@@ -25,7 +25,7 @@ fn err(text: &str) -> String {
 #[test]
 fn base_is_valid_and_defaults_apply() {
     let c = Config::parse(BASE).unwrap();
-    assert_eq!(c.reactor.poll_mode, "adaptive");
+    assert_eq!(c.reactor.poll_mode, quern_reactor::PollMode::Adaptive);
     assert!(c.merge.enabled);
     assert_eq!(c.merge.max_bytes, 1 << 20);
     assert_eq!(c.reactor.submit_batch, 4);
@@ -310,21 +310,24 @@ fn runs_the_default_config_serves_a_disk_and_stops_cleanly_on_sigterm() {
         assert!(mem[..65536] == mem[65536..131072]);
 
         // the management socket shows each queue's reactor and counts
-        let ctl = |req: &str| {
+        let ctl = |args: &[&str]| {
             let out = quern()
-                .args(["ctl", "--config", cfg.to_str().unwrap(), req])
+                .args(["ctl", "--config", cfg.to_str().unwrap()])
+                .args(args)
                 .output()
                 .unwrap();
             (
                 out.status.code(),
-                String::from_utf8_lossy(&out.stdout).to_string(),
+                String::from_utf8_lossy(&out.stdout).to_string()
+                    + &String::from_utf8_lossy(&out.stderr),
             )
         };
-        let (code, text) = ctl("devices");
+        let (code, text) = ctl(&["--json", "vhost_blk_list"]);
         assert_eq!(code, Some(0), "{text}");
         let v: serde_json::Value = serde_json::from_str(&text).unwrap();
-        let q = &v["devices"][0]["queues"];
-        assert_eq!(v["devices"][0]["name"], "vm0-disk0");
+        let q = &v[0]["queues"];
+        assert_eq!(v[0]["name"], "vm0-disk0");
+        assert_eq!(v[0]["connected"], true, "{text}");
         assert_eq!(q.as_array().unwrap().len(), 2);
         assert!(
             q[0]["reactor"].is_u64() && q[1]["reactor"].is_u64(),
@@ -333,13 +336,20 @@ fn runs_the_default_config_serves_a_disk_and_stops_cleanly_on_sigterm() {
         assert_ne!(q[0]["reactor"], q[1]["reactor"], "{text}");
         assert_eq!(q[0]["completed"], 1, "{text}");
         assert_eq!(q[1]["completed"], 1, "{text}");
-        let (code, text) = ctl("stats");
+        let (code, text) = ctl(&["--json", "stats"]);
         assert_eq!(code, Some(0));
         let v: serde_json::Value = serde_json::from_str(&text).unwrap();
         assert_eq!(v["bdevs"].as_array().unwrap().len(), 2, "{text}");
         assert_eq!(v["reactors"].as_array().unwrap().len(), 2, "{text}");
         assert!(
             v["reactors"][0]["ios_completed"].as_u64().unwrap() >= 1,
+            "{text}"
+        );
+        // the human table
+        let (code, text) = ctl(&["vhost_blk_list"]);
+        assert_eq!(code, Some(0));
+        assert!(
+            text.starts_with("NAME") && text.contains("vm0-disk0") && text.contains("attached"),
             "{text}"
         );
         // ctl needs only the socket's path: it works under an affinity
@@ -349,7 +359,7 @@ fn runs_the_default_config_serves_a_disk_and_stops_cleanly_on_sigterm() {
         let out = std::process::Command::new("taskset")
             .args(["-c", &first])
             .arg(env!("CARGO_BIN_EXE_quern"))
-            .args(["ctl", "--config", cfg.to_str().unwrap(), "reactors"])
+            .args(["ctl", "--config", cfg.to_str().unwrap(), "reactor_list"])
             .output()
             .unwrap();
         assert!(
@@ -357,35 +367,26 @@ fn runs_the_default_config_serves_a_disk_and_stops_cleanly_on_sigterm() {
             "{}",
             String::from_utf8_lossy(&out.stderr)
         );
-        // unknown and over-long requests: a clear error, the socket lives on
-        let (code, text) = ctl("frobnicate");
+        // an unknown method: the server's message, exit status 1
+        let (code, text) = ctl(&["rpc", "frobnicate"]);
         assert_eq!(code, Some(1));
         assert!(
-            text.contains("unknown request `frobnicate`") && text.contains("stats"),
+            text.contains("unknown method `frobnicate`") && text.contains("-32601"),
             "{text}"
         );
+        // clients beyond the limit are told so; the others stay served
         {
             use std::io::{BufRead, Write};
-            let mut s =
-                std::os::unix::net::UnixStream::connect(dir.path().join("quern.sock")).unwrap();
-            // the server stops reading after 1025 bytes: the rest may fail
-            let _ = writeln!(s, "{}", "x".repeat(5000));
-            let mut line = String::new();
-            std::io::BufReader::new(s).read_line(&mut line).unwrap();
-            assert!(line.contains("longer than 1024 bytes"), "{line}");
-        }
-        // clients beyond the session limit are told so; the others stay served
-        {
-            use std::io::{BufRead, Write};
-            let held: Vec<_> = (0..quern::mgmt::MAX_SESSIONS)
+            let version = r#"{"jsonrpc":"2.0","id":1,"method":"version"}"#;
+            let held: Vec<_> = (0..quern::mgmt::MAX_CLIENTS)
                 .map(|_| {
                     std::os::unix::net::UnixStream::connect(dir.path().join("quern.sock")).unwrap()
                 })
                 .collect();
-            // each held session has its thread once it answers a request
+            // each held client has its thread once it answers a request
             for s in &held {
                 let mut s = s.try_clone().unwrap();
-                writeln!(s, "version").unwrap();
+                writeln!(s, "{version}").unwrap();
                 let mut line = String::new();
                 std::io::BufReader::new(s).read_line(&mut line).unwrap();
                 assert!(line.contains("version"), "{line}");
@@ -393,14 +394,17 @@ fn runs_the_default_config_serves_a_disk_and_stops_cleanly_on_sigterm() {
             let s = std::os::unix::net::UnixStream::connect(dir.path().join("quern.sock")).unwrap();
             let mut line = String::new();
             std::io::BufReader::new(s).read_line(&mut line).unwrap();
-            assert!(line.contains("management clients at once"), "{line}");
+            assert!(
+                line.contains("management clients at once") && line.contains("-32004"),
+                "{line}"
+            );
             drop(held);
         }
         let t = Instant::now();
-        while ctl("version").0 != Some(0) {
+        while ctl(&["version"]).0 != Some(0) {
             assert!(
                 t.elapsed() < Duration::from_secs(5),
-                "sessions were not released"
+                "clients were not released"
             );
             std::thread::sleep(Duration::from_millis(20));
         }

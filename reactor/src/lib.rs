@@ -1,35 +1,42 @@
-//! Reactors: one pinned thread per configured core.
+//! Reactors: one pinned thread per configured core, each running a poll
+//! loop over its [`Work`].
 //!
-//! Each reactor runs a poll loop over its registered [`Poller`]s and owns one
-//! [`IoEngine`] (and so one io_uring). A cycle: every poller polls its source
-//! and submits requests into the engine; the engine merges and submits the
-//! whole cycle's work with one system call; completions are reaped from the
-//! completion ring and routed back to the poller that owns them; pollers end
-//! the cycle (publish and signal once per cycle).
+//! The reactor is the framework and knows nothing of what it polls (as
+//! SPDK's `lib/thread` knows nothing of `lib/bdev`): the work (for Quern,
+//! the bdev crate's per-reactor I/O engine and its pollers) runs one cycle
+//! at a time, and the reactor decides when to spin and when to sleep, keeps
+//! the clock and the statistics, and delivers messages.
 //!
 //! Poll modes: `busy` never sleeps; `adaptive` spins while work arrives and,
-//! after `idle_spin` without any, asks every poller to arm its notifications
-//! and sleeps in epoll on the mailbox doorbell, the ring's completion eventfd
-//! and the pollers' wake fds; `interrupt` sleeps as soon as a cycle finds
-//! nothing to do.
+//! after `idle_spin` without any, asks the work to arm its notifications
+//! and sleeps in epoll on the mailbox doorbell and the work's wake fds;
+//! `interrupt` sleeps as soon as a cycle finds nothing to do.
 //!
 //! Control messages reach a reactor over lock-free SPSC rings (one per
 //! sender) with an eventfd doorbell; nothing on a reactor waits for anyone.
+//!
+//! A cycle that panics (a bug, or an assertion on an invariant) does not
+//! take the process down: the reactor reports the failure once, tells its
+//! work to fail what comes instead of serving it ([`Work::fail`]), and goes
+//! on delivering messages, so the control plane never blocks on it and the
+//! other reactors keep serving.
 
 mod mailbox;
+pub mod ratelimit;
+pub mod sys;
 mod thread;
 
 pub use mailbox::{Mailbox, Msg};
-pub use thread::{remove_when_idle, spawn_reactor, ReactorCtx, ReactorHandle};
+pub use sys::available_cores;
+pub use thread::{spawn_reactor, ReactorHandle};
 
 use std::os::fd::RawFd;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
-use quern_bdev::{EngineConfig, IoEngine, IoResult};
-
 /// How a reactor waits when there is nothing to do.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
 pub enum PollMode {
     Busy,
     Adaptive,
@@ -67,41 +74,41 @@ pub struct ReactorConfig {
     pub core: Option<usize>,
     pub mode: PollMode,
     pub idle_spin: Duration,
-    pub engine: EngineConfig,
 }
 
-/// A source of work polled once per cycle (a virtqueue, a timer, ...).
-/// Completions of the requests it submitted come back through
-/// [`Poller::on_complete`] with the low 48 bits of their cookie.
-pub trait Poller: Send {
-    /// Find new work and submit it; returns how much was found.
-    fn poll(&mut self, io: &mut IoEngine, cookie_base: u64) -> usize;
-    fn on_complete(&mut self, cookie: u64, result: IoResult);
-    /// Publish what completed this cycle (once per cycle, not per request).
-    fn end_cycle(&mut self) {}
+/// What a reactor runs: one poll cycle at a time, on the reactor's thread.
+/// It is built on that thread and never leaves it, so it need not be `Send`.
+pub trait Work: 'static {
+    /// One poll cycle: find work, start it, complete what has finished.
+    /// Returns how much it found (0: nothing; the reactor may sleep).
+    fn cycle(&mut self) -> usize;
+    /// Started and not yet finished (a stopping reactor waits for it; in
+    /// busy and adaptive modes it counts as work for the spin decision).
+    fn in_flight(&self) -> usize {
+        0
+    }
     /// About to sleep: arm notifications. Return false if work showed up.
     fn prepare_sleep(&mut self) -> bool {
         true
     }
     /// Woken up: disarm notifications.
     fn after_sleep(&mut self) {}
-    /// An fd that becomes readable when this poller has work.
-    fn wake_fd(&self) -> Option<RawFd> {
-        None
-    }
-    /// Requests submitted and not yet completed.
-    fn in_flight(&self) -> usize {
+    /// Fds that become readable when there is work (the reactor drains
+    /// eventfds it is woken by). Read again whenever
+    /// [`Work::wake_generation`] changes.
+    fn wake_fds(&self, _out: &mut Vec<RawFd>) {}
+    fn wake_generation(&self) -> u64 {
         0
     }
-    /// For a queue-like poller: where a restarted successor resumes.
-    fn resume_index(&self) -> Option<u16> {
-        None
-    }
+    /// A cycle panicked: from now on fail what comes instead of serving it,
+    /// and finish what may still finish.
+    fn fail(&mut self) {}
 }
 
-/// Bits of a request cookie that belong to the poller.
-pub const COOKIE_BITS: u32 = 48;
-pub const COOKIE_MASK: u64 = (1 << COOKIE_BITS) - 1;
+/// The reactor thread has ended (stopped), so it runs no more messages.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("the reactor has stopped")]
+pub struct ReactorGone;
 
 /// Per-reactor counters, written by the reactor, read by anyone.
 #[derive(Debug, Default)]
@@ -110,12 +117,8 @@ pub struct ReactorStats {
     pub idle_ns: AtomicU64,
     pub cycles: AtomicU64,
     pub sleeps: AtomicU64,
-    pub ios_submitted: AtomicU64,
-    pub ios_completed: AtomicU64,
-    pub merge_requests_in: AtomicU64,
-    pub merge_requests_out: AtomicU64,
-    pub merge_bytes: AtomicU64,
-    pub pollers: AtomicU64,
+    /// A cycle panicked (see the handle's `failure`).
+    pub failed: AtomicBool,
 }
 
 /// A plain copy of [`ReactorStats`].
@@ -125,12 +128,7 @@ pub struct StatsSnapshot {
     pub idle_ns: u64,
     pub cycles: u64,
     pub sleeps: u64,
-    pub ios_submitted: u64,
-    pub ios_completed: u64,
-    pub merge_requests_in: u64,
-    pub merge_requests_out: u64,
-    pub merge_bytes: u64,
-    pub pollers: u64,
+    pub failed: bool,
 }
 
 impl ReactorStats {
@@ -141,21 +139,7 @@ impl ReactorStats {
             idle_ns: g(&self.idle_ns),
             cycles: g(&self.cycles),
             sleeps: g(&self.sleeps),
-            ios_submitted: g(&self.ios_submitted),
-            ios_completed: g(&self.ios_completed),
-            merge_requests_in: g(&self.merge_requests_in),
-            merge_requests_out: g(&self.merge_requests_out),
-            merge_bytes: g(&self.merge_bytes),
-            pollers: g(&self.pollers),
+            failed: self.failed.load(Ordering::Relaxed),
         }
     }
-}
-
-/// Cores that exist on this machine.
-pub fn available_cores() -> Vec<usize> {
-    core_affinity::get_core_ids()
-        .unwrap_or_default()
-        .into_iter()
-        .map(|c| c.id)
-        .collect()
 }

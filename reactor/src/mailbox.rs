@@ -1,16 +1,18 @@
 //! Messages to a reactor: one lock-free SPSC ring per sender, plus an
 //! eventfd doorbell that wakes a sleeping reactor.
 
-use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use ringbuf::traits::{Consumer, Producer, Split};
 use ringbuf::{HeapCons, HeapProd, HeapRb};
 
-use crate::thread::ReactorCtx;
+use crate::sys;
+use crate::ReactorGone;
 
-/// A message: code to run on the reactor, with access to its state.
-pub type Msg = Box<dyn FnOnce(&mut ReactorCtx) + Send>;
+/// A message: code to run on the reactor, with its work's state.
+pub type Msg<W> = Box<dyn FnOnce(&mut W) + Send>;
 
 /// Ring capacity of one sender's mailbox.
 const MAILBOX_SLOTS: usize = 64;
@@ -19,44 +21,46 @@ pub(crate) struct Doorbell(OwnedFd);
 
 impl Doorbell {
     pub(crate) fn new() -> std::io::Result<Self> {
-        quern_bdev::eventfd().map(Doorbell)
+        sys::eventfd().map(Doorbell)
     }
 
     pub(crate) fn ring(&self) {
-        let one: u64 = 1;
-        // SAFETY: writes 8 bytes from a valid u64 to our eventfd.
-        unsafe { libc::write(self.0.as_raw_fd(), (&one as *const u64).cast(), 8) };
+        sys::eventfd_signal(self.0.as_raw_fd());
     }
 
     pub(crate) fn clear(&self) {
-        let mut v: u64 = 0;
-        // SAFETY: reads 8 bytes into a valid u64; non-blocking.
-        unsafe { libc::read(self.0.as_raw_fd(), (&mut v as *mut u64).cast(), 8) };
+        sys::eventfd_drain(self.0.as_raw_fd());
     }
 
-    pub(crate) fn fd(&self) -> i32 {
+    pub(crate) fn fd(&self) -> RawFd {
         self.0.as_raw_fd()
     }
 }
 
 /// The sending end of one SPSC ring to a reactor.
-pub struct Mailbox {
-    prod: HeapProd<Msg>,
+pub struct Mailbox<W> {
+    prod: HeapProd<Msg<W>>,
     bell: Arc<Doorbell>,
+    /// Cleared when the reactor thread has ended: nobody drains the ring.
+    alive: Arc<AtomicBool>,
 }
 
-pub(crate) type Inbox = HeapCons<Msg>;
+pub(crate) type Inbox<W> = HeapCons<Msg<W>>;
 
-impl Mailbox {
-    pub(crate) fn new(bell: Arc<Doorbell>) -> (Mailbox, Inbox) {
-        let (prod, cons) = HeapRb::<Msg>::new(MAILBOX_SLOTS).split();
-        (Mailbox { prod, bell }, cons)
+impl<W> Mailbox<W> {
+    pub(crate) fn new(bell: Arc<Doorbell>, alive: Arc<AtomicBool>) -> (Mailbox<W>, Inbox<W>) {
+        let (prod, cons) = HeapRb::<Msg<W>>::new(MAILBOX_SLOTS).split();
+        (Mailbox { prod, bell, alive }, cons)
     }
 
     /// Queue a message. If the ring is full the sender yields until the
     /// reactor makes room (control plane only; reactors never wait here).
-    pub fn send(&mut self, mut msg: Msg) {
+    /// Fails if the reactor thread has ended.
+    pub fn send(&mut self, mut msg: Msg<W>) -> Result<(), ReactorGone> {
         loop {
+            if !self.alive.load(Ordering::Acquire) {
+                return Err(ReactorGone);
+            }
             match self.prod.try_push(msg) {
                 Ok(()) => break,
                 Err(m) => {
@@ -67,13 +71,15 @@ impl Mailbox {
             }
         }
         self.bell.ring();
+        Ok(())
     }
 }
 
-pub(crate) fn drain(inbox: &mut Inbox, ctx: &mut ReactorCtx) -> usize {
+/// Run every queued message; returns how many ran.
+pub(crate) fn drain<W>(inbox: &mut Inbox<W>, work: &mut W) -> usize {
     let mut n = 0;
     while let Some(m) = inbox.try_pop() {
-        m(ctx);
+        m(work);
         n += 1;
     }
     n

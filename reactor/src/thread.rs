@@ -1,136 +1,137 @@
 //! The reactor thread and its poll loop.
 
 use std::os::fd::RawFd;
+use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, Sender};
-use quern_bdev::IoEngine;
 
 use crate::mailbox::{self, Doorbell, Inbox, Mailbox, Msg};
-use crate::{PollMode, Poller, ReactorConfig, ReactorStats, COOKIE_BITS, COOKIE_MASK};
-
-/// A reactor's state as messages see it.
-pub struct ReactorCtx {
-    pub id: usize,
-    pub io: IoEngine,
-    pollers: Vec<Option<Box<dyn Poller>>>,
-    epoll_dirty: bool,
-}
-
-impl ReactorCtx {
-    /// Register a poller; returns its slot (the high bits of its cookies).
-    pub fn add_poller(&mut self, p: Box<dyn Poller>) -> usize {
-        self.epoll_dirty = true;
-        if let Some(i) = self.pollers.iter().position(Option::is_none) {
-            self.pollers[i] = Some(p);
-            i
-        } else {
-            self.pollers.push(Some(p));
-            self.pollers.len() - 1
-        }
-    }
-
-    /// Unregister a poller. The caller must first let its requests drain
-    /// (see [`Poller::in_flight`]).
-    pub fn remove_poller(&mut self, slot: usize) -> Option<Box<dyn Poller>> {
-        self.epoll_dirty = true;
-        self.pollers.get_mut(slot)?.take()
-    }
-
-    pub fn poller_in_flight(&self, slot: usize) -> usize {
-        self.pollers
-            .get(slot)
-            .and_then(|p| p.as_ref())
-            .map_or(0, |p| p.in_flight())
-    }
-}
+use crate::sys::{self, Epoll};
+use crate::{PollMode, ReactorConfig, ReactorGone, ReactorStats, Work};
 
 /// The control plane's handle on a running reactor.
-pub struct ReactorHandle {
+pub struct ReactorHandle<W> {
     pub id: usize,
     pub core: Option<usize>,
     pub stats: Arc<ReactorStats>,
     bell: Arc<Doorbell>,
-    new_inbox: Sender<Inbox>,
-    mailbox: Mutex<Mailbox>,
+    new_inbox: Sender<Inbox<W>>,
+    mailbox: Mutex<Mailbox<W>>,
     stop: Arc<AtomicBool>,
+    /// How long a stopping reactor waits for its work's in-flight requests.
+    drain_limit: Arc<Mutex<Duration>>,
+    alive: Arc<AtomicBool>,
+    failure: Arc<Mutex<Option<String>>>,
     thread: Mutex<Option<std::thread::JoinHandle<()>>>,
 }
 
-impl ReactorHandle {
+impl<W: Work> ReactorHandle<W> {
     /// A new SPSC ring to this reactor, for a sender of its own.
-    pub fn mailbox(&self) -> Mailbox {
-        let (mb, inbox) = Mailbox::new(self.bell.clone());
+    pub fn mailbox(&self) -> Mailbox<W> {
+        let (mb, inbox) = Mailbox::new(self.bell.clone(), self.alive.clone());
         let _ = self.new_inbox.send(inbox);
         self.bell.ring();
         mb
     }
 
     /// Send a message through the handle's shared mailbox (control plane).
-    pub fn send(&self, msg: Msg) {
+    pub fn send(&self, msg: Msg<W>) -> Result<(), ReactorGone> {
         self.mailbox
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .send(msg);
+            .send(msg)
     }
 
     /// Run `f` on the reactor and wait for its answer (control plane only).
+    /// Fails if the reactor has stopped, or if `f` panicked there.
     pub fn call<R: Send + 'static>(
         &self,
-        f: impl FnOnce(&mut ReactorCtx) -> R + Send + 'static,
-    ) -> R {
+        f: impl FnOnce(&mut W) -> R + Send + 'static,
+    ) -> Result<R, ReactorGone> {
         let (tx, rx) = crossbeam_channel::bounded(1);
-        self.send(Box::new(move |ctx| {
-            let _ = tx.send(f(ctx));
-        }));
-        rx.recv().expect("reactor thread ended")
+        self.send(Box::new(move |w| {
+            let _ = tx.send(f(w));
+        }))?;
+        rx.recv().map_err(|_| ReactorGone)
     }
 
-    /// Ask the reactor to finish its in-flight I/O and exit, and wait for it.
-    pub fn stop(&self) {
+    /// Why the reactor failed (a cycle panicked), if it did.
+    pub fn failure(&self) -> Option<String> {
+        self.failure
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// Whether the reactor thread still runs.
+    pub fn is_alive(&self) -> bool {
+        self.alive.load(Ordering::Acquire)
+    }
+
+    /// Ask the reactor to finish its in-flight work and exit, waiting at
+    /// most `drain` for that work, and wait for the thread.
+    pub fn stop_within(&self, drain: Duration) {
+        *self.drain_limit.lock().unwrap_or_else(|e| e.into_inner()) = drain;
         self.stop.store(true, Ordering::Release);
         self.bell.ring();
         if let Some(t) = self.thread.lock().unwrap_or_else(|e| e.into_inner()).take() {
             let _ = t.join();
         }
     }
+
+    /// [`ReactorHandle::stop_within`] with no bound on the drain.
+    pub fn stop(&self) {
+        self.stop_within(Duration::MAX);
+    }
 }
 
-/// Start a reactor thread. Fails if its io_uring cannot be created.
-pub fn spawn_reactor(cfg: ReactorConfig) -> std::io::Result<Arc<ReactorHandle>> {
+/// Start a reactor thread running the work `make` builds on it. Fails if
+/// `make` fails.
+pub fn spawn_reactor<W: Work>(
+    cfg: ReactorConfig,
+    make: impl FnOnce() -> std::io::Result<W> + Send + 'static,
+) -> std::io::Result<Arc<ReactorHandle<W>>> {
     let bell = Arc::new(Doorbell::new()?);
     let (new_inbox_tx, new_inbox_rx) = crossbeam_channel::unbounded();
     let stats = Arc::new(ReactorStats::default());
     let stop = Arc::new(AtomicBool::new(false));
-    let (mb, first_inbox) = Mailbox::new(bell.clone());
+    let alive = Arc::new(AtomicBool::new(true));
+    let failure = Arc::new(Mutex::new(None));
+    let drain_limit = Arc::new(Mutex::new(Duration::MAX));
+    let (mb, first_inbox) = Mailbox::new(bell.clone(), alive.clone());
     let (ready_tx, ready_rx) = crossbeam_channel::bounded(1);
     let thread = {
-        let (bell, stats, stop, cfg) = (bell.clone(), stats.clone(), stop.clone(), cfg.clone());
+        let shared = Shared {
+            bell: bell.clone(),
+            stats: stats.clone(),
+            stop: stop.clone(),
+            alive: alive.clone(),
+            failure: failure.clone(),
+            drain_limit: drain_limit.clone(),
+        };
+        let cfg = cfg.clone();
         std::thread::Builder::new()
             .name(format!("reactor{}", cfg.id))
             .spawn(move || {
+                // the mailbox refuses senders once this thread is done
+                let _alive = AliveGuard(shared.alive.clone());
                 if let Some(core) = cfg.core {
-                    if !core_affinity::set_for_current(core_affinity::CoreId { id: core }) {
+                    if !sys::pin_current_thread(core) {
                         tracing::warn!(reactor = cfg.id, core, "could not pin reactor to its core");
                     }
                 }
-                let io = match IoEngine::new(cfg.engine) {
-                    Ok(io) => io,
+                let mut r = match make()
+                    .and_then(|w| Reactor::new(cfg, w, shared, new_inbox_rx, first_inbox))
+                {
+                    Ok(r) => r,
                     Err(e) => {
                         let _ = ready_tx.send(Err(e));
                         return;
                     }
                 };
-                let mut r =
-                    match Reactor::new(cfg, io, bell, stats, stop, new_inbox_rx, first_inbox) {
-                        Ok(r) => r,
-                        Err(e) => {
-                            let _ = ready_tx.send(Err(e));
-                            return;
-                        }
-                    };
                 let _ = ready_tx.send(Ok(()));
                 r.run();
             })?
@@ -147,8 +148,29 @@ pub fn spawn_reactor(cfg: ReactorConfig) -> std::io::Result<Arc<ReactorHandle>> 
         new_inbox: new_inbox_tx,
         mailbox: Mutex::new(mb),
         stop,
+        drain_limit,
+        alive,
+        failure,
         thread: Mutex::new(Some(thread)),
     }))
+}
+
+struct AliveGuard(Arc<AtomicBool>);
+
+impl Drop for AliveGuard {
+    fn drop(&mut self) {
+        self.0.store(false, Ordering::Release);
+    }
+}
+
+/// What the reactor thread shares with its handle.
+struct Shared {
+    bell: Arc<Doorbell>,
+    stats: Arc<ReactorStats>,
+    stop: Arc<AtomicBool>,
+    alive: Arc<AtomicBool>,
+    failure: Arc<Mutex<Option<String>>>,
+    drain_limit: Arc<Mutex<Duration>>,
 }
 
 /// Poll cycles between clock reads under load.
@@ -157,6 +179,8 @@ const CLOCK_EVERY: u32 = 32;
 const IDLE_CLOCK_EVERY: u32 = 4;
 /// Poll cycles between checks for new senders (rare: a new mailbox).
 const INBOX_EVERY: u32 = 64;
+/// The longest sleep: bounds any missed wake-up.
+const SLEEP_MAX_MS: i32 = 1000;
 
 /// Busy/idle accounting without a clock read per cycle: cycles are counted
 /// as busy or idle, and at each clock read the time since the previous read
@@ -223,86 +247,145 @@ impl CycleClock {
     }
 }
 
-struct Reactor {
+struct Reactor<W> {
     cfg: ReactorConfig,
-    ctx: ReactorCtx,
-    bell: Arc<Doorbell>,
-    ring_efd: Doorbell,
-    stats: Arc<ReactorStats>,
-    stop: Arc<AtomicBool>,
-    new_inbox: Receiver<Inbox>,
-    inboxes: Vec<Inbox>,
-    epfd: RawFd,
+    work: W,
+    shared: Shared,
+    new_inbox: Receiver<Inbox<W>>,
+    inboxes: Vec<Inbox<W>>,
+    epoll: Option<Epoll>,
     /// The wake fds the epoll set is meant to hold (and the only ones
     /// `sleep` reads).
     watched: Vec<RawFd>,
+    ready: Vec<RawFd>,
     /// The last rebuild could not add every source (it is retried at each
     /// sleep; the failure is logged once).
     epoll_retrying: bool,
-    /// The engine's device generation the epoll set was built for.
-    device_generation: u64,
+    /// The work's wake generation the epoll set was built for.
+    wake_generation: u64,
+    /// Panics caught so far.
+    panics: u32,
+    /// When the stop was first seen.
+    stopping_since: Option<Instant>,
 }
 
-impl Drop for Reactor {
-    fn drop(&mut self) {
-        // SAFETY: epfd is ours.
-        unsafe { libc::close(self.epfd) };
-    }
-}
-
-impl Reactor {
+impl<W: Work> Reactor<W> {
     fn new(
         cfg: ReactorConfig,
-        io: IoEngine,
-        bell: Arc<Doorbell>,
-        stats: Arc<ReactorStats>,
-        stop: Arc<AtomicBool>,
-        new_inbox: Receiver<Inbox>,
-        first: Inbox,
+        work: W,
+        shared: Shared,
+        new_inbox: Receiver<Inbox<W>>,
+        first: Inbox<W>,
     ) -> std::io::Result<Self> {
-        let ring_efd = Doorbell::new()?;
-        io.ring().submitter().register_eventfd(ring_efd.fd())?;
-        // SAFETY: creates a new epoll instance.
-        let epfd = unsafe { libc::epoll_create1(libc::EPOLL_CLOEXEC) };
-        if epfd < 0 {
-            return Err(std::io::Error::last_os_error());
-        }
-        let r = Reactor {
-            ctx: ReactorCtx {
-                id: cfg.id,
-                io,
-                pollers: Vec::new(),
-                epoll_dirty: true,
-            },
+        Ok(Reactor {
             cfg,
-            bell,
-            ring_efd,
-            stats,
-            stop,
+            work,
+            shared,
             new_inbox,
             inboxes: vec![first],
-            epfd,
+            epoll: Some(Epoll::new()?),
             watched: Vec::new(),
+            ready: Vec::with_capacity(16),
             epoll_retrying: false,
-            device_generation: u64::MAX,
-        };
-        Ok(r)
+            wake_generation: u64::MAX,
+            panics: 0,
+            stopping_since: None,
+        })
     }
 
+    /// The poll loop, restarted in failure mode after a panic.
     fn run(&mut self) {
-        let mut clock = CycleClock::new(&self.stats);
+        let mut clock = CycleClock::new(&self.shared.stats);
+        loop {
+            let r = catch_unwind(AssertUnwindSafe(|| {
+                if self.panics < 2 {
+                    self.poll_loop(&mut clock)
+                } else {
+                    self.inert_loop()
+                }
+            }));
+            match r {
+                Ok(()) => break,
+                Err(payload) => self.failed(payload),
+            }
+        }
+        clock.read(&self.shared.stats);
+        tracing::info!(reactor = self.cfg.id, "reactor stopped");
+    }
+
+    /// A cycle panicked: say so once, and have the work fail what comes.
+    fn failed(&mut self, payload: Box<dyn std::any::Any + Send>) {
+        self.panics += 1;
+        let what = payload
+            .downcast_ref::<&str>()
+            .map(|s| s.to_string())
+            .or_else(|| payload.downcast_ref::<String>().cloned())
+            .unwrap_or_else(|| "a panic without a message".into());
+        self.shared.stats.failed.store(true, Ordering::Relaxed);
+        let mut f = self
+            .shared
+            .failure
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        if f.is_none() {
+            tracing::error!(reactor = self.cfg.id, core = ?self.cfg.core, "reactor failed: {what}; its requests fail from now on, other reactors keep serving");
+            *f = Some(what);
+        }
+        drop(f);
+        if self.panics == 1 {
+            // failing mode is itself code that may panic: that sends the
+            // reactor to the inert loop
+            self.work.fail();
+        } else if self.panics == 2 {
+            tracing::error!(
+                reactor = self.cfg.id,
+                "reactor failed again in failing mode; it now only runs messages"
+            );
+        }
+    }
+
+    fn stopping(&mut self) -> bool {
+        if self.stopping_since.is_none() && self.shared.stop.load(Ordering::Acquire) {
+            self.stopping_since = Some(Instant::now());
+        }
+        self.stopping_since.is_some()
+    }
+
+    /// Whether a stopping reactor may exit: its work is done, or it has
+    /// waited as long as it was allowed to.
+    fn may_exit(&self) -> bool {
+        let Some(since) = self.stopping_since else {
+            return false;
+        };
+        if self.work.in_flight() == 0 {
+            return true;
+        }
+        let limit = *self
+            .shared
+            .drain_limit
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        if since.elapsed() >= limit {
+            tracing::warn!(
+                reactor = self.cfg.id,
+                in_flight = self.work.in_flight(),
+                "stopping with requests still in flight after {limit:?}"
+            );
+            return true;
+        }
+        false
+    }
+
+    fn poll_loop(&mut self, clock: &mut CycleClock) {
         let mut last_work = clock.mark;
-        let mut stopping = false;
         let mut n: u32 = 0;
         loop {
             let work = self.cycle(n.is_multiple_of(INBOX_EVERY));
             n = n.wrapping_add(1);
             clock.count(work > 0);
-            if !stopping && self.stop.load(Ordering::Acquire) {
-                stopping = true;
-            }
-            if stopping && self.ctx.io.in_flight() == 0 {
-                break;
+            let stopping = self.stopping();
+            if stopping && self.may_exit() {
+                return;
             }
             let idle = work == 0 && !stopping;
             // the clock costs more than a busy cycle's work: read it every
@@ -317,7 +400,7 @@ impl Reactor {
             if !read_clock {
                 continue;
             }
-            let (now, worked) = clock.read(&self.stats);
+            let (now, worked) = clock.read(&self.shared.stats);
             if worked {
                 last_work = now;
             }
@@ -329,62 +412,58 @@ impl Reactor {
                 };
             if sleep {
                 self.sleep();
-                clock.slept(&self.stats);
+                clock.slept(&self.shared.stats);
                 // new senders may have registered while we slept
                 n = 0;
             }
         }
-        clock.read(&self.stats);
-        tracing::info!(reactor = self.cfg.id, "reactor stopped");
+    }
+
+    /// After a panic in failing mode: run messages only (each on its own,
+    /// so one bad message cannot stop the rest), sleeping on the doorbell.
+    fn inert_loop(&mut self) {
+        let bell = Epoll::new().and_then(|e| e.add(self.shared.bell.fd()).map(|()| e));
+        loop {
+            self.take_new_senders();
+            for inbox in &mut self.inboxes {
+                while let Some(m) = ringbuf::traits::Consumer::try_pop(inbox) {
+                    let w = &mut self.work;
+                    let _ = catch_unwind(AssertUnwindSafe(move || m(w)));
+                }
+            }
+            if self.stopping() {
+                return;
+            }
+            match &bell {
+                Ok(e) => e.wait(&mut self.ready, SLEEP_MAX_MS),
+                Err(_) => std::thread::sleep(Duration::from_millis(10)),
+            }
+            self.shared.bell.clear();
+            self.shared.stats.sleeps.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    fn take_new_senders(&mut self) {
+        while let Ok(inbox) = self.new_inbox.try_recv() {
+            self.inboxes.push(inbox);
+        }
     }
 
     /// One poll cycle; returns the amount of work it found.
     fn cycle(&mut self, check_new_senders: bool) -> usize {
-        let mut work = 0;
         if check_new_senders {
-            while let Ok(inbox) = self.new_inbox.try_recv() {
-                self.inboxes.push(inbox);
-            }
+            self.take_new_senders();
         }
+        let mut work = 0;
         for inbox in &mut self.inboxes {
-            work += mailbox::drain(inbox, &mut self.ctx);
+            work += mailbox::drain(inbox, &mut self.work);
         }
-        let ReactorCtx { io, pollers, .. } = &mut self.ctx;
-        let before = io.stats();
-        for (slot, p) in pollers.iter_mut().enumerate() {
-            if let Some(p) = p {
-                work += p.poll(io, (slot as u64) << COOKIE_BITS);
-            }
-        }
-        io.flush();
-        let done = io.reap(|cookie, res| {
-            if let Some(Some(p)) = pollers.get_mut((cookie >> COOKIE_BITS) as usize) {
-                p.on_complete(cookie & COOKIE_MASK, res);
-            }
-        });
-        let after = io.stats();
-        let st = &self.stats;
-        if after.requests_submitted != before.requests_submitted || done > 0 {
-            st.ios_submitted
-                .store(after.requests_submitted, Ordering::Relaxed);
-            st.ios_completed
-                .store(after.requests_completed, Ordering::Relaxed);
-            let m = io.merge_stats();
-            st.merge_requests_in.store(m.requests_in, Ordering::Relaxed);
-            st.merge_requests_out
-                .store(m.requests_out, Ordering::Relaxed);
-            st.merge_bytes.store(m.bytes, Ordering::Relaxed);
-        }
-        // statistics first, so a client that sees its completion sees them too
-        for p in pollers.iter_mut().flatten() {
-            p.end_cycle();
-        }
-        work += done;
-        // In-flight I/O counts as work for the spin decision (a completion
+        work += self.work.cycle();
+        // In-flight work counts as work for the spin decision (a completion
         // is usually microseconds away), except in interrupt mode, which
-        // sleeps on the ring's and the devices' completion fds instead:
-        // the mode for slow backends (RBD) that share the machine's cores.
-        work + usize::from(io.in_flight() > 0 && self.cfg.mode != PollMode::Interrupt)
+        // sleeps on the work's completion fds instead: the mode for slow
+        // backends (RBD) that share the machine's cores.
+        work + usize::from(self.work.in_flight() > 0 && self.cfg.mode != PollMode::Interrupt)
     }
 
     /// Bring the epoll set up to date with the current wake sources.
@@ -392,48 +471,38 @@ impl Reactor {
     /// The set is rebuilt from a fresh epoll instance rather than edited:
     /// an epoll registration belongs to the open file, not the fd number,
     /// so one made through a poller's fd outlives that fd while another
-    /// copy of the file stays open (the device keeps the kick file across
-    /// a queue restart). EPOLL_CTL_DEL through the closed or reused number
+    /// copy of the file stays open (a device keeps the kick file across a
+    /// queue restart). EPOLL_CTL_DEL through the closed or reused number
     /// cannot reach it, and the stale entry would then report a number that
     /// may now name someone else's fd, whose count the wake-up would read
     /// and steal (a client's completion eventfd in the same process).
     fn sync_epoll(&mut self) {
-        let generation = self.ctx.io.device_generation();
-        if !self.ctx.epoll_dirty && generation == self.device_generation {
+        let generation = self.work.wake_generation();
+        if self.epoll.is_some() && !self.epoll_retrying && generation == self.wake_generation {
             return;
         }
         self.watched.clear();
-        self.watched.push(self.bell.fd());
-        self.watched.push(self.ring_efd.fd());
-        let ReactorCtx { pollers, io, .. } = &self.ctx;
-        self.watched
-            .extend(pollers.iter().flatten().filter_map(|p| p.wake_fd()));
-        self.watched.extend(io.device_wake_fds());
-        // SAFETY: creates a new epoll instance.
-        let epfd = unsafe { libc::epoll_create1(libc::EPOLL_CLOEXEC) };
-        if epfd < 0 {
-            // Keep the old set (stale entries in it are filtered out in
-            // `sleep` against `watched`) and the one-second timeout; try
-            // again at the next sleep.
-            if !self.epoll_retrying {
-                tracing::warn!(
-                    reactor = self.cfg.id,
-                    "epoll_create1: {}; waking at least once a second",
-                    std::io::Error::last_os_error()
-                );
+        self.watched.push(self.shared.bell.fd());
+        self.work.wake_fds(&mut self.watched);
+        let epoll = match Epoll::new() {
+            Ok(e) => e,
+            Err(e) => {
+                // Keep the old set (stale entries in it are filtered out in
+                // `sleep` against `watched`) and the one-second timeout;
+                // try again at the next sleep.
+                if !self.epoll_retrying {
+                    tracing::warn!(
+                        reactor = self.cfg.id,
+                        "epoll_create1: {e}; waking at least once a second"
+                    );
+                }
+                self.epoll_retrying = true;
+                return;
             }
-            self.epoll_retrying = true;
-            return;
-        }
+        };
         let mut complete = true;
         for &fd in &self.watched {
-            let mut ev = libc::epoll_event {
-                events: libc::EPOLLIN as u32,
-                u64: fd as u64,
-            };
-            // SAFETY: valid epoll fd and event struct.
-            if unsafe { libc::epoll_ctl(epfd, libc::EPOLL_CTL_ADD, fd, &mut ev) } != 0 {
-                let e = std::io::Error::last_os_error();
+            if let Err(e) = epoll.add(fd) {
                 // said once, not at every retry
                 if !self.epoll_retrying {
                     tracing::warn!(
@@ -445,72 +514,32 @@ impl Reactor {
                 complete = false;
             }
         }
-        self.epoll_retrying = !complete;
-        // SAFETY: the old epoll fd is ours; closing it drops every
-        // registration made through it.
-        unsafe { libc::close(self.epfd) };
-        self.epfd = epfd;
         // a source that could not be added is tried again at the next sleep
-        self.ctx.epoll_dirty = !complete;
-        self.device_generation = generation;
+        self.epoll_retrying = !complete;
+        // the old instance closes here, and every registration made through it
+        self.epoll = Some(epoll);
+        self.wake_generation = generation;
     }
 
     fn sleep(&mut self) {
         self.sync_epoll();
-        let mut ready = true;
-        for p in self.ctx.pollers.iter_mut().flatten() {
-            ready &= p.prepare_sleep();
-        }
-        if ready && !self.stop.load(Ordering::Acquire) {
-            self.stats.sleeps.fetch_add(1, Ordering::Relaxed);
-            let mut evs = [libc::epoll_event { events: 0, u64: 0 }; 16];
-            // a timeout bounds any missed wake-up to one second
-            // SAFETY: evs is a valid buffer of 16 events.
-            let n =
-                unsafe { libc::epoll_wait(self.epfd, evs.as_mut_ptr(), evs.len() as i32, 1000) };
-            for ev in evs.iter().take(n.max(0) as usize) {
-                let fd = ev.u64 as RawFd;
-                if !self.watched.contains(&fd) {
+        let ready = self.work.prepare_sleep();
+        if ready && !self.shared.stop.load(Ordering::Acquire) {
+            self.shared.stats.sleeps.fetch_add(1, Ordering::Relaxed);
+            if let Some(e) = &self.epoll {
+                e.wait(&mut self.ready, SLEEP_MAX_MS);
+            }
+            for fd in &self.ready {
+                if !self.watched.contains(fd) {
                     continue; // an entry from an older set (see sync_epoll)
                 }
-                let mut v: u64 = 0;
                 // Drain the eventfd's count. Pollers hand over non-blocking
-                // fds; the poll with a zero timeout guards against one that
-                // is not, so a reactor never blocks here.
-                let mut pfd = libc::pollfd {
-                    fd,
-                    events: libc::POLLIN,
-                    revents: 0,
-                };
-                // SAFETY: one valid pollfd; then an 8-byte read into a u64.
-                unsafe {
-                    if libc::poll(&mut pfd, 1, 0) == 1 && pfd.revents & libc::POLLIN != 0 {
-                        libc::read(fd, (&mut v as *mut u64).cast(), 8);
-                    }
-                }
+                // fds; the drain guards against one that is not, so a
+                // reactor never blocks here.
+                sys::eventfd_drain(*fd);
             }
         }
-        self.bell.clear();
-        for p in self.ctx.pollers.iter_mut().flatten() {
-            p.after_sleep();
-        }
-    }
-}
-
-/// Wait for a poller's in-flight requests to finish, then remove it.
-pub fn remove_when_idle(handle: &ReactorHandle, slot: usize) -> Option<Box<dyn Poller>> {
-    loop {
-        let (inflight, p) = handle.call(move |ctx| {
-            let n = ctx.poller_in_flight(slot);
-            if n == 0 {
-                (0, ctx.remove_poller(slot))
-            } else {
-                (n, None)
-            }
-        });
-        if inflight == 0 {
-            return p;
-        }
-        std::thread::sleep(Duration::from_micros(200));
+        self.shared.bell.clear();
+        self.work.after_sleep();
     }
 }

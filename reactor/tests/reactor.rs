@@ -1,55 +1,50 @@
-//! Reactors driving a real engine: pollers, completion routing, messages,
-//! statistics, sleeping and waking, and draining at stop.
+//! Reactors running a work of their own: cycles, messages, statistics,
+//! sleeping and waking, failure containment, and draining at stop.
 
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::os::fd::RawFd;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use quern_bdev::drivers::MallocBdev;
-use quern_bdev::{EngineConfig, IoEngine, IoKind, IoRequest, IoResult};
-use quern_reactor::{remove_when_idle, spawn_reactor, PollMode, Poller, ReactorConfig};
+use quern_reactor::{spawn_reactor, PollMode, ReactorConfig, ReactorGone, ReactorHandle, Work};
 
-/// Writes `total` 4 KiB blocks, QD 8, then verifies nothing.
-struct Writer {
-    dev: u16,
-    buf: Vec<u8>,
-    next: u64,
-    total: u64,
-    inflight: usize,
-    done: Arc<AtomicUsize>,
+/// A work that counts down `left` units, one per cycle, and can be told to
+/// panic, keep requests "in flight", or watch extra wake fds.
+#[derive(Default)]
+struct Toy {
+    left: u64,
+    done: Arc<AtomicU64>,
+    panic_next: bool,
+    in_flight: usize,
+    failed: Arc<AtomicBool>,
+    fds: Vec<RawFd>,
+    generation: u64,
 }
 
-impl Poller for Writer {
-    fn poll(&mut self, io: &mut IoEngine, base: u64) -> usize {
-        let mut n = 0;
-        while self.inflight < 8 && self.next < self.total {
-            let v = [libc::iovec {
-                iov_base: self.buf.as_mut_ptr().cast(),
-                iov_len: 4096,
-            }];
-            let r = IoRequest {
-                dev: self.dev,
-                kind: IoKind::Write,
-                offset: self.next * 4096,
-                len: 4096,
-                iov: &v,
-                fua: false,
-                cookie: base | self.next,
-            };
-            io.submit(&r).unwrap();
-            self.next += 1;
-            self.inflight += 1;
-            n += 1;
+impl Work for Toy {
+    fn cycle(&mut self) -> usize {
+        if self.panic_next {
+            self.panic_next = false;
+            panic!("injected failure");
         }
-        n
-    }
-    fn on_complete(&mut self, _cookie: u64, result: IoResult) {
-        assert_eq!(result, Ok(4096));
-        self.inflight -= 1;
-        self.done.fetch_add(1, Ordering::Relaxed);
+        if self.left > 0 {
+            self.left -= 1;
+            self.done.fetch_add(1, Ordering::Relaxed);
+            return 1;
+        }
+        0
     }
     fn in_flight(&self) -> usize {
-        self.inflight
+        self.in_flight
+    }
+    fn wake_fds(&self, out: &mut Vec<RawFd>) {
+        out.extend(&self.fds);
+    }
+    fn wake_generation(&self) -> u64 {
+        self.generation
+    }
+    fn fail(&mut self) {
+        self.failed.store(true, Ordering::Relaxed);
     }
 }
 
@@ -59,62 +54,57 @@ fn cfg(mode: PollMode) -> ReactorConfig {
         core: None,
         mode,
         idle_spin: Duration::from_micros(100),
-        engine: EngineConfig::default(),
     }
 }
 
-fn run_writer(mode: PollMode) {
-    let r = spawn_reactor(cfg(mode)).unwrap();
-    let m = Arc::new(MallocBdev::new("m", 8 << 20, 512, false).unwrap());
-    let dev = r.call(move |ctx| ctx.io.add_device(m).unwrap());
-    let done = Arc::new(AtomicUsize::new(0));
-    let w = Writer {
-        dev,
-        buf: vec![7u8; 4096],
-        next: 0,
-        total: 1000,
-        inflight: 0,
-        done: done.clone(),
-    };
-    let slot = r.call(move |ctx| ctx.add_poller(Box::new(w)));
+fn toy(mode: PollMode, t: Toy) -> Arc<ReactorHandle<Toy>> {
+    spawn_reactor(cfg(mode), move || Ok(t)).unwrap()
+}
+
+fn wait_until(what: &str, mut f: impl FnMut() -> bool) {
     let t = Instant::now();
-    while done.load(Ordering::Relaxed) < 1000 {
-        assert!(
-            t.elapsed() < Duration::from_secs(20),
-            "writer stalled at {}",
-            done.load(Ordering::Relaxed)
-        );
+    while !f() {
+        assert!(t.elapsed() < Duration::from_secs(10), "{what}");
         std::thread::sleep(Duration::from_millis(1));
     }
-    assert!(remove_when_idle(&r, slot).is_some());
+}
+
+fn runs_to_completion(mode: PollMode) {
+    let done = Arc::new(AtomicU64::new(0));
+    let r = toy(
+        mode,
+        Toy {
+            left: 10_000,
+            done: done.clone(),
+            ..Toy::default()
+        },
+    );
+    wait_until("work stalled", || done.load(Ordering::Relaxed) == 10_000);
     let s = r.stats.snapshot();
-    assert_eq!(s.ios_submitted, 1000);
-    assert_eq!(s.ios_completed, 1000);
-    assert!(s.cycles > 0);
-    // queued concurrently at QD8 with sequential offsets: merged
-    assert!(s.merge_requests_out < s.merge_requests_in, "{s:?}");
     r.stop();
+    assert!(r.stats.snapshot().cycles >= s.cycles);
+    assert!(s.cycles > 0 && !s.failed);
 }
 
 #[test]
-fn busy_reactor_runs_a_poller_to_completion() {
-    run_writer(PollMode::Busy);
+fn busy_reactor_runs_its_work_to_completion() {
+    runs_to_completion(PollMode::Busy);
 }
 
 #[test]
-fn adaptive_reactor_runs_a_poller_to_completion() {
-    run_writer(PollMode::Adaptive);
+fn adaptive_reactor_runs_its_work_to_completion() {
+    runs_to_completion(PollMode::Adaptive);
 }
 
 #[test]
 fn interrupt_reactor_sleeps_and_wakes_on_messages() {
-    let r = spawn_reactor(cfg(PollMode::Interrupt)).unwrap();
+    let r = toy(PollMode::Interrupt, Toy::default());
     std::thread::sleep(Duration::from_millis(50));
     let before = r.stats.snapshot();
     assert!(before.sleeps > 0, "an idle interrupt-mode reactor sleeps");
     // a message wakes it at once
     let t = Instant::now();
-    assert_eq!(r.call(|ctx| ctx.id), 0);
+    assert_eq!(r.call(|w| w.left).unwrap(), 0);
     assert!(t.elapsed() < Duration::from_millis(500));
     // idle: it spends its time asleep, not spinning
     std::thread::sleep(Duration::from_millis(200));
@@ -129,18 +119,16 @@ fn interrupt_reactor_sleeps_and_wakes_on_messages() {
 
 #[test]
 fn separate_mailboxes_deliver_in_order() {
-    let r = spawn_reactor(cfg(PollMode::Adaptive)).unwrap();
-    let seen = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let r = toy(PollMode::Adaptive, Toy::default());
+    let seen = Arc::new(Mutex::new(Vec::new()));
     let mut mb = r.mailbox();
     for i in 0..200 {
         let s = seen.clone();
-        mb.send(Box::new(move |_| s.lock().unwrap().push(i)));
+        mb.send(Box::new(move |_| s.lock().unwrap().push(i)))
+            .unwrap();
     }
-    r.call(|_| ());
-    let t = Instant::now();
-    while seen.lock().unwrap().len() < 200 && t.elapsed() < Duration::from_secs(5) {
-        std::thread::sleep(Duration::from_millis(1));
-    }
+    r.call(|_| ()).unwrap();
+    wait_until("messages lost", || seen.lock().unwrap().len() == 200);
     assert_eq!(*seen.lock().unwrap(), (0..200).collect::<Vec<_>>());
     r.stop();
 }
@@ -151,23 +139,93 @@ fn pins_to_an_existing_core() {
     assert!(!cores.is_empty());
     let mut c = cfg(PollMode::Adaptive);
     c.core = Some(*cores.last().unwrap());
-    let r = spawn_reactor(c).unwrap();
-    let cpu = r.call(|_| unsafe { libc::sched_getcpu() });
+    let r = spawn_reactor(c, || Ok(Toy::default())).unwrap();
+    // SAFETY: sched_getcpu has no preconditions.
+    let cpu = r.call(|_| unsafe { libc::sched_getcpu() }).unwrap();
     assert_eq!(cpu as usize, *cores.last().unwrap());
     r.stop();
 }
 
-/// A poller that only lends the reactor a wake fd (the test owns the fd).
-struct Waker(i32);
+#[test]
+fn a_work_that_cannot_be_built_fails_the_spawn() {
+    let r = spawn_reactor(cfg(PollMode::Busy), || -> std::io::Result<Toy> {
+        Err(std::io::Error::other("no ring"))
+    });
+    assert_eq!(r.err().map(|e| e.to_string()), Some("no ring".into()));
+}
 
-impl Poller for Waker {
-    fn poll(&mut self, _io: &mut IoEngine, _base: u64) -> usize {
-        0
-    }
-    fn on_complete(&mut self, _cookie: u64, _result: IoResult) {}
-    fn wake_fd(&self) -> Option<std::os::fd::RawFd> {
-        Some(self.0)
-    }
+/// A cycle that panics is contained: the reactor says why once, tells its
+/// work to fail, and keeps running messages, so a caller never blocks or
+/// panics on it ("expect reactor thread ended" cascaded before).
+#[test]
+fn a_panicking_cycle_fails_the_reactor_not_the_process() {
+    let failed = Arc::new(AtomicBool::new(false));
+    let r = toy(
+        PollMode::Adaptive,
+        Toy {
+            failed: failed.clone(),
+            ..Toy::default()
+        },
+    );
+    assert!(r.failure().is_none());
+    r.call(|w| w.panic_next = true).unwrap();
+    wait_until("failure not reported", || r.failure().is_some());
+    assert_eq!(r.failure().as_deref(), Some("injected failure"));
+    assert!(r.stats.snapshot().failed);
+    assert!(failed.load(Ordering::Relaxed), "the work was told to fail");
+    // messages still run, and cycles go on
+    assert_eq!(r.call(|w| w.left + 5).unwrap(), 5);
+    let c = r.stats.snapshot().cycles;
+    wait_until("cycles stopped", || r.stats.snapshot().cycles > c);
+    // a message that panics is an error for its caller, not a hang
+    assert_eq!(
+        r.call(|_| -> u32 { panic!("bad message") }),
+        Err(ReactorGone)
+    );
+    // failing again: the reactor only runs messages from now on
+    assert_eq!(r.call(|_| 1).unwrap(), 1);
+    r.stop();
+    assert!(!r.is_alive());
+}
+
+#[test]
+fn a_stopped_reactor_refuses_messages() {
+    let r = toy(PollMode::Adaptive, Toy::default());
+    r.stop();
+    assert_eq!(r.call(|_| 1), Err(ReactorGone));
+    assert!(r.send(Box::new(|_| ())).is_err());
+}
+
+#[test]
+fn stopping_waits_for_in_flight_work_within_a_bound() {
+    let r = toy(
+        PollMode::Adaptive,
+        Toy {
+            in_flight: 3,
+            ..Toy::default()
+        },
+    );
+    let t = Instant::now();
+    r.stop_within(Duration::from_millis(200));
+    let el = t.elapsed();
+    assert!(el >= Duration::from_millis(200), "left after {el:?}");
+    assert!(el < Duration::from_secs(5), "stop took {el:?}");
+    // and without the bound it waits for the work to finish
+    let r = toy(
+        PollMode::Adaptive,
+        Toy {
+            in_flight: 1,
+            ..Toy::default()
+        },
+    );
+    let h = r.clone();
+    std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_millis(100));
+        let _ = h.send(Box::new(|w| w.in_flight = 0));
+    });
+    let t = Instant::now();
+    r.stop();
+    assert!(t.elapsed() >= Duration::from_millis(100));
 }
 
 fn eventfd() -> i32 {
@@ -197,12 +255,10 @@ fn count(fd: i32) -> u64 {
     }
 }
 
-fn wait_for_sleeps(r: &quern_reactor::ReactorHandle, more_than: u64) {
-    let t = Instant::now();
-    while r.stats.snapshot().sleeps <= more_than {
-        assert!(t.elapsed() < Duration::from_secs(10), "reactor never slept");
-        std::thread::sleep(Duration::from_millis(1));
-    }
+fn wait_for_sleeps(r: &ReactorHandle<Toy>, more_than: u64) {
+    wait_until("reactor never slept", || {
+        r.stats.snapshot().sleeps > more_than
+    });
 }
 
 /// A queue restart replaces a poller's wake fd while the device keeps the
@@ -213,31 +269,41 @@ fn wait_for_sleeps(r: &quern_reactor::ReactorHandle, more_than: u64) {
 /// completion notification and timed out.
 #[test]
 fn replaced_wake_fd_is_forgotten_and_its_number_reuse_is_not_read() {
-    let r = spawn_reactor(cfg(PollMode::Interrupt)).unwrap();
+    let r = toy(PollMode::Interrupt, Toy::default());
     let kick = eventfd();
     // SAFETY: dup of a valid fd.
     let first = unsafe { libc::dup(kick) };
     assert!(first >= 0);
     let s0 = r.stats.snapshot().sleeps;
-    let slot = r.call(move |ctx| ctx.add_poller(Box::new(Waker(first))));
+    r.call(move |w| {
+        w.fds = vec![first];
+        w.generation += 1;
+    })
+    .unwrap();
     // it sleeps with `first` in its epoll set
     wait_for_sleeps(&r, s0);
-    // The poller goes, and before the reactor next sleeps the number
-    // `first` comes to name a bystander's eventfd (dup2 replaces the file
-    // under the number without freeing it, so no other test thread can
-    // take the number in between).
+    // The fd goes, and before the reactor next sleeps the number `first`
+    // comes to name a bystander's eventfd (dup2 replaces the file under
+    // the number without freeing it, so no other test thread can take the
+    // number in between).
     let bystander = eventfd();
-    let gone = r.call(move |ctx| {
-        let p = ctx.remove_poller(slot);
-        // SAFETY: both fds are ours.
-        let moved = unsafe { libc::dup2(bystander, first) };
-        moved == first && p.is_some()
-    });
-    assert!(gone);
+    let moved = r
+        .call(move |w| {
+            w.fds.clear();
+            w.generation += 1;
+            // SAFETY: both fds are ours.
+            unsafe { libc::dup2(bystander, first) }
+        })
+        .unwrap();
+    assert_eq!(moved, first);
     bump(first);
     let second = eventfd();
     let s1 = r.stats.snapshot().sleeps;
-    r.call(move |ctx| ctx.add_poller(Box::new(Waker(second))));
+    r.call(move |w| {
+        w.fds = vec![second];
+        w.generation += 1;
+    })
+    .unwrap();
     wait_for_sleeps(&r, s1);
     // kick through the original file: the reactor no longer watches it
     for _ in 0..20 {

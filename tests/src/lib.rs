@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 pub mod client;
 
 use quern::config::Config;
-use quern::startup::Engine;
+use quern::engine::{Engine, StartOptions};
 
 pub mod ceph;
 
@@ -33,7 +33,7 @@ pub fn guest_dir() -> PathBuf {
 
 /// A running engine and the temporary folder its files live in.
 pub struct Running {
-    pub engine: Engine,
+    pub engine: std::sync::Arc<Engine>,
     pub dir: tempfile::TempDir,
 }
 
@@ -58,7 +58,7 @@ pub fn start(config: &str) -> Running {
     let dir = disk_tempdir("quern-e2e");
     let text = config.replace("@DIR@", dir.path().to_str().expect("utf-8 path"));
     let cfg = Config::parse(&text).expect("valid configuration");
-    let engine = Engine::start(&cfg).expect("engine starts");
+    let engine = Engine::start(&cfg, StartOptions::default()).expect("engine starts");
     Running { engine, dir }
 }
 
@@ -147,11 +147,18 @@ pub struct QuernProcess {
     child: Option<Child>,
     /// Starts so far; run n logs to `quern-<n>.log`.
     pub starts: u32,
+    /// Environment for every start.
+    env: Vec<(String, String)>,
 }
 
 impl QuernProcess {
     /// Write `config` (with `@DIR@` replaced by `dir`) and start quern on it.
     pub fn start(dir: &Path, config: &str) -> QuernProcess {
+        Self::start_with_env(dir, config, &[])
+    }
+
+    /// [`QuernProcess::start`] with extra environment variables.
+    pub fn start_with_env(dir: &Path, config: &str, env: &[(&str, &str)]) -> QuernProcess {
         let path = dir.join("quern.toml");
         std::fs::write(&path, config.replace("@DIR@", dir.to_str().expect("utf-8")))
             .expect("write config");
@@ -160,6 +167,10 @@ impl QuernProcess {
             config: path,
             child: None,
             starts: 0,
+            env: env
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
         };
         p.restart();
         p
@@ -176,19 +187,7 @@ impl QuernProcess {
 
     /// Start again (after `kill`), logging to a new file.
     pub fn restart(&mut self) {
-        assert!(self.child.is_none(), "quern is still running");
-        self.starts += 1;
-        let log = std::fs::File::create(self.log_path()).expect("log file");
-        let child = Command::new(quern_bin())
-            .arg("--config")
-            .arg(&self.config)
-            .env("RUST_LOG", "info")
-            .stdin(Stdio::null())
-            .stdout(log.try_clone().expect("dup log"))
-            .stderr(log)
-            .spawn()
-            .expect("spawn quern");
-        self.child = Some(child);
+        self.restart_with(&[]);
     }
 
     /// Wait until the current run's log contains `needle`.
@@ -208,6 +207,55 @@ impl QuernProcess {
         false
     }
 
+    /// The running quern's pid.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
+    /// Start with extra arguments (after `kill` or `stop`).
+    pub fn restart_with(&mut self, args: &[&str]) {
+        assert!(self.child.is_none(), "quern is still running");
+        self.starts += 1;
+        let log = std::fs::File::create(self.log_path()).expect("log file");
+        let child = Command::new(quern_bin())
+            .arg("--config")
+            .arg(&self.config)
+            .args(args)
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().expect("dup log"))
+            .stderr(log)
+            .spawn()
+            .expect("spawn quern");
+        self.child = Some(child);
+    }
+
+    /// The management socket (`quern.sock` under the state directory).
+    pub fn mgmt_socket(&self) -> PathBuf {
+        self.dir.join("quern.sock")
+    }
+
+    /// Call a management method (a new connection each time).
+    pub fn rpc(
+        &self,
+        method: &str,
+        params: serde_json::Value,
+    ) -> Result<serde_json::Value, quern::engine::ApiError> {
+        let mut c = quern::mgmt::Client::connect(&self.mgmt_socket())
+            .unwrap_or_else(|e| panic!("management socket: {e}\n{}", self.log()));
+        c.call(method, params)
+            .unwrap_or_else(|e| panic!("{method}: {e}\n{}", self.log()))
+    }
+
+    /// Wait until the management socket answers.
+    pub fn wait_ready(&mut self, timeout: Duration) {
+        assert!(
+            self.wait_log("quern running", timeout),
+            "quern did not start:\n{}",
+            self.log()
+        );
+    }
+
     /// SIGKILL: no shutdown path runs, nothing is drained or flushed.
     pub fn kill(&mut self) {
         if let Some(mut c) = self.child.take() {
@@ -224,6 +272,25 @@ impl QuernProcess {
         // SAFETY: signalling our own child.
         unsafe { libc::kill(c.id() as i32, libc::SIGTERM) };
         c.wait().map(|s| s.success()).unwrap_or(false)
+    }
+}
+
+/// Open file descriptors, threads and memory mappings of a process.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ProcCounts {
+    pub fds: usize,
+    pub threads: usize,
+    pub maps: usize,
+}
+
+pub fn proc_counts(pid: u32) -> ProcCounts {
+    let count = |p: String| std::fs::read_dir(p).map(|d| d.count()).unwrap_or(0);
+    ProcCounts {
+        fds: count(format!("/proc/{pid}/fd")),
+        threads: count(format!("/proc/{pid}/task")),
+        maps: std::fs::read_to_string(format!("/proc/{pid}/maps"))
+            .map(|m| m.lines().count())
+            .unwrap_or(0),
     }
 }
 

@@ -230,3 +230,76 @@ fn full_filesystem_under_a_qcow2_overlay() {
     assert!(matches!(st.code(), Some(0 | 3)), "qemu-img check: {report}");
     assert!(!report.contains("ERROR"), "{report}");
 }
+
+const TWO_REACTORS: &str = r#"
+state_dir = "@DIR@"
+[reactor]
+cores = [0, 1]
+[[bdev]]
+name = "a"
+driver = "malloc"
+size = "16M"
+[[bdev]]
+name = "b"
+driver = "malloc"
+size = "16M"
+[[vhost_blk]]
+name = "on-reactor-0"
+bdev = "a"
+socket = "a.sock"
+cores = [0]
+[[vhost_blk]]
+name = "on-reactor-1"
+bdev = "b"
+socket = "b.sock"
+cores = [1]
+"#;
+
+/// A reactor that dies (here: a message that panics on it) is reported
+/// once; the devices on it fail their requests with an I/O error instead of
+/// hanging, a device on the other reactor keeps serving, the management
+/// API names the failed reactor, and the control plane keeps working
+/// (it used to panic on every later queue start or stop).
+#[test]
+fn a_dead_reactor_fails_its_devices_and_spares_the_others() {
+    let r = quern_tests::start(TWO_REACTORS);
+    let dir = r.dir.path().to_path_buf();
+    let mut a = Client::connect_retry(&dir.join("a.sock"), 1, Duration::from_secs(10));
+    let mut b = Client::connect_retry(&dir.join("b.sock"), 1, Duration::from_secs(10));
+    for c in [&mut a, &mut b] {
+        c.write(0, 0, 0, 4096, 1);
+        assert_eq!(c.wait(0, 1), vec![(1, 0)]);
+    }
+    r.engine.reactors[1]
+        .send(Box::new(|_| panic!("injected reactor failure")))
+        .unwrap();
+    let t = std::time::Instant::now();
+    while r.engine.reactors[1].failure().is_none() {
+        assert!(t.elapsed() < Duration::from_secs(5));
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    // requests on the failed reactor's device fail, promptly
+    b.write(0, 4096, 0, 4096, 2);
+    let got = b.wait(0, 1);
+    assert_eq!(got[0].0, 2);
+    assert_eq!(got[0].1, -libc::EIO, "a request on the dead reactor");
+    // the other device is untouched
+    for i in 0..100 {
+        a.write(0, i * 4096, 0, 4096, i as usize);
+        assert_eq!(a.wait(0, 1)[0].1, 0);
+    }
+    // the API names the failed reactor
+    let list = r.engine.reactor_list();
+    assert_eq!(list[1]["failed"], "injected reactor failure", "{list}");
+    assert!(list[0]["failed"].is_null(), "{list}");
+    // a new connection to the failed reactor's device: its queue starts
+    // (no panic in the control plane) and fails its requests
+    drop(b);
+    let mut b2 = Client::connect_retry(&dir.join("b.sock"), 1, Duration::from_secs(10));
+    b2.read(0, 0, 0, 4096, 3);
+    assert_eq!(b2.wait(0, 1)[0].1, -libc::EIO);
+    drop(b2);
+    // and the device can be deleted
+    r.engine.vhost_blk_delete("on-reactor-1", true).unwrap();
+    drop(a);
+}

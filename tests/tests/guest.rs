@@ -40,7 +40,7 @@ fn guest_fio_verify_over_two_queues() {
     );
     assert!(!console.contains("verify: bad"), "{console}");
     // both queues carried I/O, on two different reactors
-    let dev = &r.engine.devices[0];
+    let dev = &r.engine.devices()[0].1;
     let (q0, q1) = (&dev.queues[0], &dev.queues[1]);
     assert!(q0.completed.load(Ordering::Relaxed) > 0, "queue 0 idle");
     assert!(q1.completed.load(Ordering::Relaxed) > 0, "queue 1 idle");

@@ -103,20 +103,23 @@ fn run(e: &mut IoEngine, dev: u16, reqs: &mut [Req]) -> Vec<IoResult> {
         .collect();
     let mut res: Vec<Option<IoResult>> = vec![None; reqs.len()];
     for (i, r) in reqs.iter().enumerate() {
-        let sub = e.submit(&IoRequest {
+        let req = IoRequest {
             dev,
             kind: r.kind,
             offset: r.offset,
             len: r.len,
             iov: &iovs[i],
             fua: false,
-            cookie: i as u64,
-        });
+            cookie: quern_bdev::Cookie::new(quern_bdev::PollerId(0), i as u64),
+        };
+        // SAFETY: the buffers live in `reqs`, untouched until
+        // run_until_idle below has completed every request.
+        let sub = unsafe { e.submit(&req) };
         if let Err(err) = sub {
             res[i] = Some(Err(err));
         }
     }
-    e.run_until_idle(|c, r| res[c as usize] = Some(r));
+    e.run_until_idle(|c, r| res[c.tag() as usize] = Some(r));
     res.into_iter()
         .map(|r| r.expect("every request completes"))
         .collect()

@@ -21,6 +21,34 @@ pub const VIRTIO_BLK_S_UNSUPP: u8 = 2;
 pub const SECTOR: u64 = 512;
 pub const ID_BYTES: usize = 20;
 
+/// What a device advertises in its configuration space, and enforces on
+/// every request it decodes (one definition for both).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Limits {
+    /// Data segments per request (seg_max).
+    pub seg_max: u32,
+    /// Bytes per data segment (size_max).
+    pub size_max: u32,
+    pub max_discard_sectors: u32,
+    pub max_discard_seg: u32,
+    pub max_write_zeroes_sectors: u32,
+    pub max_write_zeroes_seg: u32,
+}
+
+/// Quern's limits: Linux's default seg_max for virtio-blk (126, so a
+/// request with its header and status fits a 128-entry indirect table),
+/// 1 MiB segments, discard and write-zeroes of at most 4 GiB - 512 bytes
+/// (the largest multiple of the sector size a u32 of bytes holds) in one
+/// segment, as QEMU and most backends do.
+pub const LIMITS: Limits = Limits {
+    seg_max: 126,
+    size_max: 1 << 20,
+    max_discard_sectors: u32::MAX / 512,
+    max_discard_seg: 1,
+    max_write_zeroes_sectors: u32::MAX / 512,
+    max_write_zeroes_seg: 1,
+};
+
 /// What a chain asks for.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Decoded {
@@ -45,7 +73,9 @@ pub struct Request {
     pub written: u32,
 }
 
-fn copy_out(segs: &[Seg], mut skip: usize, dst: &mut [u8]) -> bool {
+/// # Safety
+/// As [`decode`].
+unsafe fn copy_out(segs: &[Seg], mut skip: usize, dst: &mut [u8]) -> bool {
     let mut done = 0;
     for s in segs {
         let l = s.len as usize;
@@ -54,7 +84,8 @@ fn copy_out(segs: &[Seg], mut skip: usize, dst: &mut [u8]) -> bool {
             continue;
         }
         let n = (l - skip).min(dst.len() - done);
-        // SAFETY: the segment was translated with its full length.
+        // SAFETY: the segment is valid for its length (the caller's
+        // contract); a copy, never a reference to guest memory.
         unsafe { std::ptr::copy_nonoverlapping(s.ptr.add(skip), dst.as_mut_ptr().add(done), n) };
         done += n;
         skip = 0;
@@ -66,8 +97,21 @@ fn copy_out(segs: &[Seg], mut skip: usize, dst: &mut [u8]) -> bool {
 }
 
 /// Decode `segs` into a request, filling `iov` with the data buffers.
-/// `capacity` (bytes) bounds sector ranges; `read_only` refuses writes.
-pub fn decode(segs: &[Seg], iov: &mut Vec<libc::iovec>, capacity: u64, read_only: bool) -> Request {
+/// `capacity` (bytes) bounds sector ranges; `read_only` refuses writes;
+/// `limits` are those the device advertised: breaking one is an I/O
+/// error, or UNSUPP for more discard/write-zeroes segments than offered
+/// (as QEMU answers).
+///
+/// # Safety
+/// Every segment must be valid for reads and, where writable, writes of
+/// its length: translated through a memory table that is still mapped.
+pub unsafe fn decode(
+    segs: &[Seg],
+    iov: &mut Vec<libc::iovec>,
+    capacity: u64,
+    read_only: bool,
+    limits: &Limits,
+) -> Request {
     iov.clear();
     let total: u64 = segs.iter().map(|s| u64::from(s.len)).sum();
     // the status byte: last byte of the last buffer, which must be writable
@@ -87,7 +131,8 @@ pub fn decode(segs: &[Seg], iov: &mut Vec<libc::iovec>, capacity: u64, read_only
         return reject(VIRTIO_BLK_S_IOERR);
     }
     let mut hdr = [0u8; 16];
-    if !copy_out(segs, 0, &mut hdr) {
+    // SAFETY: the caller's contract.
+    if !unsafe { copy_out(segs, 0, &mut hdr) } {
         return reject(VIRTIO_BLK_S_IOERR);
     }
     let ty = u32::from_le_bytes(hdr[0..4].try_into().expect("4 bytes"));
@@ -108,6 +153,11 @@ pub fn decode(segs: &[Seg], iov: &mut Vec<libc::iovec>, capacity: u64, read_only
             data_readable = false;
         } else {
             data_writable = false;
+        }
+        if b - a > u64::from(limits.size_max) || iov.len() == limits.seg_max as usize {
+            // a segment larger than size_max, or more than seg_max of them
+            iov.clear();
+            return reject(VIRTIO_BLK_S_IOERR);
         }
         // SAFETY: a-start < s.len.
         iov.push(libc::iovec {
@@ -148,9 +198,22 @@ pub fn decode(segs: &[Seg], iov: &mut Vec<libc::iovec>, capacity: u64, read_only
             (Decoded::GetId, data_len.min(ID_BYTES as u64) as u32 + 1)
         }
         VIRTIO_BLK_T_DISCARD | VIRTIO_BLK_T_WRITE_ZEROES => {
-            // exactly one 16-byte segment: sector, num_sectors, flags
+            // 16-byte segments: sector, num_sectors, flags; we offer one
+            let discard = ty == VIRTIO_BLK_T_DISCARD;
+            let max_seg = if discard {
+                limits.max_discard_seg
+            } else {
+                limits.max_write_zeroes_seg
+            };
+            if data_len == 0 || !data_len.is_multiple_of(16) || !data_readable {
+                return reject(VIRTIO_BLK_S_IOERR);
+            }
+            if data_len / 16 > u64::from(max_seg) {
+                return reject(VIRTIO_BLK_S_UNSUPP);
+            }
             let mut seg = [0u8; 16];
-            if data_len != 16 || !copy_out(segs, 16, &mut seg) {
+            // SAFETY: the caller's contract.
+            if !unsafe { copy_out(segs, 16, &mut seg) } {
                 return reject(VIRTIO_BLK_S_IOERR);
             }
             if read_only {
@@ -162,6 +225,14 @@ pub fn decode(segs: &[Seg], iov: &mut Vec<libc::iovec>, capacity: u64, read_only
             let unmap_ok = ty == VIRTIO_BLK_T_WRITE_ZEROES;
             if flags & !u32::from(unmap_ok) != 0 {
                 return reject(VIRTIO_BLK_S_UNSUPP);
+            }
+            let max_sectors = if discard {
+                limits.max_discard_sectors
+            } else {
+                limits.max_write_zeroes_sectors
+            };
+            if n > u64::from(max_sectors) {
+                return reject(VIRTIO_BLK_S_IOERR);
             }
             let (Some(off), Some(len)) = (s.checked_mul(SECTOR), n.checked_mul(SECTOR)) else {
                 return reject(VIRTIO_BLK_S_IOERR);
@@ -187,11 +258,15 @@ pub fn decode(segs: &[Seg], iov: &mut Vec<libc::iovec>, capacity: u64, read_only
 }
 
 /// Write the serial (up to 20 bytes, NUL-padded) into the data buffers.
-pub fn fill_id(iov: &[libc::iovec], serial: &[u8; ID_BYTES]) {
+///
+/// # Safety
+/// Every iovec is valid for writes of its length (a writable guest
+/// buffer, translated through a memory table that is still mapped).
+pub unsafe fn fill_id(iov: &[libc::iovec], serial: &[u8; ID_BYTES]) {
     let mut off = 0;
     for v in iov {
         let n = v.iov_len.min(ID_BYTES - off);
-        // SAFETY: writable guest buffers of at least n bytes.
+        // SAFETY: the caller's contract; n <= iov_len.
         unsafe {
             std::ptr::copy_nonoverlapping(serial.as_ptr().add(off), v.iov_base.cast::<u8>(), n)
         };

@@ -9,13 +9,14 @@
 //! requests complete, removes the poller and reports the last avail index.
 
 use std::fs::File;
-use std::os::unix::net::UnixListener;
+use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
-use quern_bdev::BdevRef;
-use quern_reactor::{remove_when_idle, ReactorHandle};
+use quern_bdev::poller::{remove_when_idle, RemoveError};
+use quern_bdev::{BdevRef, IoReactor, PollerId};
 use vhost::vhost_user::message::*;
 use vhost::vhost_user::{
     Backend, BackendReqHandler, Error as VuError, GpuBackend, Result as VuResult,
@@ -23,9 +24,9 @@ use vhost::vhost_user::{
 };
 use vhost::VhostUserMemoryRegionBase;
 
-use crate::blk::ID_BYTES;
+use crate::blk::{self, ID_BYTES};
 use crate::inflight::{self, InflightRegion};
-use crate::memory::MemTable;
+use crate::memory::{FrontendAddress, GuestAddress, MemTable};
 use crate::queue::{QueueParts, QueuePoller, QueueStats};
 use crate::virtq::SplitQueue;
 
@@ -43,11 +44,7 @@ const VIRTIO_RING_F_INDIRECT_DESC: u64 = 1 << 28;
 const VIRTIO_RING_F_EVENT_IDX: u64 = 1 << 29;
 const VIRTIO_F_VERSION_1: u64 = 1 << 32;
 
-/// Segments per request the device advertises (seg_max).
-pub const SEG_MAX: u32 = 126;
-/// Largest segment the device advertises (size_max).
-pub const SIZE_MAX: u32 = 1 << 20;
-const MAX_MEM_SLOTS: u64 = 32;
+const MAX_MEM_SLOTS: u64 = crate::memory::MAX_REGIONS as u64;
 const MAX_QUEUE_SIZE: u32 = 32768;
 /// Offset of `writeback` in virtio_blk_config.
 const CONFIG_WRITEBACK: u32 = 32;
@@ -88,20 +85,101 @@ pub struct DeviceHandle {
     pub queues: Vec<Arc<QueueStats>>,
     pub connections: Arc<AtomicU64>,
     shutdown: Arc<AtomicBool>,
+    /// The frontend's connection while one is open (a second handle on
+    /// the socket, to end it from outside the control thread).
+    conn: Arc<Mutex<Option<UnixStream>>>,
+    /// How long stopping a queue waits for its requests, in ms.
+    drain_ms: Arc<AtomicU64>,
     socket: PathBuf,
+    dev: Arc<Mutex<BlkDevice>>,
     thread: Mutex<Option<std::thread::JoinHandle<()>>>,
 }
 
+/// How long stopping a queue waits for its in-flight requests by default
+/// (a frontend's GET_VRING_BASE, a memory-table change, a disconnect).
+pub const DRAIN_LIMIT: Duration = Duration::from_secs(30);
+
 impl DeviceHandle {
-    /// Stop accepting, drop the current connection's queues, remove the socket.
-    pub fn stop(&self) {
-        self.shutdown.store(true, Ordering::Release);
+    /// Stop accepting, end the current connection (its queues stop taking
+    /// requests and drain for at most `drain`; what is still in flight
+    /// then stays recorded in the frontend's in-flight region), remove the
+    /// socket. Returns once the control thread has ended.
+    pub fn stop_within(&self, drain: Duration) {
+        self.drain_ms.store(
+            drain.as_millis().min(u128::from(u64::MAX)) as u64,
+            Ordering::Relaxed,
+        );
+        {
+            let conn = self.conn.lock().unwrap_or_else(|e| e.into_inner());
+            // the control thread checks this under the same lock before it
+            // keeps a connection, so either it sees the flag or we see it
+            self.shutdown.store(true, Ordering::Release);
+            if let Some(c) = conn.as_ref() {
+                // the control thread's recvmsg returns: a disconnect
+                let _ = c.shutdown(std::net::Shutdown::Both);
+            }
+        }
         // wake the accept() with a throwaway connection
-        let _ = std::os::unix::net::UnixStream::connect(&self.socket);
+        let _ = UnixStream::connect(&self.socket);
         if let Some(t) = self.thread.lock().unwrap_or_else(|e| e.into_inner()).take() {
             let _ = t.join();
         }
         let _ = std::fs::remove_file(&self.socket);
+    }
+
+    /// [`DeviceHandle::stop_within`] the default drain limit.
+    pub fn stop(&self) {
+        self.stop_within(DRAIN_LIMIT);
+    }
+
+    /// Whether a frontend is connected now.
+    pub fn connected(&self) -> bool {
+        self.conn
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .is_some()
+    }
+
+    /// Take the device away while a frontend may still be attached: it
+    /// stops listening (the socket file goes, so its path is free again),
+    /// and from now on every request fails with VIRTIO_BLK_S_IOERR (those
+    /// in flight finish). The connection stays until the frontend closes it
+    /// (QEMU: `device_del`), so the guest sees its disk fail rather than
+    /// hang, as it would if the socket simply closed. See
+    /// [`DeviceHandle::finished`].
+    pub fn retire(&self) {
+        {
+            let mut d = self.dev.lock().unwrap_or_else(|e| e.into_inner());
+            d.failing.store(true, Ordering::Release);
+            d.fail_running();
+        }
+        {
+            let _conn = self.conn.lock().unwrap_or_else(|e| e.into_inner());
+            self.shutdown.store(true, Ordering::Release);
+        }
+        // wake an accept() (the thread leaves when the connection, if any,
+        // has ended)
+        let _ = UnixStream::connect(&self.socket);
+        let _ = std::fs::remove_file(&self.socket);
+        tracing::info!(device = %self.name, connected = self.connected(), "device retired: its requests fail until the frontend lets go");
+    }
+
+    /// Whether the device's control thread has ended (a retired device
+    /// whose frontend has let go).
+    pub fn finished(&self) -> bool {
+        self.thread
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .as_ref()
+            .is_none_or(|t| t.is_finished())
+    }
+
+    /// End the current frontend connection, if any (the device keeps
+    /// listening; its queues stop and drain as on any disconnect).
+    pub fn disconnect(&self) {
+        if let Some(c) = self.conn.lock().unwrap_or_else(|e| e.into_inner()).as_ref() {
+            let _ = c.shutdown(std::net::Shutdown::Both);
+        }
     }
 }
 
@@ -115,14 +193,14 @@ struct Vring {
     kick: Option<File>,
     call: Option<File>,
     enabled: bool,
-    /// (reactor index, poller slot) while running.
-    running: Option<(usize, usize)>,
+    /// (reactor index, poller id) while running.
+    running: Option<(usize, PollerId)>,
 }
 
 struct BlkDevice {
     cfg: DeviceConfig,
     bdev: BdevRef,
-    reactors: Vec<Arc<ReactorHandle>>,
+    reactors: Vec<Arc<IoReactor>>,
     /// The bdev's handle on each reactor's engine.
     dev_handles: Vec<u16>,
     acked_features: u64,
@@ -135,6 +213,14 @@ struct BlkDevice {
     /// The frontend's in-flight region (SET_INFLIGHT_FD), kept across
     /// backend restarts by the frontend.
     inflight: Option<Arc<InflightRegion>>,
+    /// How long stopping a queue waits for its requests, in ms.
+    drain_ms: Arc<AtomicU64>,
+    /// Pollers that did not drain in time: quiesced and still registered
+    /// (their requests, and the guest memory they name, still in flight);
+    /// removed when they have drained.
+    stuck: Vec<(usize, PollerId)>,
+    /// Retired: every request fails (see [`DeviceHandle::retire`]).
+    failing: Arc<AtomicBool>,
 }
 
 fn vu_err(msg: &'static str) -> VuError {
@@ -177,8 +263,9 @@ impl BlkDevice {
             c[off..off + 4].copy_from_slice(&v.to_le_bytes())
         };
         c[0..8].copy_from_slice(&(info.capacity_bytes / 512).to_le_bytes());
-        put32(&mut c, 8, SIZE_MAX);
-        put32(&mut c, 12, SEG_MAX);
+        let l = &blk::LIMITS;
+        put32(&mut c, 8, l.size_max);
+        put32(&mut c, 12, l.seg_max);
         put32(&mut c, 20, info.block_size);
         // topology: physical_block_exp, alignment_offset, min_io_size, opt_io_size
         c[24] = 0;
@@ -187,12 +274,11 @@ impl BlkDevice {
         put32(&mut c, 28, 0);
         c[32] = u8::from(self.writeback.load(Ordering::Relaxed));
         c[34..36].copy_from_slice(&self.cfg.num_queues.to_le_bytes());
-        let max_sectors = u32::MAX / 512 * 512 / 512;
-        put32(&mut c, 36, max_sectors); // max_discard_sectors
-        put32(&mut c, 40, 1); // max_discard_seg
+        put32(&mut c, 36, l.max_discard_sectors);
+        put32(&mut c, 40, l.max_discard_seg);
         put32(&mut c, 44, info.block_size / 512); // discard_sector_alignment
-        put32(&mut c, 48, max_sectors); // max_write_zeroes_sectors
-        put32(&mut c, 52, 1); // max_write_zeroes_seg
+        put32(&mut c, 48, l.max_write_zeroes_sectors);
+        put32(&mut c, 52, l.max_write_zeroes_seg);
         c[56] = 1; // write_zeroes_may_unmap
         c
     }
@@ -212,10 +298,26 @@ impl BlkDevice {
             return Ok(());
         }
         let event_idx = self.acked_features & VIRTIO_RING_F_EVENT_IDX != 0;
-        let mut q = SplitQueue::new(
-            &self.mem, v.size, v.desc, v.avail, v.used, v.base, event_idx,
-        )
-        .ok_or(vu_err("vring addresses are outside the memory table"))?;
+        // SAFETY: the poller built below holds `self.mem` beside the queue
+        // for as long as it uses it.
+        let q = unsafe {
+            SplitQueue::new(
+                &self.mem,
+                v.size,
+                FrontendAddress(v.desc),
+                FrontendAddress(v.avail),
+                FrontendAddress(v.used),
+                v.base,
+                event_idx,
+            )
+        };
+        let mut q = match q {
+            Ok(q) => q,
+            Err(e) => {
+                tracing::warn!(device = %self.name, queue = i, "refused vring: {e}");
+                return Err(vu_err("vring refused: misaligned or outside guest memory"));
+            }
+        };
         let mut inflight_region = None;
         let mut resubmit = Vec::new();
         if let Some(region) = &self.inflight {
@@ -254,30 +356,70 @@ impl BlkDevice {
             writeback: self.writeback.clone(),
             kick,
             call,
-            max_segs: SEG_MAX as usize,
+            max_segs: blk::LIMITS.seg_max as usize,
             serial: self.serial,
             stats: self.stats[i].clone(),
             name: self.name.clone(),
             inflight_region,
             resubmit,
+            failing: self.failing.load(Ordering::Acquire),
         });
-        let slot = self.reactors[r].call(move |ctx| ctx.add_poller(Box::new(poller)));
+        let id = match self.reactors[r].call(move |w| w.add_poller(Box::new(poller))) {
+            Ok(Ok(id)) => id,
+            Ok(Err(_)) => return Err(vu_err("the reactor runs too many queues")),
+            Err(_) => return Err(vu_err("the queue's reactor has stopped")),
+        };
         self.stats[i].reactor.store(r as u64, Ordering::Relaxed);
-        self.vrings[i].running = Some((r, slot));
+        self.vrings[i].running = Some((r, id));
         tracing::info!(device = %self.name, queue = i, reactor = r, core = ?self.reactors[r].core, size = self.vrings[i].size, "queue bound to reactor");
         Ok(())
     }
 
-    /// Stop a running queue; its next start resumes at the returned index.
+    /// Stop a running queue: it takes no new requests, and its requests
+    /// in flight finish (for at most the drain limit). Its next start
+    /// resumes at the returned index.
     fn stop(&mut self, i: usize) -> u16 {
-        if let Some((r, slot)) = self.vrings[i].running.take() {
-            if let Some(p) = remove_when_idle(&self.reactors[r], slot) {
-                self.vrings[i].base = p.resume_index().unwrap_or(self.vrings[i].base);
+        self.retry_stuck();
+        if let Some((r, id)) = self.vrings[i].running.take() {
+            let limit = Duration::from_millis(self.drain_ms.load(Ordering::Relaxed));
+            match remove_when_idle(&self.reactors[r], id, limit) {
+                Ok(Some(p)) => {
+                    self.vrings[i].base = p.resume_index().unwrap_or(self.vrings[i].base);
+                }
+                Ok(None) => {}
+                Err(RemoveError::Busy { in_flight, waited }) => {
+                    tracing::error!(device = %self.name, queue = i, in_flight, "queue stopped with requests still in flight after {waited:?}; they stay recorded in the in-flight region");
+                    self.stuck.push((r, id));
+                }
+                Err(RemoveError::Gone(e)) => {
+                    tracing::warn!(device = %self.name, queue = i, "queue stop: {e}");
+                }
             }
             self.stats[i].reactor.store(u64::MAX, Ordering::Relaxed);
             tracing::info!(device = %self.name, queue = i, base = self.vrings[i].base, "queue stopped");
         }
         self.vrings[i].base
+    }
+
+    /// Have every running queue fail its requests from now on.
+    fn fail_running(&mut self) {
+        for v in &self.vrings {
+            if let Some((r, id)) = v.running {
+                if self.reactors[r].call(move |w| w.fail_poller(id)).is_err() {
+                    tracing::warn!(device = %self.name, "a queue's reactor has stopped");
+                }
+            }
+        }
+    }
+
+    /// Remove the pollers that had not drained, if they have by now.
+    fn retry_stuck(&mut self) {
+        self.stuck.retain(|&(r, id)| {
+            !matches!(
+                remove_when_idle(&self.reactors[r], id, Duration::ZERO),
+                Ok(_) | Err(RemoveError::Gone(_))
+            )
+        });
     }
 
     fn stop_all(&mut self) -> Vec<usize> {
@@ -313,7 +455,7 @@ impl BlkDevice {
 }
 
 pub(crate) fn new_eventfd() -> std::io::Result<File> {
-    quern_bdev::eventfd().map(File::from)
+    quern_bdev::sys::eventfd().map(File::from)
 }
 
 impl VhostUserBackendReqHandlerMut for BlkDevice {
@@ -358,9 +500,9 @@ impl VhostUserBackendReqHandlerMut for BlkDevice {
         for (r, f) in ctx.iter().zip(&files) {
             t = t
                 .with_region(
-                    r.guest_phys_addr,
+                    GuestAddress(r.guest_phys_addr),
                     r.memory_size,
-                    r.user_addr,
+                    FrontendAddress(r.user_addr),
                     r.mmap_offset,
                     f,
                 )
@@ -536,9 +678,9 @@ impl VhostUserBackendReqHandlerMut for BlkDevice {
         let t = self
             .mem
             .with_region(
-                region.guest_phys_addr,
+                GuestAddress(region.guest_phys_addr),
                 region.memory_size,
-                region.user_addr,
+                FrontendAddress(region.user_addr),
                 region.mmap_offset,
                 &fd,
             )
@@ -552,7 +694,7 @@ impl VhostUserBackendReqHandlerMut for BlkDevice {
     fn remove_mem_region(&mut self, region: &VhostUserSingleMemoryRegion) -> VuResult<()> {
         let t = self
             .mem
-            .without_region(region.guest_phys_addr)
+            .without_region(GuestAddress(region.guest_phys_addr))
             .map_err(|_| VuError::InvalidParam)?;
         self.set_mem(t)
     }
@@ -581,7 +723,7 @@ impl VhostUserBackendReqHandlerMut for BlkDevice {
 pub fn serve(
     cfg: DeviceConfig,
     bdev: BdevRef,
-    reactors: Vec<Arc<ReactorHandle>>,
+    reactors: Vec<Arc<IoReactor>>,
     dev_handles: Vec<u16>,
 ) -> std::io::Result<DeviceHandle> {
     if cfg.socket.exists() {
@@ -602,7 +744,11 @@ pub fn serve(
         })
         .collect();
     let name: Arc<str> = cfg.name.as_str().into();
+    let drain_ms = Arc::new(AtomicU64::new(DRAIN_LIMIT.as_millis() as u64));
     let dev = BlkDevice {
+        failing: Arc::new(AtomicBool::new(false)),
+        drain_ms: drain_ms.clone(),
+        stuck: Vec::new(),
         vrings: (0..cfg.num_queues).map(|_| Vring::default()).collect(),
         bdev,
         reactors,
@@ -617,28 +763,46 @@ pub fn serve(
         inflight: None,
     };
     let dev = Arc::new(Mutex::new(dev));
+    let handle_dev = dev.clone();
     let shutdown = Arc::new(AtomicBool::new(false));
     let connections = Arc::new(AtomicU64::new(0));
+    let conn: Arc<Mutex<Option<UnixStream>>> = Arc::new(Mutex::new(None));
     let thread = {
-        let (shutdown, connections, name, socket) = (
+        let (shutdown, connections, name, socket, conn) = (
             shutdown.clone(),
             connections.clone(),
             cfg.name.clone(),
             cfg.socket.clone(),
+            conn.clone(),
         );
         std::thread::Builder::new().name(format!("vhost-{}", cfg.name)).spawn(move || {
             tracing::info!(device = %name, socket = %socket.display(), "vhost-user-blk device listening");
             for stream in listener.incoming() {
-                if shutdown.load(Ordering::Acquire) {
-                    break;
-                }
                 let stream = match stream {
                     Ok(s) => s,
                     Err(e) => {
+                        if shutdown.load(Ordering::Acquire) {
+                            break;
+                        }
                         tracing::warn!(device = %name, "accept: {e}");
                         continue;
                     }
                 };
+                {
+                    // under the lock `stop` takes: either it sees this
+                    // connection and ends it, or we see its flag
+                    let mut c = conn.lock().unwrap_or_else(|e| e.into_inner());
+                    if shutdown.load(Ordering::Acquire) {
+                        break;
+                    }
+                    match stream.try_clone() {
+                        Ok(s) => *c = Some(s),
+                        Err(e) => {
+                            tracing::warn!(device = %name, "refusing a frontend: {e}");
+                            continue;
+                        }
+                    }
+                }
                 connections.fetch_add(1, Ordering::Relaxed);
                 tracing::info!(device = %name, "frontend connected");
                 let mut h = BackendReqHandler::from_stream(stream, dev.clone());
@@ -660,8 +824,11 @@ pub fn serve(
                     }
                 }
                 dev.lock().unwrap_or_else(|e| e.into_inner()).disconnect();
+                *conn.lock().unwrap_or_else(|e| e.into_inner()) = None;
             }
-            dev.lock().unwrap_or_else(|e| e.into_inner()).disconnect();
+            let mut d = dev.lock().unwrap_or_else(|e| e.into_inner());
+            d.disconnect();
+            d.retry_stuck();
         })?
     };
     Ok(DeviceHandle {
@@ -669,7 +836,10 @@ pub fn serve(
         queues: stats,
         connections,
         shutdown,
+        conn,
+        drain_ms,
         socket: cfg.socket.clone(),
+        dev: handle_dev,
         thread: Mutex::new(Some(thread)),
     })
 }

@@ -17,11 +17,11 @@ use std::sync::Arc;
 
 use proptest::prelude::*;
 use quern_bdev::drivers::MallocBdev;
+use quern_bdev::IoPoller;
 use quern_bdev::{EngineConfig, IoEngine};
-use quern_reactor::Poller;
 
-use crate::tests::{cycle, test_poller, Guest, GPA, MEM, UVA};
-use crate::virtq::{SplitQueue, VRING_DESC_F_INDIRECT, VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
+use crate::tests::{cycle, test_poller, Guest, GPA, MEM};
+use crate::virtq::{VRING_DESC_F_INDIRECT, VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
 
 const QSIZE: u16 = 16;
 const DESC: u64 = GPA;
@@ -31,7 +31,7 @@ const INDIRECT: u64 = GPA + 0x3000;
 const INDIRECT_N: u16 = 8;
 /// Data buffers and request headers live here.
 const POOL: u64 = GPA + 0x10000;
-const POOL_LEN: u64 = 0x40000;
+const POOL_LEN: u64 = 0x200000;
 const HEADERS: u64 = 8;
 const CAPACITY: u64 = 1 << 20;
 
@@ -55,6 +55,12 @@ struct Case {
     event_idx: bool,
     /// Track requests in an in-flight region (as under QEMU).
     inflight: bool,
+    /// Bytes the indirect table sits past a 16-byte boundary (the guest
+    /// chooses its address; nothing may read it with a wide load).
+    indirect_shift: u8,
+    /// The disk wants 4 KiB-aligned buffers, so misaligned requests go
+    /// through bounce buffers (in pieces when larger than one).
+    bounce: bool,
 }
 
 fn desc() -> impl Strategy<Value = Desc> {
@@ -67,6 +73,9 @@ fn desc() -> impl Strategy<Value = Desc> {
             Just(512),
             Just(4096),
             0u32..70000,
+            // larger than a bounce buffer: served in pieces when bounced
+            Just(300_032),
+            Just(1 << 20),
             any::<u32>()
         ],
         prop_oneof![
@@ -115,9 +124,10 @@ fn case() -> impl Strategy<Value = Case> {
         any::<bool>(),
         any::<bool>(),
         any::<bool>(),
+        (0u8..16, any::<bool>()),
     )
         .prop_map(
-            |(table, indirect, headers, avail, pool_seed, read_only, event_idx, inflight)| Case {
+            |(
                 table,
                 indirect,
                 headers,
@@ -126,11 +136,23 @@ fn case() -> impl Strategy<Value = Case> {
                 read_only,
                 event_idx,
                 inflight,
+                (indirect_shift, bounce),
+            )| Case {
+                table,
+                indirect,
+                headers,
+                avail,
+                pool_seed,
+                read_only,
+                event_idx,
+                inflight,
+                indirect_shift,
+                bounce,
             },
         )
 }
 
-fn addr_of(d: &Desc) -> u64 {
+fn addr_of(c: &Case, d: &Desc) -> u64 {
     // Only indirect descriptors point at the indirect table: a device write
     // (a status byte) into a descriptor table would change the chains the
     // case describes under the harness' feet.
@@ -139,10 +161,14 @@ fn addr_of(d: &Desc) -> u64 {
         0..=3 => POOL + (d.addr_off % POOL_LEN) / 512 * 512,
         4 => POOL + d.addr_off % POOL_LEN,
         5 | 6 => POOL + (d.addr_off % HEADERS) * 0x1000,
-        7 => INDIRECT,
+        7 => indirect(c),
         8 => GPA + MEM - (d.addr_off % 64),
         _ => d.addr_off,
     }
+}
+
+fn indirect(c: &Case) -> u64 {
+    INDIRECT + u64::from(c.indirect_shift)
 }
 
 /// Byte ranges (guest-physical) the device may write for this case.
@@ -150,7 +176,7 @@ fn writable(c: &Case) -> Vec<(u64, u64)> {
     let mut w = vec![(USED, USED + 6 + 8 * u64::from(QSIZE))];
     for d in c.table.iter().chain(&c.indirect) {
         if d.flags & VRING_DESC_F_WRITE != 0 {
-            let a = addr_of(d);
+            let a = addr_of(c, d);
             w.push((a, a.saturating_add(u64::from(d.len))));
         }
     }
@@ -172,7 +198,7 @@ fn lay_out(g: &Guest, c: &Case) {
         g.header(POOL + i as u64 * 0x1000, ty, sector);
     }
     for (i, d) in c.table.iter().enumerate() {
-        g.desc(DESC, i as u16, addr_of(d), d.len, d.flags, d.next);
+        g.desc(DESC, i as u16, addr_of(c, d), d.len, d.flags, d.next);
     }
     for (i, d) in c.indirect.iter().enumerate() {
         let len = if d.flags & VRING_DESC_F_INDIRECT != 0 {
@@ -180,7 +206,14 @@ fn lay_out(g: &Guest, c: &Case) {
         } else {
             d.len
         };
-        g.desc(INDIRECT, i as u16, addr_of(d), len, d.flags, d.next % 10);
+        g.desc(
+            indirect(c),
+            i as u16,
+            addr_of(c, d),
+            len,
+            d.flags,
+            d.next % 10,
+        );
     }
     // indirect descriptors in the main table point at the whole table
     for (i, d) in c.table.iter().enumerate() {
@@ -188,7 +221,7 @@ fn lay_out(g: &Guest, c: &Case) {
             g.desc(
                 DESC,
                 i as u16,
-                INDIRECT,
+                indirect(c),
                 u32::from(INDIRECT_N) * 16,
                 d.flags,
                 d.next,
@@ -208,18 +241,33 @@ fn run(c: &Case) {
     let g = Guest::new();
     lay_out(&g, c);
     let before = g.read(GPA, MEM as usize);
-    let q = SplitQueue::new(
-        &g.mem,
-        QSIZE,
-        UVA + (DESC - GPA),
-        UVA + (AVAIL - GPA),
-        UVA + (USED - GPA),
-        0,
-        c.event_idx,
-    )
-    .expect("ring inside memory");
-    let mut io = IoEngine::new(EngineConfig::default()).unwrap();
-    let bdev = Arc::new(MallocBdev::new("m", CAPACITY, 512, false).unwrap());
+    let mut q = g
+        .ring(QSIZE, DESC, AVAIL, USED)
+        .expect("ring inside memory");
+    q.event_idx = c.event_idx;
+    // small merges, so bounce buffers are their 128 KiB minimum and large
+    // misaligned requests are served in pieces
+    let cfg = EngineConfig {
+        merge: quern_bdev::MergeConfig {
+            max_bytes: 4096,
+            ..Default::default()
+        },
+        bounce_buffers: 2,
+        ..EngineConfig::default()
+    };
+    let mut io = IoEngine::new(cfg).unwrap();
+    let ram: quern_bdev::BdevRef = Arc::new(MallocBdev::new("m", CAPACITY, 512, false).unwrap());
+    let bdev: quern_bdev::BdevRef = if c.bounce {
+        // a RAM disk that asks for 4 KiB-aligned buffers, as an O_DIRECT
+        // file does, so the engine bounces what is not aligned
+        let info = quern_bdev::BdevInfo {
+            buf_align: 4096,
+            ..ram.info().clone()
+        };
+        Arc::new(crate::tests::WithInfo(ram, info))
+    } else {
+        ram
+    };
     let dev = io.add_device(bdev).unwrap();
     let region = c.inflight.then(|| {
         let (f, size) = crate::inflight::create(1, QSIZE, 1).unwrap();
@@ -326,6 +374,8 @@ mod fuzz_regressions {
             read_only: false,
             event_idx: false,
             inflight: true,
+            indirect_shift: 0,
+            bounce: false,
         });
     }
 }

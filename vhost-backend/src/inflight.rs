@@ -22,7 +22,6 @@
 //! checked: head indices are bounded by the queue size, flags compared to 1.
 
 use std::fs::File;
-use std::os::fd::{AsRawFd, FromRawFd};
 use std::sync::Arc;
 
 const HEADER_BYTES: usize = 16;
@@ -54,7 +53,8 @@ pub enum InflightError {
 /// The whole shared region, mapped.
 pub struct InflightRegion {
     ptr: *mut u8,
-    len: usize,
+    /// Unmapped when the region goes (queues hold an `Arc` of it).
+    _map: crate::sys::SharedMapping,
     pub num_queues: u16,
     pub queue_size: u16,
 }
@@ -88,32 +88,9 @@ pub fn create(
     max_queues: u16,
 ) -> Result<(File, u64), InflightError> {
     let size = check_geometry(num_queues, queue_size, max_queues)?;
-    // SAFETY: memfd_create with a static NUL-terminated name.
-    let fd = unsafe {
-        libc::memfd_create(
-            c"quern-inflight".as_ptr(),
-            libc::MFD_CLOEXEC | libc::MFD_ALLOW_SEALING,
-        )
-    };
-    if fd < 0 {
-        return Err(std::io::Error::last_os_error().into());
-    }
-    // SAFETY: a fresh fd we own.
-    let f = unsafe { File::from_raw_fd(fd) };
-    f.set_len(size)?; // a new memfd reads as zeroes: version 0, nothing in flight
-                      // the size is fixed from now on: a frontend cannot shrink the file under
-                      // a reactor's mapping (which would end in SIGBUS)
-                      // SAFETY: fcntl on our own memfd.
-    let r = unsafe {
-        libc::fcntl(
-            f.as_raw_fd(),
-            libc::F_ADD_SEALS,
-            libc::F_SEAL_SHRINK | libc::F_SEAL_GROW | libc::F_SEAL_SEAL,
-        )
-    };
-    if r < 0 {
-        return Err(std::io::Error::last_os_error().into());
-    }
+    // a new memfd reads as zeroes: version 0, nothing in flight; its size
+    // is sealed, so a frontend cannot shrink it under a reactor's mapping
+    let f = crate::sys::sealed_memfd(c"quern-inflight", size)?;
     Ok((f, size))
 }
 
@@ -141,24 +118,10 @@ impl InflightRegion {
                 need,
             });
         }
-        // SAFETY: a shared mapping of `need` bytes of a file at least that
-        // long; checked for failure below.
-        let ptr = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                need as usize,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_SHARED,
-                file.as_raw_fd(),
-                mmap_offset as libc::off_t,
-            )
-        };
-        if ptr == libc::MAP_FAILED {
-            return Err(std::io::Error::last_os_error().into());
-        }
+        let map = crate::sys::SharedMapping::new(file, need, mmap_offset)?;
         Ok(InflightRegion {
-            ptr: ptr.cast(),
-            len: need as usize,
+            ptr: map.as_ptr(),
+            _map: map,
             num_queues,
             queue_size,
         })
@@ -178,13 +141,6 @@ impl InflightRegion {
             counter: 1,
             _region: self.clone(),
         })
-    }
-}
-
-impl Drop for InflightRegion {
-    fn drop(&mut self) {
-        // SAFETY: our own mapping, no longer used (queues hold an Arc).
-        unsafe { libc::munmap(self.ptr.cast(), self.len) };
     }
 }
 

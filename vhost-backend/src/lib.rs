@@ -13,6 +13,7 @@ pub mod device;
 pub mod inflight;
 pub mod memory;
 pub mod queue;
+pub mod sys;
 pub mod virtq;
 
 pub use device::{serve, DeviceConfig, DeviceHandle, QueueBinding};

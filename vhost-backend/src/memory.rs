@@ -1,20 +1,41 @@
 //! The frontend's memory table: each region mapped into Quern, and the
 //! translations the data path needs (guest-physical and frontend-virtual
 //! addresses to host pointers), always bounds-checked.
+//!
+//! Addresses have types: a [`GuestAddress`] is guest-physical (what
+//! descriptors carry), a [`FrontendAddress`] is the frontend's own virtual
+//! address (what SET_VRING_ADDR carries). A translation yields a raw host
+//! pointer, valid while the table lives; nothing here makes a Rust
+//! reference over guest memory, which the guest may write at any time.
 
 use std::fs::File;
-use std::os::fd::AsRawFd;
 
-/// One mapped region.
+pub use vm_memory::GuestAddress;
+
+use crate::sys::SharedMapping;
+
+/// An address in the frontend's (QEMU's) own address space.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct FrontendAddress(pub u64);
+
+/// One mapped region; its mapping goes with it.
 #[derive(Debug)]
 pub struct Region {
-    pub gpa: u64,
+    pub gpa: GuestAddress,
     pub size: u64,
     /// The frontend's own virtual address of the region (vring addresses use it).
-    pub uva: u64,
-    host: *mut u8,
-    map_base: *mut u8,
-    map_len: usize,
+    pub uva: FrontendAddress,
+    /// The region's first byte in `map` (the mapping starts at the file's
+    /// offset 0, so the region starts at its mmap offset).
+    offset: usize,
+    map: SharedMapping,
+}
+
+impl Region {
+    fn host(&self) -> *mut u8 {
+        // SAFETY: offset + size <= map.len() by construction.
+        unsafe { self.map.as_ptr().add(self.offset) }
+    }
 }
 
 /// An immutable memory table; replaced whole when the frontend changes it.
@@ -23,76 +44,105 @@ pub struct MemTable {
     regions: Vec<Region>,
 }
 
-// SAFETY: the mappings are plain shared memory owned by the table until Drop.
-unsafe impl Send for MemTable {}
-unsafe impl Sync for MemTable {}
-
-impl Drop for MemTable {
-    fn drop(&mut self) {
-        for r in &self.regions {
-            // SAFETY: each mapping was created in `map` with this base/length.
-            unsafe { libc::munmap(r.map_base.cast(), r.map_len) };
-        }
-    }
-}
-
 #[derive(Debug, thiserror::Error)]
 pub enum MemError {
-    #[error("region at guest address {gpa:#x} of {size} bytes overflows")]
-    Overflow { gpa: u64, size: u64 },
+    #[error("region at guest address {gpa:#x} of {size} bytes (mmap offset {offset}) overflows")]
+    Overflow { gpa: u64, size: u64, offset: u64 },
+    #[error("region at guest address {gpa:#x} of {size} bytes overlaps the region at {other:#x}")]
+    Overlap { gpa: u64, size: u64, other: u64 },
     #[error("mapping region at guest address {gpa:#x}: {source}")]
     Map { gpa: u64, source: std::io::Error },
     #[error("no region at guest address {0:#x}")]
     NotFound(u64),
+    #[error("more than {0} memory regions")]
+    TooMany(usize),
 }
+
+/// Most regions one table holds (what GET_MAX_MEM_SLOTS answers).
+pub const MAX_REGIONS: usize = 32;
 
 impl MemTable {
     pub fn regions(&self) -> &[Region] {
         &self.regions
     }
 
-    /// Map a region and return a new table with it added.
+    /// Map a region and return a new table with it added. On error nothing
+    /// stays mapped (each region owns its mapping).
     pub fn with_region(
         &self,
-        gpa: u64,
+        gpa: GuestAddress,
         size: u64,
-        uva: u64,
+        uva: FrontendAddress,
         mmap_offset: u64,
         file: &File,
     ) -> Result<MemTable, MemError> {
+        if self.regions.len() >= MAX_REGIONS {
+            return Err(MemError::TooMany(MAX_REGIONS));
+        }
+        let overflow = || MemError::Overflow {
+            gpa: gpa.0,
+            size,
+            offset: mmap_offset,
+        };
+        let end = gpa.0.checked_add(size).ok_or_else(overflow)?;
+        let map_len = mmap_offset.checked_add(size).ok_or_else(overflow)?;
+        if size == 0 || uva.0.checked_add(size).is_none() || usize::try_from(map_len).is_err() {
+            return Err(overflow());
+        }
+        if let Some(o) = self
+            .regions
+            .iter()
+            .find(|r| gpa.0 < r.gpa.0 + r.size && r.gpa.0 < end)
+        {
+            return Err(MemError::Overlap {
+                gpa: gpa.0,
+                size,
+                other: o.gpa.0,
+            });
+        }
         let mut regions: Vec<Region> = Vec::with_capacity(self.regions.len() + 1);
         for r in &self.regions {
-            // re-map shared: each table owns its mappings
-            regions.push(dup_region(r)?);
+            // each table owns its mappings: the old one is unmapped when
+            // the last queue using it has stopped
+            regions.push(duplicate(r)?);
         }
-        regions.push(map(gpa, size, uva, mmap_offset, file)?);
+        let map = SharedMapping::new(file, map_len, 0)
+            .map_err(|source| MemError::Map { gpa: gpa.0, source })?;
+        regions.push(Region {
+            gpa,
+            size,
+            uva,
+            offset: mmap_offset as usize,
+            map,
+        });
         Ok(MemTable { regions })
     }
 
     /// A new table without the region at `gpa`.
-    pub fn without_region(&self, gpa: u64) -> Result<MemTable, MemError> {
+    pub fn without_region(&self, gpa: GuestAddress) -> Result<MemTable, MemError> {
         if !self.regions.iter().any(|r| r.gpa == gpa) {
-            return Err(MemError::NotFound(gpa));
+            return Err(MemError::NotFound(gpa.0));
         }
         let regions = self
             .regions
             .iter()
             .filter(|r| r.gpa != gpa)
-            .map(dup_region)
+            .map(duplicate)
             .collect::<Result<_, _>>()?;
         Ok(MemTable { regions })
     }
 
     /// Host pointer for `len` bytes at guest-physical `gpa`, if all of them
-    /// lie in one region.
+    /// lie in one region. Valid while this table lives.
     #[inline]
-    pub fn gpa(&self, gpa: u64, len: u64) -> Option<*mut u8> {
+    pub fn gpa(&self, gpa: GuestAddress, len: u64) -> Option<*mut u8> {
+        let gpa = gpa.0;
         for r in &self.regions {
-            if gpa >= r.gpa && gpa - r.gpa < r.size {
-                let off = gpa - r.gpa;
+            if gpa >= r.gpa.0 && gpa - r.gpa.0 < r.size {
+                let off = gpa - r.gpa.0;
                 return if len <= r.size - off {
                     // SAFETY: off + len stays within the mapped region.
-                    Some(unsafe { r.host.add(off as usize) })
+                    Some(unsafe { r.host().add(off as usize) })
                 } else {
                     None
                 };
@@ -102,79 +152,39 @@ impl MemTable {
     }
 
     /// Host pointer for `len` bytes at the frontend's virtual address `uva`.
-    pub fn uva(&self, uva: u64, len: u64) -> Option<*mut u8> {
+    pub fn uva(&self, uva: FrontendAddress, len: u64) -> Option<*mut u8> {
+        let uva = uva.0;
         for r in &self.regions {
-            if uva >= r.uva && uva - r.uva < r.size {
-                let off = uva - r.uva;
+            if uva >= r.uva.0 && uva - r.uva.0 < r.size {
+                let off = uva - r.uva.0;
                 return (len <= r.size - off).then(|| {
                     // SAFETY: within the region, as above.
-                    unsafe { r.host.add(off as usize) }
+                    unsafe { r.host().add(off as usize) }
                 });
             }
         }
         None
     }
+
+    /// The guest-physical address of frontend address `uva` (the dirty log
+    /// is indexed by guest-physical pages).
+    pub fn uva_to_gpa(&self, uva: FrontendAddress) -> Option<GuestAddress> {
+        self.regions
+            .iter()
+            .find(|r| uva.0 >= r.uva.0 && uva.0 - r.uva.0 < r.size)
+            .map(|r| GuestAddress(r.gpa.0 + (uva.0 - r.uva.0)))
+    }
 }
 
-fn map(gpa: u64, size: u64, uva: u64, mmap_offset: u64, file: &File) -> Result<Region, MemError> {
-    let map_len = mmap_offset
-        .checked_add(size)
-        .ok_or(MemError::Overflow { gpa, size })?;
-    if gpa.checked_add(size).is_none() || uva.checked_add(size).is_none() || size == 0 {
-        return Err(MemError::Overflow { gpa, size });
-    }
-    // SAFETY: a new shared mapping of the frontend's memory fd; checked.
-    let base = unsafe {
-        libc::mmap(
-            std::ptr::null_mut(),
-            map_len as usize,
-            libc::PROT_READ | libc::PROT_WRITE,
-            libc::MAP_SHARED | libc::MAP_NORESERVE,
-            file.as_raw_fd(),
-            0,
-        )
-    };
-    if base == libc::MAP_FAILED {
-        return Err(MemError::Map {
-            gpa,
-            source: std::io::Error::last_os_error(),
-        });
-    }
-    let base = base.cast::<u8>();
-    // SAFETY: mmap_offset < map_len.
-    let host = unsafe { base.add(mmap_offset as usize) };
-    Ok(Region {
-        gpa,
-        size,
-        uva,
-        host,
-        map_base: base,
-        map_len: map_len as usize,
-    })
-}
-
-/// A second mapping of the same memory (the fd is gone; mremap with
-/// old_size 0 duplicates a shared mapping).
-fn dup_region(r: &Region) -> Result<Region, MemError> {
-    // SAFETY: mremap(old, 0, len, MREMAP_MAYMOVE) on a shared mapping makes
-    // a new mapping of the same pages.
-    let base = unsafe { libc::mremap(r.map_base.cast(), 0, r.map_len, libc::MREMAP_MAYMOVE) };
-    if base == libc::MAP_FAILED {
-        return Err(MemError::Map {
-            gpa: r.gpa,
-            source: std::io::Error::last_os_error(),
-        });
-    }
-    let base = base.cast::<u8>();
-    let off = r.host as usize - r.map_base as usize;
-    // SAFETY: same layout as the original mapping.
-    let host = unsafe { base.add(off) };
+fn duplicate(r: &Region) -> Result<Region, MemError> {
     Ok(Region {
         gpa: r.gpa,
         size: r.size,
         uva: r.uva,
-        host,
-        map_base: base,
-        map_len: r.map_len,
+        offset: r.offset,
+        map: r.map.duplicate().map_err(|source| MemError::Map {
+            gpa: r.gpa.0,
+            source,
+        })?,
     })
 }

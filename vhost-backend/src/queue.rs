@@ -8,13 +8,13 @@ use std::os::fd::{AsRawFd, RawFd};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 
-use quern_bdev::{BdevError, IoEngine, IoKind, IoRequest, IoResult};
-use quern_reactor::Poller;
+use quern_bdev::{BdevError, Cookie, IoEngine, IoKind, IoPoller, IoRequest, IoResult, PollerId};
+use quern_reactor::ratelimit::LogLimiter;
 
 use crate::blk::{self, Decoded};
 use crate::inflight::InflightQueue;
 use crate::memory::MemTable;
-use crate::virtq::{Seg, SplitQueue};
+use crate::virtq::{Chain, Seg, SplitQueue};
 
 /// Counters of one queue, readable from the control plane.
 #[derive(Debug, Default)]
@@ -65,10 +65,29 @@ pub struct QueuePoller {
     resubmit_next: usize,
     /// The guest broke the avail ring: take no more requests.
     pub(crate) broken: bool,
+    /// Being removed: take no new requests, let the submitted ones finish.
+    quiesced: bool,
+    /// The reactor failed: answer every new request with IOERR at once.
+    failing: bool,
     /// Heads returned this cycle whose used entries are not yet published:
     /// the guest may not offer them again before it has seen them.
     returned: Vec<bool>,
     returned_list: Vec<u16>,
+    /// Warnings a guest can cause once per request, at a bounded rate.
+    log: GuestLog,
+}
+
+/// Warnings about what a guest sent, at a bounded rate (the counters in
+/// [`QueueStats`] count every one).
+#[derive(Default)]
+struct GuestLog(LogLimiter);
+
+impl GuestLog {
+    fn warn(&mut self, device: &str, head: u16, what: &dyn std::fmt::Display) {
+        if let Some(left_out) = self.0.allow() {
+            tracing::warn!(device, head, left_out, "{what}");
+        }
+    }
 }
 
 #[derive(Clone, Copy, Default, PartialEq, Eq)]
@@ -111,6 +130,9 @@ pub(crate) struct QueueParts {
     pub name: Arc<str>,
     pub inflight_region: Option<InflightQueue>,
     pub resubmit: Vec<u16>,
+    /// Start failing every request (a device removed with its frontend
+    /// still attached).
+    pub failing: bool,
 }
 
 impl QueuePoller {
@@ -118,14 +140,7 @@ impl QueuePoller {
         // The reactor drains the kick eventfd after epoll reports it; the
         // frontend may have drained it first (libblkio does), and a blocking
         // read would then stall the whole reactor.
-        // SAFETY: fcntl on an fd we own; failure leaves it as it was.
-        unsafe {
-            let fd = p.kick.as_raw_fd();
-            let fl = libc::fcntl(fd, libc::F_GETFL);
-            if fl >= 0 {
-                libc::fcntl(fd, libc::F_SETFL, fl | libc::O_NONBLOCK);
-            }
-        }
+        crate::sys::set_nonblocking(p.kick.as_raw_fd());
         let size = p.q.size() as usize;
         // a restarted queue carries on from its predecessor's counts
         let start = Counts::load(&p.stats);
@@ -137,6 +152,15 @@ impl QueuePoller {
         }
         let mut q = p.q;
         q.set_notification(false);
+        // Completions a previous backend (or this one, before a restart of
+        // the queue) published while the frontend was not listening for its
+        // interrupts are on the used ring, but the guest may never have been
+        // told: a backend stopped with SIGTERM drains its requests as QEMU
+        // tears the connection down, and their interrupt goes nowhere. With
+        // all its requests completed but unseen, the guest sends nothing
+        // new and waits for ever. One interrupt at start costs a spurious
+        // wake-up at worst.
+        crate::sys::eventfd_signal(p.call.as_raw_fd());
         QueuePoller {
             q,
             mem: p.mem,
@@ -167,8 +191,11 @@ impl QueuePoller {
             resubmit: p.resubmit,
             resubmit_next: 0,
             broken: false,
+            quiesced: false,
+            failing: p.failing,
             returned: vec![false; size],
             returned_list: Vec::with_capacity(size),
+            log: GuestLog::default(),
         }
     }
 
@@ -207,15 +234,44 @@ impl QueuePoller {
         }
     }
 
-    fn handle(&mut self, io: &mut IoEngine, base: u64, head: u16) {
-        if let Err(e) = self.q.chain(&self.mem, head, &mut self.segs, self.max_segs) {
-            self.counts.malformed += 1;
-            tracing::warn!(device = %self.name, head, "malformed descriptor chain: {e}");
-            // no trustworthy status byte: return the head with nothing written
-            self.return_head(head, 0);
-            return;
+    fn handle(&mut self, io: &mut IoEngine, me: PollerId, head: u16) {
+        match self.q.chain(&self.mem, head, &mut self.segs, self.max_segs) {
+            Ok(Chain::Complete) => {}
+            Ok(Chain::TooManySegments { last }) => {
+                // more buffers than seg_max allows: an I/O error, answered
+                // in the chain's status byte (its last byte, if writable)
+                self.counts.malformed += 1;
+                self.log
+                    .warn(&self.name, head, &"more segments than the device's seg_max");
+                let status = (last.writable() && !last.is_empty())
+                    // SAFETY: len >= 1 and the segment is translated.
+                    .then(|| unsafe { last.ptr.add(last.len as usize - 1) });
+                self.finish(head, status, blk::VIRTIO_BLK_S_IOERR, 1);
+                return;
+            }
+            Err(e) => {
+                self.counts.malformed += 1;
+                self.log.warn(
+                    &self.name,
+                    head,
+                    &format_args!("malformed descriptor chain: {e}"),
+                );
+                // no trustworthy status byte: return the head with nothing written
+                self.return_head(head, 0);
+                return;
+            }
         }
-        let req = blk::decode(&self.segs, &mut self.iov, self.capacity, self.read_only);
+        // SAFETY: the segments were translated through `self.mem`, which
+        // this poller keeps mapped.
+        let req = unsafe {
+            blk::decode(
+                &self.segs,
+                &mut self.iov,
+                self.capacity,
+                self.read_only,
+                &blk::LIMITS,
+            )
+        };
         match req.what {
             Decoded::Reject(st) => {
                 if req.status.is_none() {
@@ -224,7 +280,9 @@ impl QueuePoller {
                 self.finish(head, req.status, st, 1)
             }
             Decoded::GetId => {
-                blk::fill_id(&self.iov, &self.serial);
+                // SAFETY: writable guest buffers, translated through
+                // `self.mem`, which this poller keeps mapped.
+                unsafe { blk::fill_id(&self.iov, &self.serial) };
                 self.finish(head, req.status, blk::VIRTIO_BLK_S_OK, req.written)
             }
             Decoded::Io { kind, offset, len } => {
@@ -232,6 +290,10 @@ impl QueuePoller {
                 // when it completes
                 let fua = matches!(kind, IoKind::Write | IoKind::WriteZeroes)
                     && !self.writeback.load(Ordering::Relaxed);
+                if self.failing {
+                    self.finish(head, req.status, blk::VIRTIO_BLK_S_IOERR, 1);
+                    return;
+                }
                 let r = IoRequest {
                     dev: self.dev,
                     kind,
@@ -239,9 +301,12 @@ impl QueuePoller {
                     len,
                     iov: &self.iov,
                     fua,
-                    cookie: base | u64::from(head),
+                    cookie: Cookie::new(me, u64::from(head)),
                 };
-                match io.submit(&r) {
+                // SAFETY: the iovecs point into guest memory that `self.mem`
+                // keeps mapped; the poller holds it until it is removed, and
+                // it is removed only once nothing it submitted is in flight.
+                match unsafe { io.submit(&r) } {
                     Ok(()) => {
                         self.slots[head as usize] = Slot {
                             status: req.status.expect("decoded I/O has a status"),
@@ -268,17 +333,15 @@ impl QueuePoller {
     }
 
     fn signal(&mut self) {
-        let one: u64 = 1;
-        // SAFETY: an 8-byte write to the call eventfd.
-        unsafe { libc::write(self.call.as_raw_fd(), (&one as *const u64).cast(), 8) };
+        crate::sys::eventfd_signal(self.call.as_raw_fd());
         self.counts.notifies += 1;
     }
 }
 
-impl Poller for QueuePoller {
-    fn poll(&mut self, io: &mut IoEngine, base: u64) -> usize {
+impl IoPoller for QueuePoller {
+    fn poll(&mut self, io: &mut IoEngine, me: PollerId) -> usize {
         let mut n = 0;
-        if self.broken {
+        if self.broken || self.quiesced {
             return 0;
         }
         // requests a killed predecessor left unfinished go first, in the
@@ -288,7 +351,7 @@ impl Poller for QueuePoller {
             self.resubmit_next += 1;
             n += 1;
             if !self.slots[head as usize].busy {
-                self.handle(io, base, head);
+                self.handle(io, me, head);
             }
         }
         if self.resubmit_next < self.resubmit.len() {
@@ -308,7 +371,11 @@ impl Poller for QueuePoller {
                 // but not yet published: the guest is broken; drop the
                 // entry rather than corrupt our state
                 self.counts.malformed += 1;
-                tracing::warn!(device = %self.name, head, "invalid or in-flight head on the avail ring");
+                self.log.warn(
+                    &self.name,
+                    head,
+                    &"invalid or in-flight head on the avail ring",
+                );
                 if self.inflight_region.is_some() {
                     // A dropped entry is neither on the used ring nor marked
                     // in flight, so a restart would resume the avail ring one
@@ -324,14 +391,19 @@ impl Poller for QueuePoller {
             if let Some(r) = &mut self.inflight_region {
                 r.begin(head);
             }
-            self.handle(io, base, head);
+            self.handle(io, me, head);
         }
         self.counts.requests += n as u64;
         n
     }
 
-    fn on_complete(&mut self, cookie: u64, result: IoResult) {
-        let head = cookie as u16;
+    fn on_complete(&mut self, tag: u64, result: IoResult) {
+        let head = tag as u16;
+        assert!(
+            (head as usize) < self.slots.len() && self.slots[head as usize].busy,
+            "{}: a completion for head {head}, which is not in flight",
+            self.name
+        );
         let s = std::mem::replace(
             &mut self.slots[head as usize],
             Slot {
@@ -375,7 +447,7 @@ impl Poller for QueuePoller {
     }
 
     fn prepare_sleep(&mut self) -> bool {
-        if self.broken {
+        if self.broken || self.quiesced {
             return true;
         }
         if self.resubmit_next < self.resubmit.len() {
@@ -394,7 +466,20 @@ impl Poller for QueuePoller {
     }
 
     fn in_flight(&self) -> usize {
+        if self.quiesced {
+            // heads left to resubmit stay marked in the in-flight region:
+            // the next start finds them again
+            return self.inflight;
+        }
         self.inflight + (self.resubmit.len() - self.resubmit_next)
+    }
+
+    fn quiesce(&mut self) {
+        self.quiesced = true;
+    }
+
+    fn fail(&mut self) {
+        self.failing = true;
     }
 
     fn resume_index(&self) -> Option<u16> {

@@ -2,10 +2,16 @@
 //! memory is untrusted: indices are reduced modulo the queue size, every
 //! address is translated with bounds checks, descriptor chains are bounded
 //! in length (which also ends loops), and an indirect table may not nest.
+//!
+//! Alignment: the rings must be aligned as the virtio spec says (descriptor
+//! table 16, avail ring 2, used ring 4 bytes), checked when the queue is
+//! built, so their fields are read with aligned volatile accesses. An
+//! indirect table's address is whatever the guest wrote: descriptors are
+//! read as 16 bytes and decoded, never as wider unaligned loads.
 
 use std::sync::atomic::{fence, Ordering};
 
-use crate::memory::MemTable;
+use crate::memory::{FrontendAddress, GuestAddress, MemTable};
 
 pub const VRING_DESC_F_NEXT: u16 = 1;
 pub const VRING_DESC_F_WRITE: u16 = 2;
@@ -13,12 +19,26 @@ pub const VRING_DESC_F_INDIRECT: u16 = 4;
 pub const VRING_USED_F_NO_NOTIFY: u16 = 1;
 pub const VRING_AVAIL_F_NO_INTERRUPT: u16 = 1;
 
-/// One guest buffer, translated.
+/// One guest buffer, translated: `len` bytes at `ptr`, valid while the
+/// memory table it was translated through lives. Made only by
+/// [`SplitQueue::chain`].
 #[derive(Clone, Copy, Debug)]
 pub struct Seg {
-    pub ptr: *mut u8,
-    pub len: u32,
-    pub writable: bool,
+    pub(crate) ptr: *mut u8,
+    pub(crate) len: u32,
+    pub(crate) writable: bool,
+}
+
+impl Seg {
+    pub fn len(&self) -> u32 {
+        self.len
+    }
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+    pub fn writable(&self) -> bool {
+        self.writable
+    }
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
@@ -31,6 +51,33 @@ pub enum ChainError {
     TooLong(usize),
     #[error("nested or malformed indirect descriptor table")]
     BadIndirect,
+}
+
+/// Why a ring cannot be used.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum RingError {
+    #[error("queue size {0} is not a power of two")]
+    Size(u16),
+    #[error("{ring} at {addr:#x} is not aligned to {align} bytes")]
+    Misaligned {
+        ring: &'static str,
+        addr: u64,
+        align: u64,
+    },
+    #[error("{ring} at {addr:#x} ({len} bytes) is outside the memory table")]
+    Outside {
+        ring: &'static str,
+        addr: u64,
+        len: u64,
+    },
+}
+
+/// A walked chain: its segments (at most the limit given), and when the
+/// chain had more, the last one (whose last byte is the status byte).
+#[derive(Debug)]
+pub enum Chain {
+    Complete,
+    TooManySegments { last: Seg },
 }
 
 /// Host pointers to one split ring. Built by the control plane from the
@@ -63,36 +110,84 @@ fn prefetch(p: *const u8) {
     let _ = p;
 }
 
+/// A ring field (little-endian u16).
+///
+/// # Safety
+/// `p` is 2-byte aligned and inside a translated ring (the queue checked
+/// both at construction).
 #[inline]
-fn rd16(p: *const u8) -> u16 {
-    // SAFETY: callers pass pointers inside the translated ring areas.
-    unsafe { std::ptr::read_volatile(p.cast::<u16>()) }
+unsafe fn rd16(p: *const u8) -> u16 {
+    // SAFETY: the caller's contract.
+    u16::from_le(unsafe { std::ptr::read_volatile(p.cast::<u16>()) })
 }
+
+/// # Safety
+/// As [`rd16`].
 #[inline]
-fn wr16(p: *mut u8, v: u16) {
-    // SAFETY: as above.
-    unsafe { std::ptr::write_volatile(p.cast::<u16>(), v) }
+unsafe fn wr16(p: *mut u8, v: u16) {
+    // SAFETY: the caller's contract.
+    unsafe { std::ptr::write_volatile(p.cast::<u16>(), v.to_le()) }
+}
+
+/// Read descriptor `i` of `table`: (addr, len, flags, next). The table may
+/// sit at any address (an indirect one is the guest's choice), so the 16
+/// bytes are read as bytes (alignment 1) and decoded little-endian.
+///
+/// # Safety
+/// `table` is valid for reads of `16 * (i + 1)` bytes.
+#[inline]
+unsafe fn read_desc(table: *const u8, i: u16) -> (u64, u32, u16, u16) {
+    // SAFETY: the caller's contract; [u8; 16] needs no alignment.
+    let d: [u8; 16] =
+        unsafe { std::ptr::read_volatile(table.add(16 * i as usize).cast::<[u8; 16]>()) };
+    let f = |a: usize, b: usize| -> &[u8] { &d[a..b] };
+    (
+        u64::from_le_bytes(f(0, 8).try_into().unwrap_or([0; 8])),
+        u32::from_le_bytes(f(8, 12).try_into().unwrap_or([0; 4])),
+        u16::from_le_bytes(f(12, 14).try_into().unwrap_or([0; 2])),
+        u16::from_le_bytes(f(14, 16).try_into().unwrap_or([0; 2])),
+    )
 }
 
 impl SplitQueue {
-    /// Translate the ring addresses (frontend virtual addresses).
-    pub fn new(
+    /// Translate the ring addresses (frontend virtual addresses), checking
+    /// their alignment and that they lie in guest memory.
+    ///
+    /// # Safety
+    /// `mem` must stay alive (mapped) as long as the queue is used: the
+    /// queue keeps host pointers into it. (The queue poller holds the
+    /// table's `Arc` beside the queue.)
+    pub unsafe fn new(
         mem: &MemTable,
         size: u16,
-        desc: u64,
-        avail: u64,
-        used: u64,
+        desc: FrontendAddress,
+        avail: FrontendAddress,
+        used: FrontendAddress,
         base: u16,
         event_idx: bool,
-    ) -> Option<Self> {
+    ) -> Result<Self, RingError> {
         if size == 0 || !size.is_power_of_two() {
-            return None;
+            return Err(RingError::Size(size));
         }
         let n = u64::from(size);
-        let desc = mem.uva(desc, 16 * n)?;
-        let avail = mem.uva(avail, 6 + 2 * n)?;
-        let used = mem.uva(used, 6 + 8 * n)?;
-        Some(SplitQueue {
+        let ring = |ring: &'static str, a: FrontendAddress, len: u64, align: u64| {
+            if !a.0.is_multiple_of(align) {
+                return Err(RingError::Misaligned {
+                    ring,
+                    addr: a.0,
+                    align,
+                });
+            }
+            mem.uva(a, len).ok_or(RingError::Outside {
+                ring,
+                addr: a.0,
+                len,
+            })
+        };
+        let desc = ring("descriptor table", desc, 16 * n, 16)?;
+        let avail = ring("avail ring", avail, 6 + 2 * n, 2)?;
+        let used = ring("used ring", used, 6 + 8 * n, 4)?;
+        Ok(SplitQueue {
             size,
             desc,
             avail,
@@ -119,7 +214,7 @@ impl SplitQueue {
     /// The used index as the guest sees it.
     pub fn used_ring_idx(&self) -> u16 {
         // SAFETY: used+2 is the used index.
-        rd16(unsafe { self.used.add(2) })
+        unsafe { rd16(self.used.add(2)) }
     }
 
     /// Resume after a backend restart: the used ring continues at
@@ -135,7 +230,7 @@ impl SplitQueue {
     #[inline]
     pub fn avail_idx(&self) -> u16 {
         // SAFETY: avail+2 is inside the translated avail ring.
-        let v = rd16(unsafe { self.avail.add(2) });
+        let v = unsafe { rd16(self.avail.add(2)) };
         fence(Ordering::Acquire);
         v
     }
@@ -148,7 +243,7 @@ impl SplitQueue {
         }
         let slot = self.slot(self.last_avail);
         // SAFETY: 4 + 2*slot < 6 + 2*size.
-        let head = rd16(unsafe { self.avail.add(4 + 2 * slot) });
+        let head = unsafe { rd16(self.avail.add(4 + 2 * slot)) };
         self.last_avail = self.last_avail.wrapping_add(1);
         Some(head)
     }
@@ -174,13 +269,14 @@ impl SplitQueue {
         for (k, h) in heads.iter_mut().enumerate().take(n) {
             let slot = self.slot(self.last_avail.wrapping_add(k as u16));
             // SAFETY: 4 + 2*slot < 6 + 2*size.
-            *h = rd16(unsafe { self.avail.add(4 + 2 * slot) }) & (self.size - 1);
+            *h = unsafe { rd16(self.avail.add(4 + 2 * slot)) } & (self.size - 1);
             // SAFETY: *h < size: inside the descriptor table.
             prefetch(unsafe { self.desc.add(16 * *h as usize) });
         }
         for &h in &heads[..n] {
-            let (addr, _len, flags, next) = Self::read_desc(self.desc, h);
-            if let Some(p) = mem.gpa(addr, 1) {
+            // SAFETY: h < size: inside the descriptor table.
+            let (addr, _len, flags, next) = unsafe { read_desc(self.desc, h) };
+            if let Some(p) = mem.gpa(GuestAddress(addr), 1) {
                 prefetch(p);
             }
             if flags & VRING_DESC_F_NEXT != 0 && next < self.size {
@@ -190,28 +286,17 @@ impl SplitQueue {
         }
     }
 
-    fn read_desc(table: *const u8, i: u16) -> (u64, u32, u16, u16) {
-        // SAFETY: callers bound i by the table's size.
-        unsafe {
-            let d = table.add(16 * i as usize);
-            (
-                std::ptr::read_volatile(d.cast::<u64>()),
-                std::ptr::read_volatile(d.add(8).cast::<u32>()),
-                std::ptr::read_volatile(d.add(12).cast::<u16>()),
-                std::ptr::read_volatile(d.add(14).cast::<u16>()),
-            )
-        }
-    }
-
     /// Walk the chain at `head` into `out` (cleared first), at most
-    /// `max_segs` buffers.
+    /// `max_segs` buffers. A chain with more is walked to its end all the
+    /// same (bounded by its table's size), so its status byte can be
+    /// answered: `Chain::TooManySegments` carries its last buffer.
     pub fn chain(
         &self,
         mem: &MemTable,
         head: u16,
         out: &mut Vec<Seg>,
         max_segs: usize,
-    ) -> Result<(), ChainError> {
+    ) -> Result<Chain, ChainError> {
         out.clear();
         if head >= self.size {
             return Err(ChainError::BadIndex(head));
@@ -219,13 +304,19 @@ impl SplitQueue {
         let (mut table, mut tsize, mut i) = (self.desc, self.size, head);
         let mut indirect = false;
         let mut steps = 0usize;
-        let limit = self.size as usize + max_segs;
+        // a chain visits each descriptor of a table at most once, plus the
+        // indirect descriptor that leads to the second table
+        let mut limit = self.size as usize;
+        let mut extra: Option<Seg> = None;
         loop {
             steps += 1;
             if steps > limit {
                 return Err(ChainError::TooLong(limit));
             }
-            let (addr, len, flags, next) = Self::read_desc(table, i);
+            // SAFETY: i < tsize, the size of `table` (the ring's, bounded
+            // at construction, or an indirect table translated with its
+            // full length).
+            let (addr, len, flags, next) = unsafe { read_desc(table, i) };
             if flags & VRING_DESC_F_INDIRECT != 0 {
                 if indirect
                     || flags & VRING_DESC_F_NEXT != 0
@@ -236,28 +327,35 @@ impl SplitQueue {
                     return Err(ChainError::BadIndirect);
                 }
                 table = mem
-                    .gpa(addr, u64::from(len))
+                    .gpa(GuestAddress(addr), u64::from(len))
                     .ok_or(ChainError::BadAddress { addr, len })?;
                 tsize = (len / 16) as u16;
                 i = 0;
                 indirect = true;
+                steps = 0;
+                limit = tsize as usize;
                 continue;
             }
             if len > 0 {
-                if out.len() == max_segs {
-                    return Err(ChainError::TooLong(max_segs));
-                }
                 let ptr = mem
-                    .gpa(addr, u64::from(len))
+                    .gpa(GuestAddress(addr), u64::from(len))
                     .ok_or(ChainError::BadAddress { addr, len })?;
-                out.push(Seg {
+                let seg = Seg {
                     ptr,
                     len,
                     writable: flags & VRING_DESC_F_WRITE != 0,
-                });
+                };
+                if out.len() < max_segs {
+                    out.push(seg);
+                } else {
+                    extra = Some(seg);
+                }
             }
             if flags & VRING_DESC_F_NEXT == 0 {
-                return Ok(());
+                return Ok(match extra {
+                    None => Chain::Complete,
+                    Some(last) => Chain::TooManySegments { last },
+                });
             }
             if next >= tsize {
                 return Err(ChainError::BadIndex(next));
@@ -273,8 +371,8 @@ impl SplitQueue {
         // SAFETY: 4 + 8*slot + 8 <= 6 + 8*size.
         unsafe {
             let e = self.used.add(4 + 8 * slot);
-            std::ptr::write_volatile(e.cast::<u32>(), u32::from(head));
-            std::ptr::write_volatile(e.add(4).cast::<u32>(), len);
+            std::ptr::write_volatile(e.cast::<u32>(), u32::from(head).to_le());
+            std::ptr::write_volatile(e.add(4).cast::<u32>(), len.to_le());
         }
         self.used_idx = self.used_idx.wrapping_add(1);
     }
@@ -287,18 +385,18 @@ impl SplitQueue {
         }
         fence(Ordering::Release);
         // SAFETY: used+2 is the used index.
-        wr16(unsafe { self.used.add(2) }, self.used_idx);
+        unsafe { wr16(self.used.add(2), self.used_idx) };
         fence(Ordering::SeqCst);
         let old = self.signalled_used;
         self.signalled_used = self.used_idx;
         if self.event_idx {
             // used_event lives after the avail ring's entries
             // SAFETY: 4 + 2*size < 6 + 2*size.
-            let ev = rd16(unsafe { self.avail.add(4 + 2 * self.size as usize) });
+            let ev = unsafe { rd16(self.avail.add(4 + 2 * self.size as usize)) };
             self.used_idx.wrapping_sub(ev).wrapping_sub(1) < self.used_idx.wrapping_sub(old)
         } else {
             // SAFETY: avail flags at offset 0.
-            rd16(self.avail) & VRING_AVAIL_F_NO_INTERRUPT == 0
+            (unsafe { rd16(self.avail) } & VRING_AVAIL_F_NO_INTERRUPT) == 0
         }
     }
 
@@ -312,10 +410,10 @@ impl SplitQueue {
             };
             // avail_event lives after the used ring's entries
             // SAFETY: 4 + 8*size < 6 + 8*size.
-            wr16(unsafe { self.used.add(4 + 8 * self.size as usize) }, ev);
+            unsafe { wr16(self.used.add(4 + 8 * self.size as usize), ev) };
         } else {
             // SAFETY: used flags at offset 0.
-            wr16(self.used, if on { 0 } else { VRING_USED_F_NO_NOTIFY });
+            unsafe { wr16(self.used, if on { 0 } else { VRING_USED_F_NO_NOTIFY }) };
         }
         fence(Ordering::SeqCst);
     }

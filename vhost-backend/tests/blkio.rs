@@ -9,12 +9,14 @@ use std::time::Duration;
 
 use blkio::{Blkio, Blkioq, Completion, MemoryRegion, ReqFlags};
 use quern_bdev::drivers::{MallocBdev, Qcow2Bdev, Qcow2Options};
-use quern_bdev::{BdevRef, EngineConfig};
-use quern_reactor::{spawn_reactor, PollMode, ReactorConfig, ReactorHandle};
+use quern_bdev::poller::{spawn_io_reactor, IoStats};
+use quern_bdev::{BdevRef, EngineConfig, IoReactor};
+use quern_reactor::{PollMode, ReactorConfig};
 use quern_vhost::{serve, DeviceConfig, DeviceHandle, QueueBinding};
 
 struct Served {
-    reactors: Vec<Arc<ReactorHandle>>,
+    reactors: Vec<Arc<IoReactor>>,
+    io_stats: Vec<Arc<IoStats>>,
     dev: DeviceHandle,
     _dir: tempfile::TempDir,
     socket: PathBuf,
@@ -32,23 +34,25 @@ impl Drop for Served {
 fn start(bdev: BdevRef, queues: u16, read_only: bool, mode: PollMode) -> Served {
     let dir = tempfile::tempdir().unwrap();
     let socket = dir.path().join("vub.sock");
-    let reactors: Vec<_> = (0..2)
+    let (reactors, io_stats): (Vec<_>, Vec<_>) = (0..2)
         .map(|id| {
-            spawn_reactor(ReactorConfig {
-                id,
-                core: Some(id % quern_reactor::available_cores().len()),
-                mode,
-                idle_spin: Duration::from_micros(200),
-                engine: EngineConfig::default(),
-            })
+            spawn_io_reactor(
+                ReactorConfig {
+                    id,
+                    core: Some(id % quern_reactor::available_cores().len()),
+                    mode,
+                    idle_spin: Duration::from_micros(200),
+                },
+                EngineConfig::default(),
+            )
             .unwrap()
         })
-        .collect();
+        .unzip();
     let handles: Vec<u16> = reactors
         .iter()
         .map(|r| {
             let b = bdev.clone();
-            r.call(move |ctx| ctx.io.add_device(b).unwrap())
+            r.call(move |w| w.io.add_device(b).unwrap()).unwrap()
         })
         .collect();
     let cfg = DeviceConfig {
@@ -63,6 +67,7 @@ fn start(bdev: BdevRef, queues: u16, read_only: bool, mode: PollMode) -> Served 
     let dev = serve(cfg, bdev, reactors.clone(), handles).unwrap();
     Served {
         reactors,
+        io_stats,
         dev,
         _dir: dir,
         socket,
@@ -253,9 +258,9 @@ fn two_queues_run_on_two_reactors_under_load() {
     let c = connect(&s.socket, 2, false);
     let Client { b, queues, region } = c;
     let before: Vec<u64> = s
-        .reactors
+        .io_stats
         .iter()
-        .map(|r| r.stats.snapshot().ios_completed)
+        .map(|r| r.snapshot().ios_completed)
         .collect();
     let threads: Vec<_> = queues
         .into_iter()
@@ -302,8 +307,8 @@ fn two_queues_run_on_two_reactors_under_load() {
     for (qi, q) in s.dev.queues.iter().enumerate() {
         assert_eq!(q.completed.load(Ordering::Relaxed), 4000, "queue {qi}");
     }
-    for (ri, r) in s.reactors.iter().enumerate() {
-        let grew = r.stats.snapshot().ios_completed - before[ri];
+    for (ri, r) in s.io_stats.iter().enumerate() {
+        let grew = r.snapshot().ios_completed - before[ri];
         assert!(grew >= 4000, "reactor {ri} completed only {grew} requests");
     }
     drop(queues);

@@ -5,25 +5,16 @@
 
 use std::sync::Arc;
 
+use crate::sys::AnonMemory;
 use crate::types::{Bdev, BdevChannel, BdevInfo, IoKind, Op, Submitter};
 
+/// The disk's memory. Concurrent access from several reactors has the
+/// same semantics as concurrent DMA to a real disk: it is only ever copied
+/// to and from, never referenced.
 struct Mem {
-    ptr: *mut u8,
-    len: usize,
+    map: AnonMemory,
     /// Byte range whose every access fails with EIO.
     bad: Option<(u64, u64)>,
-}
-
-// SAFETY: the mapping lives as long as `Mem`; concurrent access from several
-// reactors has the same semantics as concurrent DMA to a real disk.
-unsafe impl Send for Mem {}
-unsafe impl Sync for Mem {}
-
-impl Drop for Mem {
-    fn drop(&mut self) {
-        // SAFETY: ptr/len come from the mmap in `MallocBdev::new`.
-        unsafe { libc::munmap(self.ptr.cast(), self.len) };
-    }
 }
 
 pub struct MallocBdev {
@@ -55,20 +46,7 @@ impl MallocBdev {
                 "malloc bdev size must be at least one block",
             ));
         }
-        // SAFETY: a fresh private anonymous mapping; checked for failure.
-        let ptr = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                len,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
-                -1,
-                0,
-            )
-        };
-        if ptr == libc::MAP_FAILED {
-            return Err(std::io::Error::last_os_error());
-        }
+        let map = AnonMemory::new(len)?;
         Ok(MallocBdev {
             info: BdevInfo {
                 name: name.to_string(),
@@ -80,21 +58,24 @@ impl MallocBdev {
                 supports_write_zeroes: true,
                 driver: "malloc",
             },
-            mem: Arc::new(Mem {
-                ptr: ptr.cast(),
-                len,
-                bad,
-            }),
+            mem: Arc::new(Mem { map, bad }),
         })
     }
 
     /// Copy out a range (tests and tools; not the I/O path).
     pub fn read_at(&self, offset: u64, buf: &mut [u8]) {
         let off = offset as usize;
-        assert!(off + buf.len() <= self.mem.len);
+        assert!(
+            off + buf.len() <= self.mem.map.len(),
+            "read_at past the end"
+        );
         // SAFETY: bounds checked above.
         unsafe {
-            std::ptr::copy_nonoverlapping(self.mem.ptr.add(off), buf.as_mut_ptr(), buf.len())
+            std::ptr::copy_nonoverlapping(
+                self.mem.map.as_ptr().add(off),
+                buf.as_mut_ptr(),
+                buf.len(),
+            )
         };
     }
 }
@@ -116,7 +97,7 @@ impl BdevChannel for MallocChannel {
         }
         // SAFETY (all arms): the engine validated offset+len against the
         // capacity, and the iovecs are valid for the op's lifetime.
-        let base = unsafe { m.ptr.add(op.offset as usize) };
+        let base = unsafe { m.map.as_ptr().add(op.offset as usize) };
         match op.kind {
             IoKind::Read | IoKind::Write => {
                 let mut off = 0usize;

@@ -11,7 +11,7 @@ use std::path::PathBuf;
 
 use io_uring::{opcode, types};
 
-use crate::types::{Bdev, BdevChannel, BdevInfo, IoKind, Op, Submitter};
+use crate::types::{Bdev, BdevChannel, BdevInfo, IoKind, Op, Submitter, UNROUTED_TAG};
 
 /// How to open a uring bdev.
 #[derive(Clone, Debug)]
@@ -38,9 +38,6 @@ pub struct UringBdev {
     delay_us: u32,
 }
 
-const BLKGETSIZE64: libc::c_ulong = 0x8008_1272;
-const BLKSSZGET: libc::c_ulong = 0x1268;
-
 impl UringBdev {
     pub fn open(o: &UringOptions) -> std::io::Result<Self> {
         use std::io::{Error, ErrorKind};
@@ -66,17 +63,7 @@ impl UringBdev {
         let (file, direct) = super::open_data_file(&o.name, &o.path, o.read_only, o.direct)?;
         let meta = file.metadata()?;
         let (capacity, dev_bs) = if meta.file_type().is_block_device() {
-            let mut size: u64 = 0;
-            let mut ssz: libc::c_int = 0;
-            // SAFETY: both ioctls write one integer of the given type.
-            unsafe {
-                if libc::ioctl(file.as_raw_fd(), BLKGETSIZE64, &mut size) != 0
-                    || libc::ioctl(file.as_raw_fd(), BLKSSZGET, &mut ssz) != 0
-                {
-                    return Err(Error::last_os_error());
-                }
-            }
-            (size, ssz as u32)
+            crate::sys::block_device_geometry(file.as_raw_fd())?
         } else if meta.is_file() {
             (meta.len(), 512)
         } else {
@@ -132,11 +119,6 @@ struct UringChannel {
     delay: Option<Box<types::Timespec>>,
 }
 
-/// user_data of the entries linked before a request's own (an injected
-/// delay's timeout, a write-zeroes' fallocate before its sync): their
-/// completions, posted only on failure, are ignored.
-pub const LINKED_USER_DATA: u64 = u64::MAX;
-
 impl BdevChannel for UringChannel {
     fn submit(&mut self, op: &Op<'_>, tag: u64, sub: &mut Submitter<'_>) -> bool {
         // fallocate has no RWF_DSYNC: a forced-unit-access write of zeroes
@@ -153,8 +135,10 @@ impl BdevChannel for UringChannel {
                 .flags(types::TimeoutFlags::ETIME_SUCCESS)
                 .build()
                 .flags(io_uring::squeue::Flags::IO_LINK | io_uring::squeue::Flags::SKIP_SUCCESS)
-                .user_data(LINKED_USER_DATA);
-            sub.push_sqe(&t);
+                .user_data(UNROUTED_TAG);
+            // SAFETY: the timespec is boxed in the channel, which outlives
+            // every entry it queued (the engine drains before closing it).
+            unsafe { sub.push_sqe(&t) };
         }
         let fd = self.slot;
         let sqe = match op.kind {
@@ -180,18 +164,24 @@ impl BdevChannel for UringChannel {
         if sync_after {
             // a failed fallocate posts its own (ignored) completion and
             // cancels the sync, which fails the request with ECANCELED
-            sub.push_sqe(
-                &sqe.flags(
-                    io_uring::squeue::Flags::IO_LINK | io_uring::squeue::Flags::SKIP_SUCCESS,
+            // SAFETY: a fallocate names no memory.
+            unsafe {
+                sub.push_sqe(
+                    &sqe.flags(
+                        io_uring::squeue::Flags::IO_LINK | io_uring::squeue::Flags::SKIP_SUCCESS,
+                    )
+                    .user_data(UNROUTED_TAG),
                 )
-                .user_data(LINKED_USER_DATA),
-            );
+            };
             let sync = opcode::Fsync::new(fd)
                 .flags(types::FsyncFlags::DATASYNC)
                 .build();
-            return sub.push_sqe(&sync.user_data(tag));
+            // SAFETY: an fsync names no memory.
+            return unsafe { sub.push_sqe(&sync.user_data(tag)) };
         }
-        sub.push_sqe(&sqe.user_data(tag))
+        // SAFETY: Op's contract: the iovec array and the buffers it names
+        // stay valid until this tag's completion is reaped.
+        unsafe { sub.push_sqe(&sqe.user_data(tag)) }
     }
 }
 

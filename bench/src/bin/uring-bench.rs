@@ -20,7 +20,9 @@ use std::time::{Duration, Instant};
 use clap::Parser;
 use hdrhistogram::Histogram;
 use quern_bdev::drivers::{UringBdev, UringOptions};
-use quern_bdev::{parse_size, EngineConfig, IoEngine, IoKind, IoRequest, MergeConfig};
+use quern_bdev::{
+    parse_size, Cookie, EngineConfig, IoEngine, IoKind, IoRequest, MergeConfig, PollerId,
+};
 use quern_bench::{pin_to_cpu, prepare_file, Rng};
 
 const BS: usize = 4096;
@@ -158,15 +160,17 @@ fn run_quern(o: &Opts, kind: IoKind, qd: usize) -> Result<Figures, String> {
                     len: BS as u64,
                     iov: &iov,
                     fua: false,
-                    cookie: i as u64,
+                    cookie: Cookie::new(PollerId(0), i as u64),
                 };
                 started[i] = Instant::now();
-                e.submit(&r).map_err(|e| format!("submit: {e}"))?;
+                // SAFETY: `bufs` outlives the engine's use of it (every
+                // request completes before this function returns).
+                unsafe { e.submit(&r) }.map_err(|e| format!("submit: {e}"))?;
             }
         }
         e.flush();
         let n = e.reap(|cookie, res| {
-            let i = cookie as usize;
+            let i = cookie.tag() as usize;
             if res.is_err() {
                 errors += 1;
             }

@@ -26,7 +26,7 @@ use io_uring::{opcode, types, IoUring};
 
 use super::worker::{scatter, IovPtr, Job, RwKind};
 use super::{Shared, ZERO};
-use crate::eventfd;
+use crate::sys::{self, eventfd, Epoll};
 use crate::types::{submit_to_channel, BdevChannel, BdevRef, IoKind, Op, Submitter, IOV_MAX};
 
 /// Sub-operations (and private ring entries) per channel.
@@ -78,6 +78,8 @@ pub(super) struct ChannelParts<'a> {
 }
 
 pub(super) struct Qcow2Channel {
+    /// "Worker queue full" at a bounded rate (a guest can cause it).
+    full_log: quern_reactor::ratelimit::LogLimiter,
     ring: IoUring,
     base: Box<dyn BdevChannel>,
     base_done: Vec<(u64, i32)>,
@@ -87,7 +89,7 @@ pub(super) struct Qcow2Channel {
     id: u32,
     wake: Arc<OwnedFd>,
     /// Epoll over `wake` and the base's own wake fd, when it has one.
-    epoll: Option<(OwnedFd, RawFd)>,
+    epoll: Option<(Epoll, RawFd)>,
     parents: Vec<Parent>,
     free_parents: Vec<u32>,
     subs: Vec<Sub>,
@@ -110,7 +112,12 @@ impl Qcow2Channel {
         let wake = Arc::new(eventfd()?);
         ring.submitter().register_eventfd(wake.as_raw_fd())?;
         let epoll = match base.wake_fd() {
-            Some(bw) => Some((epoll_over(&[wake.as_raw_fd(), bw])?, bw)),
+            Some(bw) => {
+                let ep = Epoll::new()?;
+                ep.add(wake.as_raw_fd())?;
+                ep.add(bw)?;
+                Some((ep, bw))
+            }
             None => None,
         };
         let (tx, replies) = crossbeam_channel::bounded(SUBS);
@@ -122,6 +129,7 @@ impl Qcow2Channel {
             })
             .map_err(|_| io::Error::other("qcow2 worker is gone"))?;
         Ok(Qcow2Channel {
+            full_log: quern_reactor::ratelimit::LogLimiter::new(),
             ring,
             base,
             base_done: Vec::with_capacity(SUBS),
@@ -290,7 +298,9 @@ impl Qcow2Channel {
         if self.jobs.try_send(job).is_ok() {
             self.at_worker += 1;
         } else {
-            tracing::warn!("qcow2: worker queue full or gone");
+            if let Some(left_out) = self.full_log.allow() {
+                tracing::warn!(left_out, "qcow2: worker queue full or gone");
+            }
             // reported by the next poll
             self.base_done.push((u64::from(ix), -libc::EAGAIN));
         }
@@ -463,19 +473,12 @@ impl Qcow2Channel {
     /// the readable ones (checked first, the base's fd may be blocking).
     fn drain_wake(&mut self) {
         let Some((_, bw)) = self.epoll else { return };
-        let mut fds = [self.wake.as_raw_fd(), bw].map(|fd| libc::pollfd {
-            fd,
-            events: libc::POLLIN,
-            revents: 0,
-        });
-        // SAFETY: two initialised pollfds; a zero timeout never blocks.
-        if unsafe { libc::poll(fds.as_mut_ptr(), 2, 0) } <= 0 {
-            return;
-        }
-        for p in fds.iter().filter(|p| p.revents & libc::POLLIN != 0) {
-            let mut v: u64 = 0;
-            // SAFETY: an 8-byte read into a u64 from a readable fd.
-            unsafe { libc::read(p.fd, (&mut v as *mut u64).cast(), 8) };
+        let fds = [self.wake.as_raw_fd(), bw];
+        let ready = sys::poll_readable(&fds, 0);
+        for (i, &fd) in fds.iter().enumerate() {
+            if ready & (1 << i) != 0 {
+                sys::eventfd_drain(fd);
+            }
         }
     }
 }
@@ -586,44 +589,16 @@ impl Drop for Qcow2Channel {
                 );
                 waited = std::time::Instant::now();
             }
-            let fd = self.wake_fd().expect("always one");
-            let mut p = libc::pollfd {
-                fd,
-                events: libc::POLLIN,
-                revents: 0,
+            let fd = match &self.epoll {
+                Some((ep, _)) => ep.as_raw_fd(),
+                None => self.wake.as_raw_fd(),
             };
-            // SAFETY: one initialised pollfd.
-            unsafe { libc::poll(&mut p, 1, 10) };
+            sys::poll_readable(&[fd], 10);
             if self.epoll.is_none() {
-                let mut v: u64 = 0;
-                // SAFETY: an 8-byte read into a u64 from a non-blocking eventfd.
-                unsafe { libc::read(fd, (&mut v as *mut u64).cast(), 8) };
+                sys::eventfd_drain(fd);
             }
         }
     }
-}
-
-/// An epoll fd readable when any of `fds` is.
-fn epoll_over(fds: &[RawFd]) -> io::Result<OwnedFd> {
-    use std::os::fd::FromRawFd;
-    // SAFETY: plain syscall, result checked.
-    let ep = unsafe { libc::epoll_create1(libc::EPOLL_CLOEXEC) };
-    if ep < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: ep is a new descriptor we own.
-    let ep = unsafe { OwnedFd::from_raw_fd(ep) };
-    for &fd in fds {
-        let mut ev = libc::epoll_event {
-            events: libc::EPOLLIN as u32,
-            u64: fd as u64,
-        };
-        // SAFETY: valid epoll fd and event struct.
-        if unsafe { libc::epoll_ctl(ep.as_raw_fd(), libc::EPOLL_CTL_ADD, fd, &mut ev) } != 0 {
-            return Err(io::Error::last_os_error());
-        }
-    }
-    Ok(ep)
 }
 
 /// `dst` = the iovecs of bytes `[skip, skip+len)` of `src`.

@@ -26,6 +26,7 @@ use io_uring::IoUring;
 
 use super::format::{COPIED, ZERO_FLAG};
 use super::{Shared, ZERO};
+use crate::sys;
 use crate::types::{BdevChannel, BdevRef, IoKind, Op, Submitter};
 
 /// A request's iovecs, handed to the worker. They stay valid until the
@@ -216,20 +217,7 @@ impl BaseReader {
             let _ = self.ring.submit_and_wait(1);
             return;
         };
-        let mut fds = [
-            libc::pollfd {
-                fd: self.ring.as_raw_fd(),
-                events: libc::POLLIN,
-                revents: 0,
-            },
-            libc::pollfd {
-                fd: w,
-                events: libc::POLLIN,
-                revents: 0,
-            },
-        ];
-        // SAFETY: two initialised pollfds.
-        unsafe { libc::poll(fds.as_mut_ptr(), 2, 10) };
+        sys::poll_readable(&[self.ring.as_raw_fd(), w], 10);
     }
 }
 
@@ -500,17 +488,13 @@ impl Worker {
     fn punch(&mut self, off: u64, len: u64) -> io::Result<()> {
         let fd = self.meta.file.as_raw_fd();
         let mode = libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE;
-        // SAFETY: fallocate on our own fd; no memory is passed.
-        if unsafe { libc::fallocate(fd, mode, off as i64, len as i64) } == 0 {
-            return Ok(());
-        }
-        let e = io::Error::last_os_error();
-        if e.raw_os_error() != Some(libc::EOPNOTSUPP) {
-            return Err(e);
+        match sys::fallocate(fd, mode, off, len) {
+            Ok(()) => return Ok(()),
+            Err(e) if e.raw_os_error() != Some(libc::EOPNOTSUPP) => return Err(e),
+            Err(_) => {}
         }
         let zr = libc::FALLOC_FL_ZERO_RANGE | libc::FALLOC_FL_KEEP_SIZE;
-        // SAFETY: as above.
-        if unsafe { libc::fallocate(fd, zr, off as i64, len as i64) } == 0 {
+        if sys::fallocate(fd, zr, off, len).is_ok() {
             return Ok(());
         }
         let buf = self.buf.get();
@@ -831,9 +815,7 @@ impl Worker {
 
 /// Add one to an eventfd.
 pub(super) fn signal(fd: RawFd) {
-    let one: u64 = 1;
-    // SAFETY: an 8-byte write from a u64 to an eventfd.
-    unsafe { libc::write(fd, (&one as *const u64).cast(), 8) };
+    sys::eventfd_signal(fd);
 }
 
 /// Copy request bytes `[pos, pos+dst.len())` out of the iovecs.
@@ -848,9 +830,16 @@ fn gather(iov: &[libc::iovec], mut pos: usize, dst: &mut [u8]) {
             continue;
         }
         let n = (v.iov_len - pos).min(dst.len() - done);
-        // SAFETY: the iovec is valid for reads of iov_len bytes (Op contract).
-        let src = unsafe { std::slice::from_raw_parts((v.iov_base as *const u8).add(pos), n) };
-        dst[done..done + n].copy_from_slice(src);
+        // SAFETY: the iovec is valid for reads of iov_len bytes (Op
+        // contract) and dst has n bytes left at `done`. A copy, never a
+        // reference: the guest may write the buffer meanwhile.
+        unsafe {
+            std::ptr::copy_nonoverlapping(
+                (v.iov_base as *const u8).add(pos),
+                dst.as_mut_ptr().add(done),
+                n,
+            )
+        };
         done += n;
         pos = 0;
     }
@@ -868,9 +857,16 @@ pub(super) fn scatter(src: &[u8], iov: &[libc::iovec], mut pos: usize) {
             continue;
         }
         let n = (v.iov_len - pos).min(src.len() - done);
-        // SAFETY: the iovec is valid for writes of iov_len bytes (Op contract).
-        let dst = unsafe { std::slice::from_raw_parts_mut((v.iov_base as *mut u8).add(pos), n) };
-        dst.copy_from_slice(&src[done..done + n]);
+        // SAFETY: the iovec is valid for writes of iov_len bytes (Op
+        // contract) and src has n bytes left at `done`; a copy, never a
+        // reference over guest memory.
+        unsafe {
+            std::ptr::copy_nonoverlapping(
+                src.as_ptr().add(done),
+                (v.iov_base as *mut u8).add(pos),
+                n,
+            )
+        };
         done += n;
         pos = 0;
     }

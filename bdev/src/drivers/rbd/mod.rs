@@ -436,7 +436,7 @@ impl Bdev for RbdBdev {
         _file_slot: u32,
     ) -> std::io::Result<Box<dyn BdevChannel>> {
         let img = Image::open(&self.conn, &self.opts, self.opts.read_only)?;
-        let efd = crate::eventfd()?;
+        let efd = crate::sys::eventfd()?;
         // SAFETY: live image handle and eventfd; librbd only writes to it.
         let r = unsafe {
             (self.conn.lib.rbd_set_image_notification)(
@@ -485,6 +485,8 @@ unsafe extern "C" fn on_complete(_c: RbdCompletionT, arg: *mut c_void) {
 }
 
 struct RbdChannel {
+    /// Short reads at a bounded rate (each one per request).
+    short_log: quern_reactor::ratelimit::LogLimiter,
     lib: &'static Lib,
     /// Declared (so dropped) before what the callback touches: closing the
     /// image waits for outstanding I/O.
@@ -504,6 +506,7 @@ struct RbdChannel {
 impl RbdChannel {
     fn new(img: Image, efd: OwnedFd) -> Self {
         RbdChannel {
+            short_log: quern_reactor::ratelimit::LogLimiter::new(),
             lib: img.conn.lib,
             img,
             efd,
@@ -540,9 +543,7 @@ impl RbdChannel {
     }
 
     fn drain_eventfd(&self) {
-        let mut v = 0u64;
-        // SAFETY: 8-byte read into a u64 from our non-blocking eventfd.
-        unsafe { libc::read(self.efd.as_raw_fd(), (&mut v as *mut u64).cast(), 8) };
+        crate::sys::eventfd_drain(self.efd.as_raw_fd());
     }
 }
 
@@ -636,7 +637,9 @@ impl BdevChannel for RbdChannel {
                     // librbd zero-fills holes and the engine refuses ranges
                     // past the end, so a read returns its whole length; a
                     // shorter one (an image shrunk under us) is an error
-                    tracing::warn!(got = ret, want = s.len, "short read from librbd");
+                    if let Some(left_out) = self.short_log.allow() {
+                        tracing::warn!(got = ret, want = s.len, left_out, "short read from librbd");
+                    }
                     -libc::EIO
                 } else if s.kind.has_data() {
                     // a write's positive return value is not relied on:

@@ -1,0 +1,737 @@
+//! The running engine: its reactors, and the objects it serves (bdevs,
+//! vhost-user-blk devices), created and removed at start-up and at run
+//! time through the same functions.
+//!
+//! The control path takes a lock (one change at a time); the data path
+//! never does: a new bdev reaches each reactor's engine by message, a new
+//! device's queues are bound to reactors when its frontend starts them.
+//! Every accepted change is durable in the state directory before the call
+//! returns (see [`crate::state`]); a change that cannot be made durable is
+//! undone and refused.
+
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use quern_bdev::drivers::{MallocBdev, NullBdev, Qcow2Bdev, Qcow2Options, UringBdev, UringOptions};
+use quern_bdev::poller::{spawn_io_reactor, IoStats};
+use quern_bdev::{BdevRef, EngineConfig, IoReactor, MergeConfig};
+use quern_reactor::ReactorConfig;
+use quern_vhost::{DeviceConfig, DeviceHandle};
+use serde_json::{json, Value};
+
+use crate::config::{
+    resolve_under, BdevScope, BdevSection, Config, ConfigError, DeviceScope, Driver, KnownBdev,
+    VhostBlkSection,
+};
+use crate::state::{Persisted, StateStore, STATE_VERSION};
+
+/// Why a management call failed: a JSON-RPC error code and a message.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ApiError {
+    pub code: i64,
+    pub message: String,
+}
+
+/// JSON-RPC 2.0's own codes, and Quern's stable application codes.
+pub mod codes {
+    pub const PARSE_ERROR: i64 = -32700;
+    pub const INVALID_REQUEST: i64 = -32600;
+    pub const METHOD_NOT_FOUND: i64 = -32601;
+    pub const INVALID_PARAMS: i64 = -32602;
+    pub const INTERNAL_ERROR: i64 = -32603;
+    /// The named object does not exist.
+    pub const NOT_FOUND: i64 = -32001;
+    /// An object of that name (or on that socket) exists already.
+    pub const ALREADY_EXISTS: i64 = -32002;
+    /// The object is used by another (a device, an overlay, a frontend).
+    pub const IN_USE: i64 = -32003;
+    /// The engine cannot do it now (too many clients, requests in flight).
+    pub const BUSY: i64 = -32004;
+    /// The operation was tried and failed (a file that cannot be opened, a
+    /// cluster that does not answer, a state that cannot be written).
+    pub const FAILED: i64 = -32005;
+}
+
+impl ApiError {
+    pub fn new(code: i64, message: impl Into<String>) -> Self {
+        ApiError {
+            code,
+            message: message.into(),
+        }
+    }
+
+    /// A parameter's value refused by the checks the TOML file gets too.
+    pub fn invalid(e: ConfigError) -> Self {
+        ApiError::new(codes::INVALID_PARAMS, format!("invalid params: {e}"))
+    }
+}
+
+impl std::fmt::Display for ApiError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} (code {})", self.message, self.code)
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("state directory {path}: {source}")]
+    StateDir {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{0}")]
+    State(ConfigError),
+    #[error("{what}: {message}")]
+    Object { what: String, message: String },
+    #[error("reactor on core {core}: {source}")]
+    Reactor { core: usize, source: std::io::Error },
+}
+
+struct LiveBdev {
+    section: BdevSection,
+    bdev: BdevRef,
+    /// The bdev's handle on each reactor's engine.
+    handles: Vec<u16>,
+}
+
+struct LiveDevice {
+    section: VhostBlkSection,
+    handle: Arc<DeviceHandle>,
+}
+
+/// The objects, under the control path's lock.
+#[derive(Default)]
+struct Objects {
+    bdevs: Vec<LiveBdev>,
+    devices: Vec<LiveDevice>,
+    /// Devices removed while a frontend was attached, still failing its
+    /// requests until it lets go.
+    retired: Vec<Arc<DeviceHandle>>,
+}
+
+/// A running engine.
+pub struct Engine {
+    /// The engine-wide settings it started with (its objects come from
+    /// the state directory once there is one).
+    pub cfg: Config,
+    pub reactors: Vec<Arc<IoReactor>>,
+    /// Each reactor's I/O counters.
+    pub io_stats: Vec<Arc<IoStats>>,
+    objects: Mutex<Objects>,
+    store: StateStore,
+}
+
+/// How the engine starts.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct StartOptions {
+    /// Forget the state directory's objects and start from the file's.
+    pub reset_state: bool,
+}
+
+/// How long a stopping engine lets each device's requests finish.
+pub const STOP_DRAIN: Duration = Duration::from_secs(2);
+
+impl Engine {
+    /// Start reactors, then the objects: the state directory's if it has
+    /// any (and `reset_state` is not set), the file's otherwise. Nothing
+    /// runs half-configured: a failure stops what started and names the
+    /// object.
+    pub fn start(cfg: &Config, opts: StartOptions) -> Result<Arc<Engine>, StartError> {
+        std::fs::create_dir_all(&cfg.state_dir).map_err(|source| StartError::StateDir {
+            path: cfg.state_dir.clone(),
+            source,
+        })?;
+        let store = StateStore::new(&cfg.state_dir);
+        if opts.reset_state {
+            store.remove().map_err(|source| StartError::StateDir {
+                path: store.path(),
+                source,
+            })?;
+        }
+        let kept = store.load().map_err(StartError::State)?;
+        let (bdevs, devices, from) = match &kept {
+            Some(p) => (p.bdevs.clone(), p.vhost_blk.clone(), store.path()),
+            None => (
+                cfg.bdevs.clone(),
+                cfg.vhost_blk.clone(),
+                PathBuf::from("the configuration file"),
+            ),
+        };
+        if kept.is_some() && (cfg.bdevs != bdevs || cfg.vhost_blk != devices) {
+            tracing::info!(state = %store.path().display(), "bdevs and devices come from the state directory; the configuration file's differ and are not used (--reset-state starts from them)");
+        }
+        let reactors = spawn_reactors(cfg)?;
+        let engine = Arc::new(Engine {
+            cfg: cfg.clone(),
+            reactors: reactors.iter().map(|(r, _)| r.clone()).collect(),
+            io_stats: reactors.into_iter().map(|(_, s)| s).collect(),
+            objects: Mutex::new(Objects::default()),
+            store,
+        });
+        let fail = |what: String, e: ApiError| {
+            engine.stop_within(STOP_DRAIN);
+            StartError::Object {
+                what: format!("{}: {what}", from.display()),
+                message: e.message,
+            }
+        };
+        for (i, b) in bdevs.into_iter().enumerate() {
+            let name = b.name.clone();
+            if let Err(e) = engine.create_bdev(b, false) {
+                return Err(fail(format!("bdev[{i}] `{name}`"), e));
+            }
+        }
+        for (i, d) in devices.into_iter().enumerate() {
+            let name = d.name.clone();
+            if let Err(e) = engine.create_device(d, false) {
+                return Err(fail(format!("vhost_blk[{i}] `{name}`"), e));
+            }
+        }
+        // the first start records the file's objects
+        if let Err(e) = engine.persist(&engine.lock()) {
+            return Err(fail("state".into(), e));
+        }
+        Ok(engine)
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Objects> {
+        self.objects.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn persist(&self, o: &Objects) -> Result<(), ApiError> {
+        let p = Persisted {
+            version: STATE_VERSION,
+            bdevs: o.bdevs.iter().map(|b| b.section.clone()).collect(),
+            vhost_blk: o.devices.iter().map(|d| d.section.clone()).collect(),
+        };
+        self.store.save(&p).map_err(|e| {
+            ApiError::new(
+                codes::FAILED,
+                format!(
+                    "cannot write the state ({}): {e}",
+                    self.store.path().display()
+                ),
+            )
+        })
+    }
+
+    pub fn state_dir(&self) -> &Path {
+        &self.cfg.state_dir
+    }
+
+    /// Create a bdev (`bdev_create`): checked as a `[[bdev]]` table is,
+    /// opened, attached to every reactor, and made durable.
+    pub fn bdev_create(&self, b: BdevSection) -> Result<Value, ApiError> {
+        self.create_bdev(b, true)
+    }
+
+    fn create_bdev(&self, b: BdevSection, durable: bool) -> Result<Value, ApiError> {
+        let mut o = self.lock();
+        if o.bdevs.iter().any(|x| x.section.name == b.name) {
+            return Err(ApiError::new(
+                codes::ALREADY_EXISTS,
+                format!("a bdev named `{}` exists already", b.name),
+            ));
+        }
+        b.check(
+            "",
+            &LiveScope {
+                o: &o,
+                engine: self,
+            },
+        )
+        .map_err(ApiError::invalid)?;
+        let bdev = open_bdev(&self.cfg.state_dir, &b, &o.bdevs)
+            .map_err(|e| ApiError::new(codes::FAILED, format!("bdev `{}`: {e}", b.name)))?;
+        let handles = self
+            .attach(&bdev)
+            .map_err(|e| ApiError::new(codes::FAILED, format!("bdev `{}`: {e}", b.name)))?;
+        let i = bdev.info();
+        tracing::info!(bdev = %i.name, driver = i.driver, capacity = i.capacity_bytes, block_size = i.block_size, read_only = i.read_only, "bdev ready");
+        let info = bdev_json(&b, &bdev);
+        o.bdevs.push(LiveBdev {
+            section: b,
+            bdev,
+            handles,
+        });
+        if durable {
+            if let Err(e) = self.persist(&o) {
+                if let Some(x) = o.bdevs.pop() {
+                    self.detach(&x.handles);
+                }
+                return Err(e);
+            }
+        }
+        Ok(info)
+    }
+
+    /// Attach a bdev to every reactor's engine; on failure, detach it from
+    /// those it reached.
+    fn attach(&self, bdev: &BdevRef) -> std::io::Result<Vec<u16>> {
+        let mut handles = Vec::new();
+        for r in &self.reactors {
+            let b = bdev.clone();
+            match r
+                .call(move |w| w.io.add_device(b))
+                .unwrap_or_else(|e| Err(std::io::Error::other(e)))
+            {
+                Ok(h) => handles.push(h),
+                Err(e) => {
+                    self.detach(&handles);
+                    return Err(e);
+                }
+            }
+        }
+        Ok(handles)
+    }
+
+    fn detach(&self, handles: &[u16]) {
+        for (r, &h) in self.reactors.iter().zip(handles) {
+            if let Err(e) = r.call(move |w| w.io.remove_device(h)) {
+                tracing::warn!(reactor = r.id, "detaching a bdev: {e}");
+            }
+        }
+    }
+
+    /// Delete a bdev (`bdev_delete`): refused while a device or an overlay
+    /// uses it, naming the user.
+    pub fn bdev_delete(&self, name: &str) -> Result<Value, ApiError> {
+        let mut o = self.lock();
+        let Some(i) = o.bdevs.iter().position(|b| b.section.name == name) else {
+            return Err(not_found("bdev", name));
+        };
+        if let Some(d) = o.devices.iter().find(|d| d.section.bdev == name) {
+            return Err(ApiError::new(
+                codes::IN_USE,
+                format!("bdev `{name}` is used by device `{}`", d.section.name),
+            ));
+        }
+        if let Some(b) = o
+            .bdevs
+            .iter()
+            .find(|b| b.section.base.as_deref() == Some(name))
+        {
+            return Err(ApiError::new(
+                codes::IN_USE,
+                format!("bdev `{name}` is the base of overlay `{}`", b.section.name),
+            ));
+        }
+        let gone = o.bdevs.remove(i);
+        if let Err(e) = self.persist(&o) {
+            o.bdevs.insert(i, gone);
+            return Err(e);
+        }
+        // no device serves it, so nothing of it is in flight
+        self.detach(&gone.handles);
+        drop(gone);
+        tracing::info!(bdev = name, "bdev deleted");
+        Ok(json!({"deleted": name}))
+    }
+
+    /// Create a vhost-user-blk device (`vhost_blk_create`).
+    pub fn vhost_blk_create(&self, d: VhostBlkSection) -> Result<Value, ApiError> {
+        self.create_device(d, true)
+    }
+
+    fn create_device(&self, d: VhostBlkSection, durable: bool) -> Result<Value, ApiError> {
+        let mut o = self.lock();
+        o.retired.retain(|h| !h.finished());
+        if o.devices.iter().any(|x| x.section.name == d.name) {
+            return Err(ApiError::new(
+                codes::ALREADY_EXISTS,
+                format!("a device named `{}` exists already", d.name),
+            ));
+        }
+        d.check(
+            "",
+            &LiveScope {
+                o: &o,
+                engine: self,
+            },
+        )
+        .map_err(ApiError::invalid)?;
+        let b = o
+            .bdevs
+            .iter()
+            .find(|b| b.section.name == d.bdev)
+            .ok_or_else(|| not_found("bdev", &d.bdev))?;
+        let cfg = DeviceConfig {
+            name: d.name.clone(),
+            socket: resolve_under(&self.cfg.state_dir, &d.socket),
+            num_queues: d.num_queues,
+            queue_size: d.queue_size,
+            read_only: d.read_only,
+            serial: d.serial.clone().unwrap_or_else(|| d.name.clone()),
+            binding: d.binding(&self.cfg.reactor.cores),
+        };
+        let handle = quern_vhost::serve(
+            cfg,
+            b.bdev.clone(),
+            self.reactors.clone(),
+            b.handles.clone(),
+        )
+        .map_err(|e| ApiError::new(codes::FAILED, format!("device `{}`: {e}", d.name)))?;
+        let info = json!({"name": d.name, "socket": resolve_under(&self.cfg.state_dir, &d.socket)});
+        o.devices.push(LiveDevice {
+            section: d,
+            handle: Arc::new(handle),
+        });
+        if durable {
+            if let Err(e) = self.persist(&o) {
+                if let Some(x) = o.devices.pop() {
+                    x.handle.stop();
+                }
+                return Err(e);
+            }
+        }
+        Ok(info)
+    }
+
+    /// Delete a device (`vhost_blk_delete`). With a frontend attached it is
+    /// refused unless `force`: then the device is retired (every request
+    /// fails with an I/O error until the frontend lets go, see
+    /// [`DeviceHandle::retire`]) and its name and socket are free at once.
+    pub fn vhost_blk_delete(&self, name: &str, force: bool) -> Result<Value, ApiError> {
+        let mut o = self.lock();
+        o.retired.retain(|h| !h.finished());
+        let Some(i) = o.devices.iter().position(|d| d.section.name == name) else {
+            return Err(not_found("device", name));
+        };
+        let connected = o.devices[i].handle.connected();
+        if connected && !force {
+            return Err(ApiError::new(
+                codes::IN_USE,
+                format!("device `{name}` has a frontend attached (force: true fails its requests from now on and frees the device)"),
+            ));
+        }
+        let gone = o.devices.remove(i);
+        if let Err(e) = self.persist(&o) {
+            o.devices.insert(i, gone);
+            return Err(e);
+        }
+        if connected {
+            gone.handle.retire();
+            o.retired.push(gone.handle);
+        } else {
+            gone.handle.stop();
+        }
+        tracing::info!(device = name, forced = connected, "device deleted");
+        Ok(json!({"deleted": name, "frontend_was_attached": connected}))
+    }
+
+    pub fn bdev_list(&self) -> Value {
+        let o = self.lock();
+        Value::Array(
+            o.bdevs
+                .iter()
+                .map(|b| bdev_json(&b.section, &b.bdev))
+                .collect(),
+        )
+    }
+
+    pub fn vhost_blk_list(&self) -> Value {
+        let o = self.lock();
+        Value::Array(
+            o.devices
+                .iter()
+                .map(|d| device_json(&self.cfg.state_dir, &d.section, &d.handle))
+                .collect(),
+        )
+    }
+
+    pub fn reactor_list(&self) -> Value {
+        Value::Array(
+            self.reactors
+                .iter()
+                .zip(&self.io_stats)
+                .map(|(r, io)| {
+                    let s = r.stats.snapshot();
+                    let i = io.snapshot();
+                    json!({
+                        "id": r.id,
+                        "core": r.core,
+                        "failed": r.failure(),
+                        "cycles": s.cycles,
+                        "busy_ns": s.busy_ns,
+                        "idle_ns": s.idle_ns,
+                        "sleeps": s.sleeps,
+                        "pollers": i.pollers,
+                        "ios_submitted": i.ios_submitted,
+                        "ios_completed": i.ios_completed,
+                        "ios_failed": i.ios_failed,
+                        "merge_requests_in": i.merge_requests_in,
+                        "merge_requests_out": i.merge_requests_out,
+                        "merge_bytes": i.merge_bytes,
+                    })
+                })
+                .collect(),
+        )
+    }
+
+    /// Everything, for `stats`.
+    pub fn stats(&self) -> Value {
+        json!({
+            "reactors": self.reactor_list(),
+            "bdevs": self.bdev_list(),
+            "devices": self.vhost_blk_list(),
+        })
+    }
+
+    /// The whole current state as a configuration file `quern --config`
+    /// accepts (`config_save`).
+    pub fn config_save(&self) -> String {
+        let o = self.lock();
+        let mut c = self.cfg.clone();
+        c.bdevs = o.bdevs.iter().map(|b| b.section.clone()).collect();
+        c.vhost_blk = o.devices.iter().map(|d| d.section.clone()).collect();
+        c.to_toml()
+    }
+
+    /// The devices (for the statistics a stopping engine logs).
+    pub fn devices(&self) -> Vec<(String, Arc<DeviceHandle>)> {
+        self.lock()
+            .devices
+            .iter()
+            .map(|d| (d.section.name.clone(), d.handle.clone()))
+            .collect()
+    }
+
+    /// Stop serving: every device stops taking requests and lets those in
+    /// flight finish for at most `drain` (what remains stays recorded in
+    /// its frontend's in-flight region, for the next Quern to resubmit),
+    /// then the reactors stop.
+    pub fn stop_within(&self, drain: Duration) {
+        let (devices, retired): (Vec<_>, Vec<_>) = {
+            let o = self.lock();
+            (
+                o.devices.iter().map(|d| d.handle.clone()).collect(),
+                o.retired.clone(),
+            )
+        };
+        // every device at once: each waits at most `drain`
+        std::thread::scope(|s| {
+            for d in devices.iter().chain(&retired) {
+                s.spawn(move || d.stop_within(drain));
+            }
+        });
+        for r in &self.reactors {
+            r.stop_within(drain);
+        }
+    }
+
+    /// [`Engine::stop_within`] with a bound of [`STOP_DRAIN`].
+    pub fn stop(&self) {
+        self.stop_within(STOP_DRAIN);
+    }
+}
+
+fn not_found(kind: &str, name: &str) -> ApiError {
+    ApiError::new(codes::NOT_FOUND, format!("no {kind} named `{name}`"))
+}
+
+fn bdev_json(s: &BdevSection, b: &BdevRef) -> Value {
+    let i = b.info();
+    json!({
+        "name": s.name,
+        "driver": i.driver,
+        "capacity_bytes": i.capacity_bytes,
+        "block_size": i.block_size,
+        "read_only": i.read_only,
+        "base": s.base,
+    })
+}
+
+fn device_json(state_dir: &Path, s: &VhostBlkSection, h: &DeviceHandle) -> Value {
+    use std::sync::atomic::Ordering;
+    let load = |a: &std::sync::atomic::AtomicU64| a.load(Ordering::Relaxed);
+    let queues: Vec<Value> = h
+        .queues
+        .iter()
+        .enumerate()
+        .map(|(i, q)| {
+            let r = load(&q.reactor);
+            json!({
+                "queue": i,
+                // the reactor the queue is bound to; null while the
+                // frontend has not started it
+                "reactor": (r != u64::MAX).then_some(r),
+                "requests": load(&q.requests),
+                "completed": load(&q.completed),
+                "errors": load(&q.errors),
+                "malformed": load(&q.malformed),
+                "notifies": load(&q.notifies),
+                "resubmitted": load(&q.resubmitted),
+            })
+        })
+        .collect();
+    json!({
+        "name": s.name,
+        "bdev": s.bdev,
+        "socket": resolve_under(state_dir, &s.socket),
+        "num_queues": s.num_queues,
+        "read_only": s.read_only,
+        "connected": h.connected(),
+        "connections": load(&h.connections),
+        "queues": queues,
+    })
+}
+
+/// The checks of a new object against the running engine's.
+struct LiveScope<'a> {
+    o: &'a Objects,
+    engine: &'a Engine,
+}
+
+impl BdevScope for LiveScope<'_> {
+    fn bdev(&self, name: &str) -> Option<KnownBdev> {
+        self.o
+            .bdevs
+            .iter()
+            .find(|b| b.section.name == name)
+            .map(|b| KnownBdev {
+                earlier: true,
+                capacity: Some(b.bdev.info().capacity_bytes),
+            })
+    }
+    fn state_dir(&self) -> &Path {
+        &self.engine.cfg.state_dir
+    }
+}
+
+impl DeviceScope for LiveScope<'_> {
+    fn has_bdev(&self, name: &str) -> bool {
+        self.o.bdevs.iter().any(|b| b.section.name == name)
+    }
+    fn cores(&self) -> &[usize] {
+        &self.engine.cfg.reactor.cores
+    }
+    fn socket_in_use(&self, path: &Path) -> Option<String> {
+        if self.engine.cfg.management_socket().as_deref() == Some(path) {
+            return Some("the management socket (management.socket)".into());
+        }
+        self.o
+            .devices
+            .iter()
+            .find(|d| resolve_under(&self.engine.cfg.state_dir, &d.section.socket) == path)
+            .map(|d| format!("device `{}`", d.section.name))
+    }
+    fn state_dir(&self) -> &Path {
+        &self.engine.cfg.state_dir
+    }
+}
+
+/// A reactor and its I/O counters.
+type Reactor = (Arc<IoReactor>, Arc<IoStats>);
+
+fn spawn_reactors(cfg: &Config) -> Result<Vec<Reactor>, StartError> {
+    let engine_cfg = EngineConfig {
+        max_requests: cfg.reactor.max_requests,
+        submit_batch: cfg.reactor.submit_batch,
+        merge: MergeConfig {
+            enabled: cfg.merge.enabled,
+            max_bytes: cfg.merge.max_bytes,
+            max_segments: cfg.merge.max_segments,
+        },
+        ..EngineConfig::default()
+    };
+    let mut out: Vec<Reactor> = Vec::new();
+    for (id, &core) in cfg.reactor.cores.iter().enumerate() {
+        let rc = ReactorConfig {
+            id,
+            core: Some(core),
+            mode: cfg.reactor.poll_mode,
+            idle_spin: Duration::from_micros(cfg.reactor.idle_spin_us),
+        };
+        match spawn_io_reactor(rc, engine_cfg) {
+            Ok(r) => out.push(r),
+            Err(source) => {
+                out.iter().for_each(|(r, _)| r.stop());
+                return Err(StartError::Reactor { core, source });
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// Open one bdev; `opened` holds those before it (a qcow2 base).
+fn open_bdev(state_dir: &Path, b: &BdevSection, opened: &[LiveBdev]) -> std::io::Result<BdevRef> {
+    let size = b
+        .size
+        .as_ref()
+        .map(|s| s.bytes())
+        .transpose()
+        .map_err(std::io::Error::other)?;
+    let bs = b.block_size.unwrap_or(512);
+    let path = || {
+        resolve_under(
+            state_dir,
+            b.path.as_deref().unwrap_or_else(|| Path::new("")),
+        )
+    };
+    Ok(match b.driver {
+        Driver::Malloc => Arc::new(MallocBdev::new(
+            &b.name,
+            size.unwrap_or(0),
+            bs,
+            b.read_only,
+        )?),
+        Driver::Null => Arc::new(NullBdev::new(&b.name, size.unwrap_or(0), bs, b.read_only)),
+        Driver::Uring => Arc::new(UringBdev::open(&UringOptions {
+            name: b.name.clone(),
+            path: path(),
+            create_size: size,
+            direct: b.direct,
+            read_only: b.read_only,
+            block_size: b.block_size,
+            delay_us: b.delay_us,
+        })?),
+        #[cfg(feature = "rbd")]
+        Driver::Rbd => {
+            use quern_bdev::drivers::{RbdBdev, RbdOptions};
+            let mut o = RbdOptions::new(
+                &b.name,
+                b.pool.as_deref().unwrap_or_default(),
+                b.image.as_deref().unwrap_or_default(),
+            );
+            o.snapshot = b.snapshot.clone();
+            if let Some(c) = &b.ceph_conf {
+                o.ceph_conf = resolve_under(state_dir, c);
+            }
+            if let Some(id) = &b.client_id {
+                o.client_id = id.clone();
+            }
+            o.keyring = b.keyring.as_deref().map(|k| resolve_under(state_dir, k));
+            o.read_only = b.read_only || b.snapshot.is_some();
+            if let Some(t) = b.timeout_secs {
+                o.timeout_secs = t;
+            }
+            o.block_size = b.block_size;
+            Arc::new(RbdBdev::open(&o)?)
+        }
+        #[cfg(not(feature = "rbd"))]
+        Driver::Rbd => return Err(std::io::Error::other("built without the rbd feature")),
+        Driver::Qcow2 => {
+            let base_name = b.base.as_deref().unwrap_or_default();
+            let base = opened
+                .iter()
+                .find(|x| x.section.name == base_name)
+                .map(|x| x.bdev.clone())
+                .ok_or_else(|| std::io::Error::other(format!("base `{base_name}` is not open")))?;
+            let cluster_size = match &b.cluster_size {
+                Some(s) => s.bytes().map_err(std::io::Error::other)?,
+                None => 64 << 10,
+            };
+            Arc::new(Qcow2Bdev::open(&Qcow2Options {
+                name: b.name.clone(),
+                path: path(),
+                base,
+                size,
+                cluster_size: u32::try_from(cluster_size).map_err(std::io::Error::other)?,
+                copy_on_read: b.copy_on_read,
+                read_only: b.read_only,
+                direct: b.direct,
+            })?)
+        }
+    })
+}
