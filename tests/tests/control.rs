@@ -149,13 +149,17 @@ fn settled_counts(pid: u32) -> quern_tests::ProcCounts {
 fn a_thousand_create_delete_cycles_leak_nothing_and_disturb_no_neighbour() {
     let dir = disk_tempdir("quern-churn");
     // glibc keeps the stacks of threads that ended for reuse (up to 40
-    // MiB): a cache, not a leak, but it would make the mapping count move
-    // with how many threads happened to overlap; without it the count is
-    // exact
+    // MiB) and gives a thread that meets contention a new malloc arena
+    // (up to 8 per core) that it never unmaps: caches, not leaks, but they
+    // would make the mapping count move with how threads happened to
+    // overlap; without them the count is exact
     let mut q = QuernProcess::start_with_env(
         dir.path(),
         BASE,
-        &[("GLIBC_TUNABLES", "glibc.pthread.stack_cache_size=0")],
+        &[(
+            "GLIBC_TUNABLES",
+            "glibc.pthread.stack_cache_size=0:glibc.malloc.arena_max=1",
+        )],
     );
     q.wait_ready(Duration::from_secs(20));
     let v = Verifier::start(&dir.path().join("steady.sock"));
