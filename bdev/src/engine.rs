@@ -20,7 +20,11 @@ use std::alloc::{self, Layout};
 use std::collections::VecDeque;
 use std::os::fd::RawFd;
 
+use std::sync::Arc;
+
 use io_uring::IoUring;
+use quern_reactor::clock;
+use quern_reactor::histogram::Histogram;
 
 use crate::merge::{MergeConfig, MergeInput, MergePlanner, MergeStats, MergedGroup};
 use crate::poller::Cookie;
@@ -54,6 +58,9 @@ pub struct EngineConfig {
     /// host as one plugged batch and tend to come back together, so the
     /// queue runs in waves (see bench/RESULTS.md, "Fourth session").
     pub submit_batch: usize,
+    /// Keep a service-time histogram per device (from an operation's start
+    /// to its completion being reaped).
+    pub timing: bool,
 }
 
 /// `EngineConfig::submit_batch` unless configured: on this project's test
@@ -70,6 +77,7 @@ impl Default for EngineConfig {
             bounce_buffers: 8,
             merge: MergeConfig::default(),
             submit_batch: DEFAULT_SUBMIT_BATCH,
+            timing: true,
         }
     }
 }
@@ -143,6 +151,8 @@ struct OpSlot {
     /// A bounced operation larger than its buffer runs in pieces: bytes
     /// `[piece_start, piece_start + bounce_iov.iov_len)` are in flight.
     piece_start: u64,
+    /// When it started (ticks), for the device's service time.
+    t0: u64,
 }
 
 struct BounceBuf {
@@ -177,6 +187,8 @@ struct Device {
     info: BdevInfo,
     chan: Box<dyn BdevChannel>,
     _bdev: BdevRef,
+    /// Service time of its operations on this engine.
+    latency: Arc<Histogram>,
 }
 
 /// The per-reactor executor. See the module documentation.
@@ -204,6 +216,8 @@ pub struct IoEngine {
     /// in this cycle's `kick`; `flush` tries once more.
     sq_blocked: bool,
     stats: EngineStats,
+    /// The clock reading of the current start or reap pass.
+    now_ticks: u64,
 }
 
 /// Registered-file table size of each ring: the most devices one engine holds.
@@ -261,6 +275,7 @@ impl IoEngine {
                     iov_len: 0,
                 }],
                 piece_start: 0,
+                t0: 0,
             })
             .collect();
         let bounce_len = (cfg.merge.max_bytes as usize).max(128 << 10);
@@ -285,6 +300,7 @@ impl IoEngine {
             done: Vec::with_capacity(n),
             sq_blocked: false,
             stats: EngineStats::default(),
+            now_ticks: 0,
             cfg,
         })
     }
@@ -304,6 +320,7 @@ impl IoEngine {
             info: bdev.info().clone(),
             chan,
             _bdev: bdev,
+            latency: Arc::new(Histogram::default()),
         });
         self.device_generation += 1;
         Ok(slot as u16)
@@ -328,6 +345,11 @@ impl IoEngine {
             .expect("device handle in use")
             ._bdev
             .clone()
+    }
+
+    /// A device's service-time histogram on this engine.
+    pub fn device_latency(&self, dev: u16) -> Option<Arc<Histogram>> {
+        Some(self.devs.get(dev as usize)?.as_ref()?.latency.clone())
     }
 
     pub fn device_info(&self, dev: u16) -> Option<&BdevInfo> {
@@ -468,6 +490,9 @@ impl IoEngine {
     /// Start pending operations in order, stopping at a drain point while
     /// earlier operations are in flight, or when the ring or pool is full.
     fn kick(&mut self) {
+        if self.cfg.timing && !self.pending.is_empty() {
+            self.now_ticks = clock::ticks();
+        }
         while let Some(&op) = self.pending.front() {
             if self.ops[op as usize].drain && self.inflight_ops > 0 {
                 break;
@@ -543,6 +568,7 @@ impl IoEngine {
         );
         if ok {
             op.started = true;
+            op.t0 = self.now_ticks;
             self.inflight_ops += 1;
             self.stats.ops_started += 1;
         } else if op.bounce != NONE && op.piece_start == 0 {
@@ -590,6 +616,9 @@ impl IoEngine {
             if self.done.is_empty() {
                 return completed;
             }
+            if self.cfg.timing {
+                self.now_ticks = clock::ticks();
+            }
             // index loop: finishing an op may queue retries but never grows `done`
             let mut i = 0;
             while i < self.done.len() {
@@ -621,6 +650,12 @@ impl IoEngine {
             "a completion for operation {op_ix}, which is not in flight"
         );
         op.started = false;
+        if self.cfg.timing {
+            if let Some(Some(d)) = self.devs.get(op.dev as usize) {
+                d.latency
+                    .record(clock::scale().units(self.now_ticks.wrapping_sub(op.t0)));
+            }
+        }
         let want = if op.bounce != NONE {
             op.bounce_iov[0].iov_len as u64
         } else {

@@ -13,6 +13,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use quern_reactor::histogram::Histogram;
 use quern_reactor::{ReactorGone, ReactorHandle, Work};
 
 use crate::engine::{EngineConfig, IoEngine};
@@ -84,6 +85,11 @@ pub trait IoPoller: Send {
     fn resume_index(&self) -> Option<u16> {
         None
     }
+    /// Work that is waiting for time to pass (a QoS budget to refill): the
+    /// reactor sleeps at most this long.
+    fn wake_within_ms(&self) -> Option<u32> {
+        None
+    }
 }
 
 /// The engine's counters, published by the reactor once per cycle that
@@ -97,6 +103,9 @@ pub struct IoStats {
     pub merge_requests_out: AtomicU64,
     pub merge_bytes: AtomicU64,
     pub pollers: AtomicU64,
+    /// Each attached bdev's service-time histogram on this reactor, by
+    /// bdev name (control path only: changed when bdevs come and go).
+    pub bdev_latency: std::sync::Mutex<Vec<(String, u16, Arc<Histogram>)>>,
 }
 
 /// A plain copy of [`IoStats`].
@@ -203,6 +212,31 @@ impl ReactorIo {
             .map_or(0, |p| p.in_flight())
     }
 
+    /// Attach a bdev to this reactor's engine; its service-time histogram
+    /// is published in the reactor's [`IoStats`].
+    pub fn add_device(&mut self, bdev: crate::BdevRef) -> std::io::Result<u16> {
+        let name = bdev.info().name.clone();
+        let dev = self.io.add_device(bdev)?;
+        if let Some(h) = self.io.device_latency(dev) {
+            self.stats
+                .bdev_latency
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .push((name, dev, h));
+        }
+        Ok(dev)
+    }
+
+    /// Detach a bdev (nothing of it may be in flight).
+    pub fn remove_device(&mut self, dev: u16) {
+        self.io.remove_device(dev);
+        self.stats
+            .bdev_latency
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .retain(|(_, d, _)| *d != dev);
+    }
+
     pub fn quiesce_poller(&mut self, id: PollerId) {
         if let Some(Some(p)) = self.pollers.get_mut(usize::from(id.0)) {
             p.quiesce();
@@ -288,6 +322,14 @@ impl Work for ReactorIo {
         // both only grow, so their sum changes whenever either does
         self.poller_generation
             .wrapping_add(self.io.device_generation())
+    }
+
+    fn sleep_limit_ms(&self) -> Option<u32> {
+        self.pollers
+            .iter()
+            .flatten()
+            .filter_map(|p| p.wake_within_ms())
+            .min()
     }
 
     fn fail(&mut self) {

@@ -38,10 +38,23 @@ pub struct Setup {
     pub client_cpu: usize,
 }
 
+/// How Quern's measurement features are set for a run.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Flavor {
+    /// As configured by default: latency histograms on, no QoS limit.
+    Default,
+    /// Histograms off and no QoS limit: the data path with nothing extra.
+    Bare,
+    /// Histograms on and a QoS limit on the device too high to bind
+    /// (10^8 IOPS, 2^40 bytes/s): every request goes through QoS
+    /// accounting, none waits.
+    Metered,
+}
+
 /// One backend to measure.
 #[derive(Clone, Debug)]
 pub enum Backend {
-    Quern,
+    Quern(Flavor),
     /// A qemu-storage-daemon binary and its version (`10.0.2`).
     Qsd {
         bin: PathBuf,
@@ -59,10 +72,15 @@ impl Backend {
     /// The label of its rows: `quern-busy-mergeon`, `qsd-7.2.22`, `spdk`, `fio`.
     pub fn label(&self, s: &Setup) -> String {
         match self {
-            Backend::Quern => format!(
-                "quern-{}-merge{}",
+            Backend::Quern(f) => format!(
+                "quern-{}-merge{}{}",
                 s.poll,
-                if s.merge { "on" } else { "off" }
+                if s.merge { "on" } else { "off" },
+                match f {
+                    Flavor::Default => "",
+                    Flavor::Bare => "-bare",
+                    Flavor::Metered => "-metered",
+                }
             ),
             Backend::Qsd { version, .. } => format!("qsd-{version}"),
             Backend::Spdk { .. } => "spdk".into(),
@@ -71,7 +89,7 @@ impl Backend {
     }
 
     pub fn is_quern(&self) -> bool {
-        matches!(self, Backend::Quern)
+        matches!(self, Backend::Quern(_))
     }
 }
 
@@ -103,7 +121,7 @@ pub fn measure(b: &Backend, job: &Job, s: &Setup) -> Result<Option<Measured>, St
     match b {
         Backend::Fio if s.null => Ok(None),
         Backend::Fio => run_fio(job, s).map(Some),
-        Backend::Quern => run_quern(job, s).map(Some),
+        Backend::Quern(f) => run_quern(job, s, *f).map(Some),
         Backend::Qsd { bin, .. } => run_qsd(bin, job, s).map(Some),
         Backend::Spdk { vhost, rpc } => run_spdk(vhost, rpc, job, s).map(Some),
     }
@@ -202,7 +220,7 @@ fn drive(job: &Job, s: &Setup, pid: u32, sock: &Path) -> Result<Measured, String
 }
 
 /// Quern's configuration for one run (one reactor on the backend core).
-pub fn quern_toml(job: &Job, s: &Setup, dir: &Path, sock: &Path) -> String {
+pub fn quern_toml(job: &Job, s: &Setup, flavor: Flavor, dir: &Path, sock: &Path) -> String {
     let bdev = if s.null {
         format!("driver = \"null\"\nsize = \"{}\"\n", s.size)
     } else {
@@ -217,11 +235,19 @@ pub fn quern_toml(job: &Job, s: &Setup, dir: &Path, sock: &Path) -> String {
     let merge_max = s
         .merge_max_bytes
         .map_or(String::new(), |b| format!("max_bytes = {b}\n"));
+    let (metrics, qos) = match flavor {
+        Flavor::Default => ("", ""),
+        Flavor::Bare => ("[metrics]\nhistograms = false\n", ""),
+        Flavor::Metered => (
+            "[metrics]\nhistograms = true\n",
+            "qos = { iops = 100000000, bps = 1099511627776 }\n",
+        ),
+    };
     format!(
         "state_dir = \"{dir}\"\n\n[reactor]\ncores = [{cpu}]\npoll_mode = \"{poll}\"\n{submit_batch}\n\
-         [merge]\nenabled = {merge}\n{merge_max}\n\
+         [merge]\nenabled = {merge}\n{merge_max}\n{metrics}\n\
          [[bdev]]\nname = \"disk0\"\n{bdev}\n\
-         [[vhost_blk]]\nname = \"bench0\"\nbdev = \"disk0\"\nsocket = \"{sock}\"\nnum_queues = {q}\ncores = [{cpu}]\n",
+         [[vhost_blk]]\nname = \"bench0\"\nbdev = \"disk0\"\nsocket = \"{sock}\"\nnum_queues = {q}\ncores = [{cpu}]\n{qos}",
         dir = dir.display(),
         cpu = s.backend_cpu,
         poll = s.poll,
@@ -231,14 +257,14 @@ pub fn quern_toml(job: &Job, s: &Setup, dir: &Path, sock: &Path) -> String {
     )
 }
 
-fn run_quern(job: &Job, s: &Setup) -> Result<Measured, String> {
+fn run_quern(job: &Job, s: &Setup, flavor: Flavor) -> Result<Measured, String> {
     let dir = s.out.join("quern-state");
     // a fresh state directory: nothing persisted by an earlier run
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
     let sock = dir.join("bench.sock");
     let cfg = s.out.join("quern.toml");
-    std::fs::write(&cfg, quern_toml(job, s, &dir, &sock))
+    std::fs::write(&cfg, quern_toml(job, s, flavor, &dir, &sock))
         .map_err(|e| format!("{}: {e}", cfg.display()))?;
     let log = s.out.join("quern.log");
     let mut p = Proc::spawn(

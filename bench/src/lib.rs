@@ -9,6 +9,7 @@ pub mod compare;
 pub mod job;
 pub mod plot;
 pub mod proc;
+pub mod quern;
 pub mod report;
 
 /// Pin the calling thread to one CPU.

@@ -331,3 +331,67 @@ fn rbd_bench_runs_on_a_test_ceph() {
         assert!(out.contains(case), "{case}:\n{}", show(&o));
     }
 }
+
+/// The metrics-cost comparison: Quern with histograms and a QoS limit
+/// that never binds against Quern with neither, in one run.
+#[test]
+fn vhost_bench_compares_quern_metered_with_bare() {
+    let dir = disk_tempdir();
+    let o = compare(
+        dir.path(),
+        &["--null", "--backends", "quern-metered,quern-bare"],
+    );
+    assert!(o.status.success(), "{}", show(&o));
+    let s = summary(dir.path(), "randread-4k-qd32-null-summary.json");
+    let r = &s["ratios"]["quern-busy-mergeon-metered/quern-busy-mergeon-bare"];
+    let iops = r["IOPS"]["median"]
+        .as_f64()
+        .unwrap_or_else(|| panic!("{s}"));
+    assert!(iops.is_finite() && iops > 0.0, "{s}");
+    // the metered run's configuration really had both on
+    let cfg = std::fs::read_to_string(dir.path().join("quern.toml")).unwrap();
+    assert!(
+        cfg.contains("histograms = false"),
+        "the last run is the bare one:\n{cfg}"
+    );
+}
+
+#[test]
+fn qos_bench_runs() {
+    let dir = disk_tempdir();
+    let o = Command::new(env!("CARGO_BIN_EXE_qos-bench"))
+        .current_dir(root())
+        .args(["--smoke", "--quern"])
+        .arg(quern_bin())
+        .arg("--out")
+        .arg(dir.path())
+        .output()
+        .expect("run qos-bench");
+    assert!(o.status.success(), "{}", show(&o));
+    let out = String::from_utf8_lossy(&o.stdout);
+    for needle in [
+        "| iops |",
+        "| write_bps |",
+        "iops 5000 → 2000",
+        "neighbour loaded/alone",
+        "QoS targets:",
+    ] {
+        assert!(out.contains(needle), "no `{needle}`:\n{}", show(&o));
+    }
+}
+
+#[test]
+fn control_bench_runs() {
+    let dir = disk_tempdir();
+    let o = Command::new(env!("CARGO_BIN_EXE_control-bench"))
+        .current_dir(root())
+        .args(["--smoke", "--runs", "3", "--no-neighbour", "--quern"])
+        .arg(quern_bin())
+        .arg("--out")
+        .arg(dir.path())
+        .output()
+        .expect("run control-bench");
+    assert!(o.status.success(), "{}", show(&o));
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(out.contains("| bdev_create | qcow2 | 3 |"), "{}", show(&o));
+}

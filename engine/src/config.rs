@@ -19,6 +19,7 @@ use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 
 use quern_reactor::PollMode;
+pub use quern_vhost::qos::QosLimits;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
@@ -65,10 +66,65 @@ pub struct Config {
     pub merge: MergeSection,
     #[serde(default)]
     pub management: ManagementSection,
+    #[serde(default)]
+    pub metrics: MetricsSection,
     #[serde(default, rename = "bdev", skip_serializing_if = "Vec::is_empty")]
     pub bdevs: Vec<BdevSection>,
+    #[serde(default, rename = "qos_group", skip_serializing_if = "Vec::is_empty")]
+    pub qos_groups: Vec<QosGroupSection>,
     #[serde(default, rename = "vhost_blk", skip_serializing_if = "Vec::is_empty")]
     pub vhost_blk: Vec<VhostBlkSection>,
+}
+
+/// Measurements: latency histograms, and the Prometheus endpoint.
+#[derive(Debug, Clone, Deserialize, Serialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct MetricsSection {
+    /// Where to serve Prometheus metrics over HTTP: "host:port" (such as
+    /// "127.0.0.1:9469") or "unix:PATH" (relative: under state_dir);
+    /// absent: no endpoint.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub listen: Option<String>,
+    /// Keep latency histograms (per device queue and operation, and per
+    /// bdev); counters are kept either way.
+    #[serde(default = "yes")]
+    pub histograms: bool,
+}
+
+impl Default for MetricsSection {
+    fn default() -> Self {
+        MetricsSection {
+            listen: None,
+            histograms: true,
+        }
+    }
+}
+
+/// Where the metrics endpoint listens.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum MetricsListen {
+    Tcp(std::net::SocketAddr),
+    Unix(PathBuf),
+}
+
+/// One `[[qos_group]]`: limits several devices share (QEMU's throttle
+/// groups); also the parameters of `qos_group_create`.
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct QosGroupSection {
+    /// Unique group name.
+    pub name: String,
+    /// The limits its devices share, together.
+    pub qos: QosLimits,
+}
+
+impl QosGroupSection {
+    pub fn check(&self, prefix: &str) -> Result<(), ConfigError> {
+        check_name(&self.name).map_err(|r| invalid(format!("{prefix}name"), r))?;
+        self.qos
+            .check()
+            .map_err(|r| invalid(format!("{prefix}qos"), r))
+    }
 }
 
 /// The management socket (the JSON-RPC API; `quern ctl`).
@@ -667,6 +723,12 @@ pub struct VhostBlkSection {
     /// Serial number the guest reads (GET_ID), at most 20 bytes; default the name.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub serial: Option<String>,
+    /// The device's own QoS limits (absent or 0: none).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub qos: Option<QosLimits>,
+    /// A [[qos_group]] whose limits it shares with the group's other devices.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub qos_group: Option<String>,
 }
 
 fn one() -> u16 {
@@ -684,6 +746,7 @@ pub trait DeviceScope {
     /// Sockets other devices and the management API listen on (resolved).
     fn socket_in_use(&self, path: &Path) -> Option<String>;
     fn state_dir(&self) -> &Path;
+    fn has_qos_group(&self, name: &str) -> bool;
 }
 
 impl VhostBlkSection {
@@ -749,6 +812,17 @@ impl VhostBlkSection {
                 return Err(invalid(
                     key("queue_cores"),
                     format!("lists {} cores for {} queues", q.len(), self.num_queues),
+                ));
+            }
+        }
+        if let Some(q) = &self.qos {
+            q.check().map_err(|r| invalid(key("qos"), r))?;
+        }
+        if let Some(g) = &self.qos_group {
+            if !scope.has_qos_group(g) {
+                return Err(invalid(
+                    key("qos_group"),
+                    format!("no qos_group named `{g}`"),
                 ));
             }
         }
@@ -831,6 +905,9 @@ impl DeviceScope for FileScope<'_> {
     }
     fn state_dir(&self) -> &Path {
         &self.cfg.state_dir
+    }
+    fn has_qos_group(&self, name: &str) -> bool {
+        self.cfg.qos_groups.iter().any(|g| g.name == name)
     }
 }
 
@@ -915,7 +992,33 @@ impl Config {
                 return Err(invalid("management.group", format!("no group named `{g}`")));
             }
         }
+        self.metrics_listen()?;
         Ok(())
+    }
+
+    /// Where the metrics endpoint listens, if anywhere.
+    pub fn metrics_listen(&self) -> Result<Option<MetricsListen>, ConfigError> {
+        let Some(l) = &self.metrics.listen else {
+            return Ok(None);
+        };
+        if let Some(p) = l.strip_prefix("unix:") {
+            if p.is_empty() {
+                return Err(invalid("metrics.listen", "unix: needs a path"));
+            }
+            return Ok(Some(MetricsListen::Unix(self.resolve(Path::new(p)))));
+        }
+        use std::net::ToSocketAddrs;
+        let addr = l
+            .to_socket_addrs()
+            .map_err(|e| {
+                invalid(
+                    "metrics.listen",
+                    format!("`{l}` is neither host:port nor unix:PATH ({e})"),
+                )
+            })?
+            .next()
+            .ok_or_else(|| invalid("metrics.listen", format!("`{l}` resolves to no address")))?;
+        Ok(Some(MetricsListen::Tcp(addr)))
     }
 
     /// The whole file: engine settings, then every object in order.
@@ -935,6 +1038,16 @@ impl Config {
                 sockets: Vec::new(),
             };
             b.check(&format!("bdev[{i}]."), &scope)?;
+        }
+        let mut names = HashSet::new();
+        for (i, g) in self.qos_groups.iter().enumerate() {
+            if !names.insert(g.name.as_str()) {
+                return Err(invalid(
+                    format!("qos_group[{i}].name"),
+                    format!("`{}` is used by another qos_group", g.name),
+                ));
+            }
+            g.check(&format!("qos_group[{i}]."))?;
         }
         let mut scope = FileScope {
             cfg: self,

@@ -40,6 +40,25 @@ pub fn command() -> Command {
         )
         .subcommand_required(true)
         .subcommand(
+            Command::new("top")
+                .about("A live view: reactors, devices and queues (IOPS, MB/s, latency, throttling), busiest first")
+                .arg(
+                    Arg::new("once")
+                        .long("once")
+                        .action(ArgAction::SetTrue)
+                        .help("Print one screen, taken over one interval, and exit"),
+                )
+                .arg(
+                    Arg::new("interval")
+                        .long("interval")
+                        .short('i')
+                        .value_name("SECONDS")
+                        .default_value("1")
+                        .value_parser(clap::value_parser!(f64))
+                        .help("Time between refreshes"),
+                ),
+        )
+        .subcommand(
             Command::new("rpc")
                 .about("Call any method with JSON parameters")
                 .arg(Arg::new("method").required(true))
@@ -115,8 +134,38 @@ fn typed(raw: &str, ty: &str) -> Result<Value, String> {
                     .collect::<Result<_, _>>()?,
             )
         }
+        "object" => object(raw)?,
         _ => Value::String(raw.into()),
     })
+}
+
+/// An object parameter: JSON (`{"iops": 5000}`) or `key=value` pairs
+/// separated by commas (`iops=5000,burst_ms=50`), values typed as
+/// integers, booleans or strings.
+fn object(raw: &str) -> Result<Value, String> {
+    let raw = raw.trim();
+    if raw.starts_with('{') {
+        let v: Value = serde_json::from_str(raw).map_err(|e| format!("not a JSON object: {e}"))?;
+        return match v {
+            Value::Object(_) => Ok(v),
+            _ => Err("not a JSON object".into()),
+        };
+    }
+    let mut out = Map::new();
+    for pair in raw.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+        let Some((k, v)) = pair.split_once('=') else {
+            return Err(format!("`{pair}` is not key=value"));
+        };
+        let v = v.trim();
+        let value = typed(v, "integer")
+            .or_else(|_| match v {
+                "true" | "false" => Ok(Value::Bool(v == "true")),
+                _ => Err(()),
+            })
+            .unwrap_or_else(|_| Value::String(v.into()));
+        out.insert(k.trim().to_string(), value);
+    }
+    Ok(Value::Object(out))
 }
 
 fn socket(m: &ArgMatches) -> Result<PathBuf, String> {
@@ -147,6 +196,19 @@ pub fn run(m: &ArgMatches) -> ExitCode {
 fn try_run(m: &ArgMatches) -> Result<(), String> {
     let sock = socket(m)?;
     let (name, sub) = m.subcommand().ok_or("no subcommand")?;
+    if name == "top" {
+        let secs = sub.get_one::<f64>("interval").copied().unwrap_or(1.0);
+        if !(0.05..=3600.0).contains(&secs) {
+            return Err(format!("--interval {secs}: outside 0.05..=3600 seconds"));
+        }
+        let mut client = Client::connect(&sock).map_err(|e| format!("{}: {e}", sock.display()))?;
+        return crate::top::run(
+            &mut client,
+            std::time::Duration::from_secs_f64(secs),
+            sub.get_flag("once"),
+        )
+        .map_err(|e| format!("{}: {e}", sock.display()));
+    }
     let (method, params) = if name == "rpc" {
         let method = sub.get_one::<String>("method").cloned().unwrap_or_default();
         let params = match sub.get_one::<String>("params") {

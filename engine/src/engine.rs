@@ -9,20 +9,25 @@
 //! returns (see [`crate::state`]); a change that cannot be made durable is
 //! undone and refused.
 
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use quern_bdev::drivers::{MallocBdev, NullBdev, Qcow2Bdev, Qcow2Options, UringBdev, UringOptions};
 use quern_bdev::poller::{spawn_io_reactor, IoStats};
 use quern_bdev::{BdevRef, EngineConfig, IoReactor, MergeConfig};
+use quern_reactor::histogram::Snapshot;
 use quern_reactor::ReactorConfig;
+use quern_vhost::qos::{Limiter, QosBinding, QosLimits};
+use quern_vhost::queue::OPS;
 use quern_vhost::{DeviceConfig, DeviceHandle};
 use serde_json::{json, Value};
 
 use crate::config::{
     resolve_under, BdevScope, BdevSection, Config, ConfigError, DeviceScope, Driver, KnownBdev,
-    VhostBlkSection,
+    QosGroupSection, VhostBlkSection,
 };
 use crate::state::{Persisted, StateStore, STATE_VERSION};
 
@@ -98,13 +103,24 @@ struct LiveBdev {
 struct LiveDevice {
     section: VhostBlkSection,
     handle: Arc<DeviceHandle>,
+    /// Latency as of the last reset (`vhost_blk_latency` with reset): per
+    /// queue and operation; the histograms themselves only grow.
+    latency_base: (Instant, Vec<[Snapshot; 4]>),
+}
+
+struct LiveGroup {
+    section: QosGroupSection,
+    limiter: Arc<Limiter>,
 }
 
 /// The objects, under the control path's lock.
 #[derive(Default)]
 struct Objects {
     bdevs: Vec<LiveBdev>,
+    qos_groups: Vec<LiveGroup>,
     devices: Vec<LiveDevice>,
+    /// Each bdev's service time as of its last reset (`bdev_latency`).
+    bdev_latency_base: HashMap<String, (Instant, Snapshot)>,
     /// Devices removed while a frontend was attached, still failing its
     /// requests until it lets go.
     retired: Vec<Arc<DeviceHandle>>,
@@ -120,6 +136,8 @@ pub struct Engine {
     pub io_stats: Vec<Arc<IoStats>>,
     objects: Mutex<Objects>,
     store: StateStore,
+    /// When the engine started (metrics' creation time).
+    pub started: std::time::SystemTime,
 }
 
 /// How the engine starts.
@@ -150,15 +168,23 @@ impl Engine {
             })?;
         }
         let kept = store.load().map_err(StartError::State)?;
-        let (bdevs, devices, from) = match &kept {
-            Some(p) => (p.bdevs.clone(), p.vhost_blk.clone(), store.path()),
+        let (bdevs, groups, devices, from) = match &kept {
+            Some(p) => (
+                p.bdevs.clone(),
+                p.qos_groups.clone(),
+                p.vhost_blk.clone(),
+                store.path(),
+            ),
             None => (
                 cfg.bdevs.clone(),
+                cfg.qos_groups.clone(),
                 cfg.vhost_blk.clone(),
                 PathBuf::from("the configuration file"),
             ),
         };
-        if kept.is_some() && (cfg.bdevs != bdevs || cfg.vhost_blk != devices) {
+        if kept.is_some()
+            && (cfg.bdevs != bdevs || cfg.vhost_blk != devices || cfg.qos_groups != groups)
+        {
             tracing::info!(state = %store.path().display(), "bdevs and devices come from the state directory; the configuration file's differ and are not used (--reset-state starts from them)");
         }
         let reactors = spawn_reactors(cfg)?;
@@ -168,6 +194,7 @@ impl Engine {
             io_stats: reactors.into_iter().map(|(_, s)| s).collect(),
             objects: Mutex::new(Objects::default()),
             store,
+            started: std::time::SystemTime::now(),
         });
         let fail = |what: String, e: ApiError| {
             engine.stop_within(STOP_DRAIN);
@@ -180,6 +207,12 @@ impl Engine {
             let name = b.name.clone();
             if let Err(e) = engine.create_bdev(b, false) {
                 return Err(fail(format!("bdev[{i}] `{name}`"), e));
+            }
+        }
+        for (i, g) in groups.into_iter().enumerate() {
+            let name = g.name.clone();
+            if let Err(e) = engine.create_qos_group(g, false) {
+                return Err(fail(format!("qos_group[{i}] `{name}`"), e));
             }
         }
         for (i, d) in devices.into_iter().enumerate() {
@@ -203,6 +236,7 @@ impl Engine {
         let p = Persisted {
             version: STATE_VERSION,
             bdevs: o.bdevs.iter().map(|b| b.section.clone()).collect(),
+            qos_groups: o.qos_groups.iter().map(|g| g.section.clone()).collect(),
             vhost_blk: o.devices.iter().map(|d| d.section.clone()).collect(),
         };
         self.store.save(&p).map_err(|e| {
@@ -273,7 +307,7 @@ impl Engine {
         for r in &self.reactors {
             let b = bdev.clone();
             match r
-                .call(move |w| w.io.add_device(b))
+                .call(move |w| w.add_device(b))
                 .unwrap_or_else(|e| Err(std::io::Error::other(e)))
             {
                 Ok(h) => handles.push(h),
@@ -288,7 +322,7 @@ impl Engine {
 
     fn detach(&self, handles: &[u16]) {
         for (r, &h) in self.reactors.iter().zip(handles) {
-            if let Err(e) = r.call(move |w| w.io.remove_device(h)) {
+            if let Err(e) = r.call(move |w| w.remove_device(h)) {
                 tracing::warn!(reactor = r.id, "detaching a bdev: {e}");
             }
         }
@@ -325,6 +359,7 @@ impl Engine {
         // no device serves it, so nothing of it is in flight
         self.detach(&gone.handles);
         drop(gone);
+        o.bdev_latency_base.remove(name);
         tracing::info!(bdev = name, "bdev deleted");
         Ok(json!({"deleted": name}))
     }
@@ -356,6 +391,10 @@ impl Engine {
             .iter()
             .find(|b| b.section.name == d.bdev)
             .ok_or_else(|| not_found("bdev", &d.bdev))?;
+        let group = match &d.qos_group {
+            Some(g) => Some(group_of(&o, g)?.limiter.clone()),
+            None => None,
+        };
         let cfg = DeviceConfig {
             name: d.name.clone(),
             socket: resolve_under(&self.cfg.state_dir, &d.socket),
@@ -364,6 +403,8 @@ impl Engine {
             read_only: d.read_only,
             serial: d.serial.clone().unwrap_or_else(|| d.name.clone()),
             binding: d.binding(&self.cfg.reactor.cores),
+            timing: self.cfg.metrics.histograms,
+            qos: QosBinding::new(Limiter::new(&d.name, d.qos.unwrap_or_default()), group),
         };
         let handle = quern_vhost::serve(
             cfg,
@@ -373,9 +414,11 @@ impl Engine {
         )
         .map_err(|e| ApiError::new(codes::FAILED, format!("device `{}`: {e}", d.name)))?;
         let info = json!({"name": d.name, "socket": resolve_under(&self.cfg.state_dir, &d.socket)});
+        let base = latency_now(&handle);
         o.devices.push(LiveDevice {
             section: d,
             handle: Arc::new(handle),
+            latency_base: (Instant::now(), base),
         });
         if durable {
             if let Err(e) = self.persist(&o) {
@@ -418,6 +461,265 @@ impl Engine {
         }
         tracing::info!(device = name, forced = connected, "device deleted");
         Ok(json!({"deleted": name, "frontend_was_attached": connected}))
+    }
+
+    /// Set a device's own QoS limits (`vhost_blk_set_qos`); all zero
+    /// clears them. Effective at once on every queue, and durable.
+    pub fn vhost_blk_set_qos(&self, name: &str, qos: QosLimits) -> Result<Value, ApiError> {
+        qos.check().map_err(|r| {
+            ApiError::new(codes::INVALID_PARAMS, format!("invalid params: qos: {r}"))
+        })?;
+        let mut o = self.lock();
+        let i = device_index(&o, name)?;
+        let kept = (!qos.is_unlimited()).then_some(qos);
+        let old = std::mem::replace(&mut o.devices[i].section.qos, kept);
+        if let Err(e) = self.persist(&o) {
+            o.devices[i].section.qos = old;
+            return Err(e);
+        }
+        o.devices[i].handle.qos.own().set(qos);
+        tracing::info!(device = name, ?qos, "device QoS set");
+        Ok(json!({"name": name, "qos": qos}))
+    }
+
+    /// Put a device in a QoS group, move it to another, or take it out
+    /// (`group` absent) (`vhost_blk_set_qos_group`).
+    pub fn vhost_blk_set_qos_group(
+        &self,
+        name: &str,
+        group: Option<String>,
+    ) -> Result<Value, ApiError> {
+        let mut o = self.lock();
+        let i = device_index(&o, name)?;
+        let limiter = match &group {
+            Some(g) => Some(group_of(&o, g)?.limiter.clone()),
+            None => None,
+        };
+        let old = std::mem::replace(&mut o.devices[i].section.qos_group, group.clone());
+        if let Err(e) = self.persist(&o) {
+            o.devices[i].section.qos_group = old;
+            return Err(e);
+        }
+        o.devices[i].handle.qos.set_group(limiter);
+        tracing::info!(device = name, group = ?group, "device QoS group set");
+        Ok(json!({"name": name, "qos_group": group}))
+    }
+
+    /// Create a QoS group (`qos_group_create`).
+    pub fn qos_group_create(&self, g: QosGroupSection) -> Result<Value, ApiError> {
+        self.create_qos_group(g, true)
+    }
+
+    fn create_qos_group(&self, g: QosGroupSection, durable: bool) -> Result<Value, ApiError> {
+        let mut o = self.lock();
+        if o.qos_groups.iter().any(|x| x.section.name == g.name) {
+            return Err(ApiError::new(
+                codes::ALREADY_EXISTS,
+                format!("a qos_group named `{}` exists already", g.name),
+            ));
+        }
+        g.check("").map_err(ApiError::invalid)?;
+        let limiter = Limiter::new(&g.name, g.qos);
+        let info = json!({"name": g.name, "qos": g.qos});
+        o.qos_groups.push(LiveGroup {
+            section: g,
+            limiter,
+        });
+        if durable {
+            if let Err(e) = self.persist(&o) {
+                o.qos_groups.pop();
+                return Err(e);
+            }
+        }
+        Ok(info)
+    }
+
+    /// Change a QoS group's limits (`qos_group_set`).
+    pub fn qos_group_set(&self, g: QosGroupSection) -> Result<Value, ApiError> {
+        g.check("").map_err(ApiError::invalid)?;
+        let mut o = self.lock();
+        let i = o
+            .qos_groups
+            .iter()
+            .position(|x| x.section.name == g.name)
+            .ok_or_else(|| not_found("qos_group", &g.name))?;
+        let old = std::mem::replace(&mut o.qos_groups[i].section.qos, g.qos);
+        if let Err(e) = self.persist(&o) {
+            o.qos_groups[i].section.qos = old;
+            return Err(e);
+        }
+        o.qos_groups[i].limiter.set(g.qos);
+        tracing::info!(group = %g.name, qos = ?g.qos, "QoS group set");
+        Ok(json!({"name": g.name, "qos": g.qos}))
+    }
+
+    /// Delete a QoS group no device is in (`qos_group_delete`).
+    pub fn qos_group_delete(&self, name: &str) -> Result<Value, ApiError> {
+        let mut o = self.lock();
+        let i = o
+            .qos_groups
+            .iter()
+            .position(|x| x.section.name == name)
+            .ok_or_else(|| not_found("qos_group", name))?;
+        if let Some(d) = o
+            .devices
+            .iter()
+            .find(|d| d.section.qos_group.as_deref() == Some(name))
+        {
+            return Err(ApiError::new(
+                codes::IN_USE,
+                format!("qos_group `{name}` has device `{}`", d.section.name),
+            ));
+        }
+        let gone = o.qos_groups.remove(i);
+        if let Err(e) = self.persist(&o) {
+            o.qos_groups.insert(i, gone);
+            return Err(e);
+        }
+        Ok(json!({"deleted": name}))
+    }
+
+    pub fn qos_group_list(&self) -> Value {
+        let o = self.lock();
+        Value::Array(
+            o.qos_groups
+                .iter()
+                .map(|g| {
+                    let devices: Vec<&str> = o
+                        .devices
+                        .iter()
+                        .filter(|d| d.section.qos_group.as_deref() == Some(&g.section.name))
+                        .map(|d| d.section.name.as_str())
+                        .collect();
+                    json!({
+                        "name": g.section.name,
+                        "qos": g.section.qos,
+                        "devices": devices,
+                        "throttled_requests": g.limiter.throttled.load(Ordering::Relaxed),
+                        "throttled_seconds": g.limiter.throttled_ns.load(Ordering::Relaxed) as f64 / 1e9,
+                    })
+                })
+                .collect(),
+        )
+    }
+
+    /// A device's latency per queue and operation, from the avail ring to
+    /// the used ring, since it was created or last reset
+    /// (`vhost_blk_latency`); `reset` starts a new interval after reading.
+    pub fn vhost_blk_latency(&self, name: &str, reset: bool) -> Result<Value, ApiError> {
+        let mut o = self.lock();
+        let i = device_index(&o, name)?;
+        let d = &mut o.devices[i];
+        let now = latency_now(&d.handle);
+        let (since, base) = &d.latency_base;
+        let mut total: [Snapshot; 4] = Default::default();
+        let queues: Vec<Value> = now
+            .iter()
+            .enumerate()
+            .map(|(q, ops)| {
+                let mut per_op = serde_json::Map::new();
+                for (k, op) in OPS.iter().enumerate() {
+                    let s = match base.get(q) {
+                        Some(b) => ops[k].since(&b[k]),
+                        None => ops[k].clone(),
+                    };
+                    total[k].add(&s);
+                    per_op.insert(op.to_string(), latency_json(&s));
+                }
+                json!({"queue": q, "ops": per_op})
+            })
+            .collect();
+        let mut all = Snapshot::default();
+        let mut total_json = serde_json::Map::new();
+        for (k, op) in OPS.iter().enumerate() {
+            all.add(&total[k]);
+            total_json.insert(op.to_string(), latency_json(&total[k]));
+        }
+        total_json.insert("all".into(), latency_json(&all));
+        let out = json!({
+            "name": name,
+            "histograms": self.cfg.metrics.histograms,
+            "interval_seconds": since.elapsed().as_secs_f64(),
+            "unit": "microseconds",
+            "queues": queues,
+            "device": total_json,
+        });
+        if reset {
+            d.latency_base = (Instant::now(), now);
+        }
+        Ok(out)
+    }
+
+    /// Each bdev's own service time, over every reactor, since it was
+    /// created or last reset (`bdev_latency`; `name` absent: every bdev).
+    pub fn bdev_latency(&self, name: Option<&str>, reset: bool) -> Result<Value, ApiError> {
+        let mut o = self.lock();
+        if let Some(n) = name {
+            if !o.bdevs.iter().any(|b| b.section.name == n) {
+                return Err(not_found("bdev", n));
+            }
+        }
+        let names: Vec<String> = o
+            .bdevs
+            .iter()
+            .map(|b| b.section.name.clone())
+            .filter(|b| name.is_none_or(|n| n == b))
+            .collect();
+        let mut out = Vec::new();
+        for b in names {
+            let now = self.bdev_histogram(&b);
+            let (since, base) = o
+                .bdev_latency_base
+                .get(&b)
+                .cloned()
+                .unwrap_or_else(|| (self.started_instant(), Snapshot::default()));
+            let s = now.since(&base);
+            let mut v = latency_json(&s);
+            v["name"] = json!(b);
+            v["interval_seconds"] = json!(since.elapsed().as_secs_f64());
+            out.push(v);
+            if reset {
+                o.bdev_latency_base.insert(b, (Instant::now(), now));
+            }
+        }
+        Ok(json!({"unit": "microseconds", "histograms": self.cfg.metrics.histograms, "bdevs": out}))
+    }
+
+    /// A bdev's service-time histogram merged over the reactors.
+    pub fn bdev_histogram(&self, name: &str) -> Snapshot {
+        let mut s = Snapshot::default();
+        for io in &self.io_stats {
+            let l = io.bdev_latency.lock().unwrap_or_else(|e| e.into_inner());
+            for (n, _, h) in l.iter() {
+                if n == name {
+                    s.add(&h.snapshot());
+                }
+            }
+        }
+        s
+    }
+
+    fn started_instant(&self) -> Instant {
+        let age = self.started.elapsed().unwrap_or_default();
+        Instant::now().checked_sub(age).unwrap_or_else(Instant::now)
+    }
+
+    /// The QoS groups (for metrics).
+    pub fn qos_groups(&self) -> Vec<Arc<Limiter>> {
+        self.lock()
+            .qos_groups
+            .iter()
+            .map(|g| g.limiter.clone())
+            .collect()
+    }
+
+    /// The bdevs' names (for metrics).
+    pub fn bdev_names(&self) -> Vec<String> {
+        self.lock()
+            .bdevs
+            .iter()
+            .map(|b| b.section.name.clone())
+            .collect()
     }
 
     pub fn bdev_list(&self) -> Value {
@@ -469,12 +771,47 @@ impl Engine {
         )
     }
 
-    /// Everything, for `stats`.
-    pub fn stats(&self) -> Value {
+    /// Everything, for `stats`; with `buckets`, each queue's latency
+    /// histogram too (all operations, non-empty buckets as
+    /// `[index, count]`, for `quern ctl top`).
+    pub fn stats(&self, buckets: bool) -> Value {
+        let mut devices = self.vhost_blk_list();
+        if buckets {
+            let o = self.lock();
+            for d in devices.as_array_mut().into_iter().flatten() {
+                let Some(live) = o
+                    .devices
+                    .iter()
+                    .find(|x| d["name"] == x.section.name.as_str())
+                else {
+                    continue;
+                };
+                for (q, st) in d["queues"]
+                    .as_array_mut()
+                    .into_iter()
+                    .flatten()
+                    .zip(&live.handle.queues)
+                {
+                    let mut all = Snapshot::default();
+                    for h in &st.latency {
+                        all.add(&h.snapshot());
+                    }
+                    let b: Vec<Value> = all
+                        .counts
+                        .iter()
+                        .enumerate()
+                        .filter(|(_, &c)| c > 0)
+                        .map(|(i, &c)| json!([i, c]))
+                        .collect();
+                    q["latency_buckets"] = Value::Array(b);
+                }
+            }
+        }
         json!({
             "reactors": self.reactor_list(),
             "bdevs": self.bdev_list(),
-            "devices": self.vhost_blk_list(),
+            "qos_groups": self.qos_group_list(),
+            "devices": devices,
         })
     }
 
@@ -484,6 +821,7 @@ impl Engine {
         let o = self.lock();
         let mut c = self.cfg.clone();
         c.bdevs = o.bdevs.iter().map(|b| b.section.clone()).collect();
+        c.qos_groups = o.qos_groups.iter().map(|g| g.section.clone()).collect();
         c.vhost_blk = o.devices.iter().map(|d| d.section.clone()).collect();
         c.to_toml()
     }
@@ -526,6 +864,43 @@ impl Engine {
     }
 }
 
+fn device_index(o: &Objects, name: &str) -> Result<usize, ApiError> {
+    o.devices
+        .iter()
+        .position(|d| d.section.name == name)
+        .ok_or_else(|| not_found("device", name))
+}
+
+fn group_of<'a>(o: &'a Objects, name: &str) -> Result<&'a LiveGroup, ApiError> {
+    o.qos_groups
+        .iter()
+        .find(|g| g.section.name == name)
+        .ok_or_else(|| not_found("qos_group", name))
+}
+
+/// Every queue's latency histograms now, per operation.
+fn latency_now(h: &DeviceHandle) -> Vec<[Snapshot; 4]> {
+    h.queues
+        .iter()
+        .map(|q| std::array::from_fn(|k| q.latency[k].snapshot()))
+        .collect()
+}
+
+/// Counts and percentiles of a histogram, in microseconds.
+pub fn latency_json(s: &Snapshot) -> Value {
+    let us = |v: Option<f64>| v.map(|x| (x * 1e7).round() / 10.0);
+    let n = s.count();
+    json!({
+        "count": n,
+        "mean": (n > 0).then(|| (s.sum_secs() / n as f64 * 1e7).round() / 10.0),
+        "p50": us(s.quantile(0.5)),
+        "p90": us(s.quantile(0.9)),
+        "p99": us(s.quantile(0.99)),
+        "p99_9": us(s.quantile(0.999)),
+        "max": us(s.max()),
+    })
+}
+
 fn not_found(kind: &str, name: &str) -> ApiError {
     ApiError::new(codes::NOT_FOUND, format!("no {kind} named `{name}`"))
 }
@@ -543,14 +918,18 @@ fn bdev_json(s: &BdevSection, b: &BdevRef) -> Value {
 }
 
 fn device_json(state_dir: &Path, s: &VhostBlkSection, h: &DeviceHandle) -> Value {
-    use std::sync::atomic::Ordering;
-    let load = |a: &std::sync::atomic::AtomicU64| a.load(Ordering::Relaxed);
+    let load = |a: &AtomicU64| a.load(Ordering::Relaxed);
     let queues: Vec<Value> = h
         .queues
         .iter()
         .enumerate()
         .map(|(i, q)| {
             let r = load(&q.reactor);
+            let ops: serde_json::Map<String, Value> = OPS
+                .iter()
+                .zip(&q.ops)
+                .map(|(op, n)| (op.to_string(), json!(load(n))))
+                .collect();
             json!({
                 "queue": i,
                 // the reactor the queue is bound to; null while the
@@ -558,13 +937,19 @@ fn device_json(state_dir: &Path, s: &VhostBlkSection, h: &DeviceHandle) -> Value
                 "reactor": (r != u64::MAX).then_some(r),
                 "requests": load(&q.requests),
                 "completed": load(&q.completed),
+                "ops": ops,
+                "bytes_read": load(&q.bytes_read),
+                "bytes_written": load(&q.bytes_written),
+                "in_flight": load(&q.in_flight),
                 "errors": load(&q.errors),
                 "malformed": load(&q.malformed),
+                "unsupported": load(&q.unsupported),
                 "notifies": load(&q.notifies),
                 "resubmitted": load(&q.resubmitted),
             })
         })
         .collect();
+    let own = h.qos.own();
     json!({
         "name": s.name,
         "bdev": s.bdev,
@@ -573,6 +958,10 @@ fn device_json(state_dir: &Path, s: &VhostBlkSection, h: &DeviceHandle) -> Value
         "read_only": s.read_only,
         "connected": h.connected(),
         "connections": load(&h.connections),
+        "qos": s.qos.unwrap_or_default(),
+        "qos_group": s.qos_group,
+        "throttled_requests": load(&own.throttled),
+        "throttled_seconds": load(&own.throttled_ns) as f64 / 1e9,
         "queues": queues,
     })
 }
@@ -619,6 +1008,9 @@ impl DeviceScope for LiveScope<'_> {
     fn state_dir(&self) -> &Path {
         &self.engine.cfg.state_dir
     }
+    fn has_qos_group(&self, name: &str) -> bool {
+        self.o.qos_groups.iter().any(|g| g.section.name == name)
+    }
 }
 
 /// A reactor and its I/O counters.
@@ -633,8 +1025,11 @@ fn spawn_reactors(cfg: &Config) -> Result<Vec<Reactor>, StartError> {
             max_bytes: cfg.merge.max_bytes,
             max_segments: cfg.merge.max_segments,
         },
+        timing: cfg.metrics.histograms,
         ..EngineConfig::default()
     };
+    // the clock's rate is measured once, here, before any reactor runs
+    let _ = quern_reactor::clock::scale();
     let mut out: Vec<Reactor> = Vec::new();
     for (id, &core) in cfg.reactor.cores.iter().enumerate() {
         let rc = ReactorConfig {

@@ -5,7 +5,9 @@
 pub mod config;
 pub mod ctl;
 pub mod engine;
+pub mod metrics;
 pub mod mgmt;
 pub mod rpc;
 pub mod state;
 pub mod sys;
+pub mod top;

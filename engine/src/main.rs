@@ -14,6 +14,7 @@ use std::sync::Arc;
 use clap::{Arg, ArgAction, Command};
 use quern::config::Config;
 use quern::engine::{Engine, StartOptions, STOP_DRAIN};
+use quern::metrics::MetricsServer;
 use quern::mgmt::Management;
 
 fn cli() -> Command {
@@ -126,6 +127,28 @@ fn run(path: PathBuf, reset_state: bool) -> ExitCode {
             }
         }
     };
+    let mut metrics = match cfg.metrics_listen() {
+        Ok(None) => None,
+        Ok(Some(l)) => match MetricsServer::serve(&l, Arc::clone(&engine)) {
+            Ok(m) => Some(m),
+            Err(e) => {
+                eprintln!(
+                    "quern: metrics.listen = {:?}: {e}",
+                    cfg.metrics.listen.as_deref().unwrap_or_default()
+                );
+                if let Some(m) = &mgmt {
+                    m.stop();
+                }
+                engine.stop();
+                return ExitCode::from(1);
+            }
+        },
+        Err(e) => {
+            eprintln!("quern: invalid configuration: {e}");
+            engine.stop();
+            return ExitCode::from(1);
+        }
+    };
     tracing::info!(config = %path.display(), reactors = engine.reactors.len(), state = %engine.state_dir().display(), "quern running");
     let sig = quern::sys::wait_for_stop_signal(&set);
     tracing::info!(
@@ -133,6 +156,9 @@ fn run(path: PathBuf, reset_state: bool) -> ExitCode {
         "stopping: no new requests; those in flight finish or stay recorded for the next start"
     );
     if let Some(m) = &mgmt {
+        m.stop();
+    }
+    if let Some(m) = &mut metrics {
         m.stop();
     }
     let devices = engine.devices();

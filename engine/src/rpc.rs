@@ -19,7 +19,7 @@ use serde::de::DeserializeOwned;
 use serde::Deserialize;
 use serde_json::{json, Map, Value};
 
-use crate::config::{BdevSection, VhostBlkSection};
+use crate::config::{BdevSection, QosGroupSection, QosLimits, VhostBlkSection};
 use crate::engine::{codes, ApiError, Engine};
 
 /// Most requests in one batch.
@@ -47,6 +47,54 @@ pub struct DeviceDeleteParams {
     /// I/O error from then on, until the frontend lets go.
     #[serde(default)]
     pub force: bool,
+}
+
+#[derive(Debug, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct SetQosParams {
+    /// The device's name.
+    pub name: String,
+    /// Its new limits (all zero or {}: none).
+    pub qos: QosLimits,
+}
+
+#[derive(Debug, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct SetQosGroupParams {
+    /// The device's name.
+    pub name: String,
+    /// The qos_group it joins (absent: it leaves its group).
+    #[serde(default)]
+    pub group: Option<String>,
+}
+
+#[derive(Debug, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct LatencyParams {
+    /// The device's name.
+    pub name: String,
+    /// Start a new interval after reading.
+    #[serde(default)]
+    pub reset: bool,
+}
+
+#[derive(Debug, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct BdevLatencyParams {
+    /// The bdev's name (absent: every bdev).
+    #[serde(default)]
+    pub name: Option<String>,
+    /// Start a new interval after reading.
+    #[serde(default)]
+    pub reset: bool,
+}
+
+#[derive(Debug, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct StatsParams {
+    /// Add each queue's latency histogram buckets (for `quern ctl top`).
+    #[serde(default)]
+    pub buckets: bool,
 }
 
 type Call = Box<dyn Fn(&Engine, Value) -> Result<Value, ApiError> + Send + Sync>;
@@ -119,17 +167,65 @@ pub fn methods() -> &'static [Method] {
                 false,
                 |e, _| Ok(e.vhost_blk_list()),
             ),
+            Method::new::<SetQosParams>(
+                "vhost_blk_set_qos",
+                "Set a device's QoS limits (IOPS, bytes/s; 0 clears), across all its queues",
+                true,
+                |e, p| e.vhost_blk_set_qos(&p.name, p.qos),
+            ),
+            Method::new::<SetQosGroupParams>(
+                "vhost_blk_set_qos_group",
+                "Put a device in a qos_group, move it, or take it out (no group)",
+                true,
+                |e, p| e.vhost_blk_set_qos_group(&p.name, p.group),
+            ),
+            Method::new::<LatencyParams>(
+                "vhost_blk_latency",
+                "A device's latency per queue and operation (µs percentiles), since creation or reset",
+                false,
+                |e, p| e.vhost_blk_latency(&p.name, p.reset),
+            ),
+            Method::new::<BdevLatencyParams>(
+                "bdev_latency",
+                "The bdevs' own service time (µs percentiles), since creation or reset",
+                false,
+                |e, p| e.bdev_latency(p.name.as_deref(), p.reset),
+            ),
+            Method::new::<QosGroupSection>(
+                "qos_group_create",
+                "Create a QoS group (limits shared by its devices); takes the keys of a [[qos_group]] table",
+                true,
+                |e, p| e.qos_group_create(p),
+            ),
+            Method::new::<QosGroupSection>(
+                "qos_group_set",
+                "Change a QoS group's limits",
+                true,
+                |e, p| e.qos_group_set(p),
+            ),
+            Method::new::<NameParams>(
+                "qos_group_delete",
+                "Delete a QoS group no device is in",
+                true,
+                |e, p| e.qos_group_delete(&p.name),
+            ),
+            Method::new::<NoParams>(
+                "qos_group_list",
+                "The QoS groups, their limits, devices and throttling",
+                false,
+                |e, _| Ok(e.qos_group_list()),
+            ),
             Method::new::<NoParams>(
                 "reactor_list",
                 "The reactors: core, busy and idle time, I/O and merge counters, failure",
                 false,
                 |e, _| Ok(e.reactor_list()),
             ),
-            Method::new::<NoParams>(
+            Method::new::<StatsParams>(
                 "stats",
                 "Reactors, bdevs and devices at once",
                 false,
-                |e, _| Ok(e.stats()),
+                |e, p| Ok(e.stats(p.buckets)),
             ),
             Method::new::<NoParams>(
                 "config_save",

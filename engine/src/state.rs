@@ -1,4 +1,5 @@
-//! The state directory: what the engine was told to have (bdevs, devices)
+//! The state directory: what the engine was told to have (bdevs, QoS
+//! groups, devices and their limits)
 //! kept in `<state_dir>/state.toml`, in the configuration file's own
 //! format, so that it survives a restart and a SIGKILL at any moment.
 //!
@@ -18,7 +19,7 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-use crate::config::{BdevSection, ConfigError, VhostBlkSection};
+use crate::config::{BdevSection, ConfigError, QosGroupSection, VhostBlkSection};
 
 /// The version of `state.toml`'s layout this engine writes and reads.
 pub const STATE_VERSION: u32 = 1;
@@ -30,6 +31,8 @@ pub struct Persisted {
     pub version: u32,
     #[serde(default, rename = "bdev", skip_serializing_if = "Vec::is_empty")]
     pub bdevs: Vec<BdevSection>,
+    #[serde(default, rename = "qos_group", skip_serializing_if = "Vec::is_empty")]
+    pub qos_groups: Vec<QosGroupSection>,
     #[serde(default, rename = "vhost_blk", skip_serializing_if = "Vec::is_empty")]
     pub vhost_blk: Vec<VhostBlkSection>,
 }
@@ -113,6 +116,7 @@ mod tests {
                 size: Some(Size::Text("16M".into())),
                 ..BdevSection::new("m", Driver::Malloc)
             }],
+            qos_groups: vec![],
             vhost_blk: vec![],
         };
         s.save(&p).unwrap();

@@ -1,14 +1,16 @@
 //! The management API in-process: random sequences of creates and deletes
-//! (valid and not), then `config_save`, then a fresh engine from that
+//! of bdevs, devices, QoS limits and groups (valid and not), then `config_save`, then a fresh engine from that
 //! text: it has the same objects with the same settings, and so does an
 //! engine started again on the state directory.
 
 use std::sync::Arc;
 
 use proptest::prelude::*;
-use quern::config::{BdevSection, Config, Driver, Size, VhostBlkSection};
+use quern::config::{
+    BdevSection, Config, Driver, QosGroupSection, QosLimits, Size, VhostBlkSection,
+};
 use quern::engine::{Engine, StartOptions};
-use serde_json::Value;
+use serde_json::{json, Value};
 
 #[derive(Clone, Debug)]
 enum Op {
@@ -30,6 +32,22 @@ enum Op {
     DelDevice {
         name: u8,
         force: bool,
+    },
+    /// A device's limit (0: cleared; 3: refused, burst_ms 0).
+    SetQos {
+        name: u8,
+        iops: u16,
+        kind: u8,
+    },
+    Group {
+        name: u8,
+        iops: u16,
+    },
+    DelGroup(u8),
+    /// Into group `group` (None: out of its group).
+    Join {
+        name: u8,
+        group: Option<u8>,
     },
 }
 
@@ -55,6 +73,10 @@ fn op() -> impl Strategy<Value = Op> {
             }
         ),
         (0u8..4, any::<bool>()).prop_map(|(name, force)| Op::DelDevice { name, force }),
+        (0u8..4, 0u16..3000, 0u8..4).prop_map(|(name, iops, kind)| Op::SetQos { name, iops, kind }),
+        (0u8..3, 0u16..3000).prop_map(|(name, iops)| Op::Group { name, iops }),
+        (0u8..3).prop_map(Op::DelGroup),
+        (0u8..4, proptest::option::of(0u8..3)).prop_map(|(name, group)| Op::Join { name, group }),
     ]
 }
 
@@ -96,6 +118,8 @@ fn device(name: u8, bdev: u8, queues: u8, read_only: bool, serial: bool) -> Vhos
         queue_cores: None,
         read_only,
         serial: serial.then(|| format!("serial-{name}")),
+        qos: None,
+        qos_group: None,
     }
 }
 
@@ -126,6 +150,32 @@ fn apply(e: &Engine, op: &Op) {
             serial,
         } => e.vhost_blk_create(device(name, bdev, queues, read_only, serial)),
         Op::DelDevice { name, force } => e.vhost_blk_delete(&format!("d{name}"), force),
+        Op::SetQos { name, iops, kind } => {
+            let mut q = QosLimits::default();
+            match kind {
+                0 => q.iops = iops.into(),
+                1 => q.write_bps = u64::from(iops) << 10,
+                2 => q.read_iops = iops.into(),
+                _ => q.burst_ms = 0,
+            }
+            e.vhost_blk_set_qos(&format!("d{name}"), q)
+        }
+        Op::Group { name, iops } => {
+            let g = QosGroupSection {
+                name: format!("g{name}"),
+                qos: QosLimits {
+                    iops: iops.into(),
+                    ..QosLimits::default()
+                },
+            };
+            // a new group, or new limits for one that exists
+            e.qos_group_create(g.clone())
+                .or_else(|_| e.qos_group_set(g))
+        }
+        Op::DelGroup(n) => e.qos_group_delete(&format!("g{n}")),
+        Op::Join { name, group } => {
+            e.vhost_blk_set_qos_group(&format!("d{name}"), group.map(|g| format!("g{g}")))
+        }
     };
 }
 
@@ -138,8 +188,16 @@ fn shape(e: &Engine) -> (Value, Value) {
         o.remove("queues");
         o.remove("connections");
         o.remove("connected");
+        o.remove("throttled_requests");
+        o.remove("throttled_seconds");
     }
-    (e.bdev_list(), devices)
+    let mut groups = e.qos_group_list();
+    for g in groups.as_array_mut().unwrap() {
+        let o = g.as_object_mut().unwrap();
+        o.remove("throttled_requests");
+        o.remove("throttled_seconds");
+    }
+    (e.bdev_list(), json!([devices, groups]))
 }
 
 proptest! {

@@ -242,9 +242,16 @@ fn runs_the_default_config_serves_a_disk_and_stops_cleanly_on_sigterm() {
         .prefix("quern-default")
         .tempdir_in("/var/tmp")
         .unwrap();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let metrics = format!("127.0.0.1:{port}");
     let text = std::fs::read_to_string(example())
         .unwrap()
-        .replace("/tmp/quern", dir.path().to_str().unwrap());
+        .replace("/tmp/quern", dir.path().to_str().unwrap())
+        .replace("127.0.0.1:9469", &metrics);
     let cfg = dir.path().join("quern.toml");
     std::fs::write(&cfg, text).unwrap();
     let child = quern()
@@ -336,6 +343,23 @@ fn runs_the_default_config_serves_a_disk_and_stops_cleanly_on_sigterm() {
         assert_ne!(q[0]["reactor"], q[1]["reactor"], "{text}");
         assert_eq!(q[0]["completed"], 1, "{text}");
         assert_eq!(q[1]["completed"], 1, "{text}");
+        // and so does the Prometheus endpoint
+        let scrape = {
+            use std::io::{Read, Write};
+            let mut s = std::net::TcpStream::connect(&metrics).unwrap();
+            write!(s, "GET /metrics HTTP/1.0\r\n\r\n").unwrap();
+            let mut out = String::new();
+            s.read_to_string(&mut out).unwrap();
+            out
+        };
+        for line in [
+            "quern_requests_total{device=\"vm0-disk0\",queue=\"0\",op=\"write\"} 1",
+            "quern_requests_total{device=\"vm0-disk0\",queue=\"1\",op=\"read\"} 1",
+            "quern_request_bytes_total{device=\"vm0-disk0\",queue=\"1\",op=\"read\"} 65536",
+            "quern_request_duration_seconds_count{device=\"vm0-disk0\",queue=\"0\",op=\"write\"} 1",
+        ] {
+            assert!(scrape.contains(line), "no `{line}` in:\n{scrape}");
+        }
         let (code, text) = ctl(&["--json", "stats"]);
         assert_eq!(code, Some(0));
         let v: serde_json::Value = serde_json::from_str(&text).unwrap();

@@ -21,6 +21,8 @@
 //! on delivering messages, so the control plane never blocks on it and the
 //! other reactors keep serving.
 
+pub mod clock;
+pub mod histogram;
 mod mailbox;
 pub mod ratelimit;
 pub mod sys;
@@ -99,6 +101,11 @@ pub trait Work: 'static {
     fn wake_fds(&self, _out: &mut Vec<RawFd>) {}
     fn wake_generation(&self) -> u64 {
         0
+    }
+    /// At most how long a sleep may last (work waiting for time to pass,
+    /// such as a rate limit's refill); `None`: until woken.
+    fn sleep_limit_ms(&self) -> Option<u32> {
+        None
     }
     /// A cycle panicked: from now on fail what comes instead of serving it,
     /// and finish what may still finish.

@@ -526,8 +526,12 @@ impl<W: Work> Reactor<W> {
         let ready = self.work.prepare_sleep();
         if ready && !self.shared.stop.load(Ordering::Acquire) {
             self.shared.stats.sleeps.fetch_add(1, Ordering::Relaxed);
+            let limit = self
+                .work
+                .sleep_limit_ms()
+                .map_or(SLEEP_MAX_MS, |ms| (ms as i32).clamp(0, SLEEP_MAX_MS));
             if let Some(e) = &self.epoll {
-                e.wait(&mut self.ready, SLEEP_MAX_MS);
+                e.wait(&mut self.ready, limit);
             }
             for fd in &self.ready {
                 if !self.watched.contains(fd) {

@@ -94,6 +94,24 @@ impl Client {
         got
     }
 
+    /// Submit what is queued and take the completions there are, without
+    /// waiting: (tag, result) each.
+    pub fn poll(&mut self, q: usize) -> Vec<(usize, i32)> {
+        let mut comps: Vec<MaybeUninit<Completion>> =
+            (0..64).map(|_| MaybeUninit::uninit()).collect();
+        let k = self.queues[q]
+            .do_io(&mut comps, 0, None, None)
+            .expect("do_io");
+        comps[..k]
+            .iter()
+            .map(|c| {
+                // SAFETY: do_io initialised the first k entries.
+                let c = unsafe { c.assume_init_read() };
+                (c.user_data, c.ret)
+            })
+            .collect()
+    }
+
     /// Submit without waiting (for tests that disconnect mid-request).
     pub fn submit(&mut self, q: usize) {
         let mut none: [MaybeUninit<Completion>; 0] = [];

@@ -11,6 +11,7 @@ use quern::config::Config;
 use quern::engine::{Engine, StartOptions};
 
 pub mod ceph;
+pub mod prom;
 
 /// The repository root.
 pub fn root() -> PathBuf {

@@ -112,3 +112,70 @@ cores = [0, 1]
     let (st, report) = quern_tests::qemu_img(&["check", ov.to_str().unwrap()]);
     assert!(st.success(), "qemu-img check: {report}");
 }
+
+/// A guest's fio against a disk limited to 400 read IOPS and 4 MiB/s of
+/// writes reports those limits (QoS in the backend, as cloud-hypervisor
+/// asks of vhost-user disks).
+#[test]
+fn guest_fio_sees_the_disks_qos_limits() {
+    let r = quern_tests::start(
+        r#"
+state_dir = "@DIR@"
+[reactor]
+cores = [0, 1]
+poll_mode = "adaptive"
+[[bdev]]
+name = "disk0"
+driver = "malloc"
+size = "64M"
+[[vhost_blk]]
+name = "vm0-disk0"
+bdev = "disk0"
+socket = "vm0.sock"
+num_queues = 2
+cores = [0, 1]
+qos = { read_iops = 400, write_bps = 4194304 }
+"#,
+    );
+    let sock = r.dir.path().join("vm0.sock");
+    let log = r.dir.path().join("console.log");
+    let (ok, console) = quern_tests::run_guest(
+        &sock,
+        &["-q", "2", "-a", "quern.fio=qos", "-t", "400"],
+        &log,
+    );
+    assert!(ok, "guest run failed:\n{console}");
+    let text = console.replace('\r', "");
+    let json = text
+        .split("QUERN-JOB-BEGIN=qos")
+        .nth(1)
+        .and_then(|t| t.split("QUERN-JOB-END=qos").next())
+        .and_then(|t| Some(&t[t.find('{')?..=t.rfind('}')?]))
+        .unwrap_or_else(|| panic!("no fio JSON in:\n{console}"));
+    let v: serde_json::Value = serde_json::from_str(json).expect("fio JSON");
+    let job = |name: &str| {
+        v["jobs"]
+            .as_array()
+            .and_then(|j| j.iter().find(|x| x["jobname"] == name))
+            .cloned()
+            .unwrap_or_else(|| panic!("no job {name} in {v}"))
+    };
+    let iops = job("read-iops")["read"]["iops"].as_f64().unwrap();
+    // fio's bw is in KiB/s
+    let bw = job("write-bw")["write"]["bw"].as_f64().unwrap() * 1024.0;
+    eprintln!(
+        "guest fio: {iops:.0} read IOPS, {:.2} MiB/s written",
+        bw / 1048576.0
+    );
+    assert!(
+        (iops / 400.0 - 1.0).abs() < 0.1,
+        "read IOPS {iops}, limit 400"
+    );
+    assert!(
+        (bw / 4194304.0 - 1.0).abs() < 0.1,
+        "write bandwidth {bw} B/s, limit 4 MiB/s"
+    );
+    // the waits are Quern's, and counted
+    let dev = &r.engine.devices()[0].1;
+    assert!(dev.qos.own().throttled.load(Ordering::Relaxed) > 0);
+}

@@ -27,6 +27,7 @@ use vhost::VhostUserMemoryRegionBase;
 use crate::blk::{self, ID_BYTES};
 use crate::inflight::{self, InflightRegion};
 use crate::memory::{FrontendAddress, GuestAddress, MemTable};
+use crate::qos::QosBinding;
 use crate::queue::{QueueParts, QueuePoller, QueueStats};
 use crate::virtq::SplitQueue;
 
@@ -77,12 +78,21 @@ pub struct DeviceConfig {
     pub read_only: bool,
     pub serial: String,
     pub binding: QueueBinding,
+    /// Keep per-queue latency histograms.
+    pub timing: bool,
+    /// The device's QoS limiters: its own (maybe unlimited) and its
+    /// group's; both may change while it runs.
+    pub qos: Arc<QosBinding>,
 }
 
 /// The control plane's view of a served device.
 pub struct DeviceHandle {
     pub name: String,
     pub queues: Vec<Arc<QueueStats>>,
+    /// Its QoS limiters: its own (set at run time with [`Limiter::set`])
+    /// and its group's ([`QosBinding::set_group`]).
+    /// [`Limiter::set`]: crate::qos::Limiter::set
+    pub qos: Arc<QosBinding>,
     pub connections: Arc<AtomicU64>,
     shutdown: Arc<AtomicBool>,
     /// The frontend's connection while one is open (a second handle on
@@ -363,6 +373,8 @@ impl BlkDevice {
             inflight_region,
             resubmit,
             failing: self.failing.load(Ordering::Acquire),
+            timing: self.cfg.timing,
+            qos: self.cfg.qos.clone(),
         });
         let id = match self.reactors[r].call(move |w| w.add_poller(Box::new(poller))) {
             Ok(Ok(id)) => id,
@@ -834,6 +846,7 @@ pub fn serve(
     Ok(DeviceHandle {
         name: cfg.name.clone(),
         queues: stats,
+        qos: cfg.qos.clone(),
         connections,
         shutdown,
         conn,

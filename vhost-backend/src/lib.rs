@@ -12,6 +12,7 @@ pub mod blk;
 pub mod device;
 pub mod inflight;
 pub mod memory;
+pub mod qos;
 pub mod queue;
 pub mod sys;
 pub mod virtq;

@@ -1,20 +1,50 @@
-//! A virtqueue bound to a reactor: the [`Poller`] that drains its avail
+//! A virtqueue bound to a reactor: the [`IoPoller`] that drains its avail
 //! ring into the reactor's engine and completes requests on its used ring.
 //! Per-queue state lives here alone (no sharing, no locks); the guest is
 //! signalled at most once per cycle.
+//!
+//! Measurements: per operation (read, write, flush, discard and
+//! write-zeroes) the queue counts requests and bytes and, unless turned
+//! off, keeps a latency histogram from the moment a request is taken off
+//! the avail ring to the moment its completion is published on the used
+//! ring. Time is read once per cycle that has work (the TSC), not per
+//! request, and published counters are plain stores once per cycle.
+//!
+//! QoS: with limits, a request the device's (or its group's) budget cannot
+//! cover now waits here, in order, and is admitted when the budget has
+//! refilled ([`crate::qos`]).
 
+use std::collections::VecDeque;
 use std::fs::File;
 use std::os::fd::{AsRawFd, RawFd};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 
 use quern_bdev::{BdevError, Cookie, IoEngine, IoKind, IoPoller, IoRequest, IoResult, PollerId};
+use quern_reactor::clock;
+use quern_reactor::histogram::Histogram;
 use quern_reactor::ratelimit::LogLimiter;
 
 use crate::blk::{self, Decoded};
 use crate::inflight::InflightQueue;
 use crate::memory::MemTable;
+use crate::qos::{self, QueueQos};
 use crate::virtq::{Chain, Seg, SplitQueue};
+
+/// The operations measured apart.
+pub const OPS: [&str; 4] = ["read", "write", "flush", "discard"];
+
+fn op_index(kind: IoKind) -> usize {
+    match kind {
+        IoKind::Read => 0,
+        IoKind::Write => 1,
+        IoKind::Flush => 2,
+        IoKind::Discard | IoKind::WriteZeroes => 3,
+    }
+}
+
+/// No operation recorded for a head (rejected before it became one).
+const NO_OP: u8 = u8::MAX;
 
 /// Counters of one queue, readable from the control plane.
 #[derive(Debug, Default)]
@@ -28,6 +58,16 @@ pub struct QueueStats {
     pub notifies: AtomicU64,
     /// Requests found in flight after a backend restart and run again.
     pub resubmitted: AtomicU64,
+    /// Requests answered UNSUPP (a kind the device does not do).
+    pub unsupported: AtomicU64,
+    /// Completed requests per operation ([`OPS`]).
+    pub ops: [AtomicU64; 4],
+    pub bytes_read: AtomicU64,
+    pub bytes_written: AtomicU64,
+    /// Requests taken and not yet completed, waiting on QoS included.
+    pub in_flight: AtomicU64,
+    /// Latency per operation, avail ring to used ring.
+    pub latency: [Histogram; 4],
 }
 
 #[derive(Clone, Copy)]
@@ -35,6 +75,16 @@ struct Slot {
     status: *mut u8,
     written: u32,
     busy: bool,
+}
+
+/// A request waiting for the QoS budget.
+#[derive(Clone, Copy)]
+struct Held {
+    head: u16,
+    kind: IoKind,
+    len: u64,
+    /// When it began to wait (the QoS clock, ns).
+    since_ns: u64,
 }
 
 pub struct QueuePoller {
@@ -75,6 +125,18 @@ pub struct QueuePoller {
     returned_list: Vec<u16>,
     /// Warnings a guest can cause once per request, at a bounded rate.
     log: GuestLog,
+    /// Latency histograms on: per head, when it was taken (ticks) and
+    /// which operation it is.
+    timing: bool,
+    taken_at: Vec<u64>,
+    op_of: Vec<u8>,
+    /// The cycle's clock reading, taken once the cycle has work.
+    now_ticks: u64,
+    /// QoS, and the requests waiting for its budget, in order.
+    qos: Option<QueueQos>,
+    held: VecDeque<Held>,
+    /// The cycle's QoS clock reading (0: not read yet).
+    qos_now_ns: u64,
 }
 
 /// Warnings about what a guest sent, at a bounded rate (the counters in
@@ -97,17 +159,42 @@ struct Counts {
     errors: u64,
     malformed: u64,
     notifies: u64,
+    unsupported: u64,
+    ops: [u64; 4],
+    bytes_read: u64,
+    bytes_written: u64,
 }
 
 impl Counts {
     fn load(st: &QueueStats) -> Self {
+        let g = |a: &AtomicU64| a.load(Ordering::Relaxed);
         Counts {
-            requests: st.requests.load(Ordering::Relaxed),
-            completed: st.completed.load(Ordering::Relaxed),
-            errors: st.errors.load(Ordering::Relaxed),
-            malformed: st.malformed.load(Ordering::Relaxed),
-            notifies: st.notifies.load(Ordering::Relaxed),
+            requests: g(&st.requests),
+            completed: g(&st.completed),
+            errors: g(&st.errors),
+            malformed: g(&st.malformed),
+            notifies: g(&st.notifies),
+            unsupported: g(&st.unsupported),
+            ops: std::array::from_fn(|i| g(&st.ops[i])),
+            bytes_read: g(&st.bytes_read),
+            bytes_written: g(&st.bytes_written),
         }
+    }
+
+    /// Plain stores: only the queue's reactor writes these.
+    fn store(&self, st: &QueueStats) {
+        let s = |a: &AtomicU64, v: u64| a.store(v, Ordering::Relaxed);
+        s(&st.requests, self.requests);
+        s(&st.completed, self.completed);
+        s(&st.errors, self.errors);
+        s(&st.malformed, self.malformed);
+        s(&st.notifies, self.notifies);
+        s(&st.unsupported, self.unsupported);
+        for (a, v) in st.ops.iter().zip(self.ops) {
+            s(a, v);
+        }
+        s(&st.bytes_read, self.bytes_read);
+        s(&st.bytes_written, self.bytes_written);
     }
 }
 
@@ -133,6 +220,10 @@ pub(crate) struct QueueParts {
     /// Start failing every request (a device removed with its frontend
     /// still attached).
     pub failing: bool,
+    /// Keep latency histograms.
+    pub timing: bool,
+    /// The device's QoS limiters (its own, its group's).
+    pub qos: Arc<qos::QosBinding>,
 }
 
 impl QueuePoller {
@@ -196,6 +287,13 @@ impl QueuePoller {
             returned: vec![false; size],
             returned_list: Vec::with_capacity(size),
             log: GuestLog::default(),
+            timing: p.timing,
+            taken_at: vec![0; size],
+            op_of: vec![NO_OP; size],
+            now_ticks: 0,
+            qos: Some(QueueQos::new(p.qos)),
+            held: VecDeque::with_capacity(size),
+            qos_now_ns: 0,
         }
     }
 
@@ -229,12 +327,14 @@ impl QueuePoller {
             0
         };
         self.return_head(head, len);
-        if st != blk::VIRTIO_BLK_S_OK {
+        if st == blk::VIRTIO_BLK_S_UNSUPP {
+            self.counts.unsupported += 1;
+        } else if st != blk::VIRTIO_BLK_S_OK {
             self.counts.errors += 1;
         }
     }
 
-    fn handle(&mut self, io: &mut IoEngine, me: PollerId, head: u16) {
+    fn handle(&mut self, io: &mut IoEngine, me: PollerId, head: u16, gate: Gate) {
         match self.q.chain(&self.mem, head, &mut self.segs, self.max_segs) {
             Ok(Chain::Complete) => {}
             Ok(Chain::TooManySegments { last }) => {
@@ -294,6 +394,22 @@ impl QueuePoller {
                     self.finish(head, req.status, blk::VIRTIO_BLK_S_IOERR, 1);
                     return;
                 }
+                self.op_of[head as usize] = op_index(kind) as u8;
+                if gate == Gate::Check && self.qos.as_ref().is_some_and(QueueQos::active) {
+                    let now = self.qos_now();
+                    if let Some(q) = &mut self.qos {
+                        // in order: nothing passes what waits already
+                        if !self.held.is_empty() || !q.admit_at(kind, len, now) {
+                            self.held.push_back(Held {
+                                head,
+                                kind,
+                                len,
+                                since_ns: now,
+                            });
+                            return;
+                        }
+                    }
+                }
                 let r = IoRequest {
                     dev: self.dev,
                     kind,
@@ -314,6 +430,11 @@ impl QueuePoller {
                             busy: true,
                         };
                         self.inflight += 1;
+                        match kind {
+                            IoKind::Read => self.counts.bytes_read += len,
+                            IoKind::Write => self.counts.bytes_written += len,
+                            _ => {}
+                        }
                     }
                     Err(e) => {
                         tracing::debug!(device = %self.name, head, "request refused: {e}");
@@ -336,13 +457,77 @@ impl QueuePoller {
         crate::sys::eventfd_signal(self.call.as_raw_fd());
         self.counts.notifies += 1;
     }
+
+    /// Admit the requests waiting for QoS that the budget covers now, in
+    /// order. Returns how many went.
+    fn admit_held(&mut self, io: &mut IoEngine, me: PollerId) -> usize {
+        if self.held.is_empty() {
+            return 0;
+        }
+        // out for the loop (handle does not look at it for admitted ones)
+        let Some(mut q) = self.qos.take() else {
+            return 0;
+        };
+        let now = self.qos_now();
+        let mut n = 0;
+        while io.free_slots() > 0 {
+            let Some(&h) = self.held.front() else { break };
+            if !self.failing && !q.admit_at(h.kind, h.len, now) {
+                break;
+            }
+            q.waited(now.saturating_sub(h.since_ns));
+            self.held.pop_front();
+            // decoded again: the chain is the guest's, unchanged while the
+            // request is in flight
+            self.handle(io, me, h.head, Gate::Admitted);
+            n += 1;
+        }
+        self.qos = Some(q);
+        n
+    }
+
+    /// The QoS clock for this cycle, read once (only limited queues read
+    /// it at all).
+    #[inline]
+    fn qos_now(&mut self) -> u64 {
+        if self.qos_now_ns == 0 {
+            self.qos_now_ns = qos::now_ns().max(1);
+        }
+        self.qos_now_ns
+    }
+
+    /// Take the cycle's clock reading, once.
+    #[inline]
+    fn stamp(&mut self) -> u64 {
+        if self.now_ticks == 0 {
+            self.now_ticks = clock::ticks();
+        }
+        self.now_ticks
+    }
+}
+
+/// Whether a decoded request still has to pass QoS.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Gate {
+    Check,
+    Admitted,
 }
 
 impl IoPoller for QueuePoller {
     fn poll(&mut self, io: &mut IoEngine, me: PollerId) -> usize {
         let mut n = 0;
-        if self.broken || self.quiesced {
+        if self.broken {
             return 0;
+        }
+        // limits changed by the control plane (a load or two per cycle)
+        if let Some(q) = &mut self.qos {
+            q.refresh();
+        }
+        // waiting requests first (also while quiesced: they are in flight);
+        // they were counted when they were taken
+        let admitted = self.admit_held(io, me);
+        if self.quiesced {
+            return admitted;
         }
         // requests a killed predecessor left unfinished go first, in the
         // order they were submitted
@@ -351,14 +536,25 @@ impl IoPoller for QueuePoller {
             self.resubmit_next += 1;
             n += 1;
             if !self.slots[head as usize].busy {
-                self.handle(io, me, head);
+                if self.timing {
+                    let t = self.stamp();
+                    self.taken_at[head as usize] = t;
+                }
+                self.handle(io, me, head, Gate::Check);
             }
         }
         if self.resubmit_next < self.resubmit.len() {
             self.counts.requests += n as u64;
-            return n;
+            return n + admitted;
         }
         let avail = self.q.avail_idx();
+        if avail == self.q.last_avail {
+            self.counts.requests += n as u64;
+            return n + admitted;
+        }
+        if self.timing {
+            self.stamp();
+        }
         self.q.prefetch(&self.mem, avail, io.free_slots());
         while io.free_slots() > 0 {
             let Some(head) = self.q.pop(avail) else { break };
@@ -391,10 +587,13 @@ impl IoPoller for QueuePoller {
             if let Some(r) = &mut self.inflight_region {
                 r.begin(head);
             }
-            self.handle(io, me, head);
+            if self.timing {
+                self.taken_at[head as usize] = self.now_ticks;
+            }
+            self.handle(io, me, head, Gate::Check);
         }
         self.counts.requests += n as u64;
-        n
+        n + admitted
     }
 
     fn on_complete(&mut self, tag: u64, result: IoResult) {
@@ -420,6 +619,10 @@ impl IoPoller for QueuePoller {
         };
         self.finish(head, Some(s.status), st, s.written);
         self.counts.completed += 1;
+        let op = self.op_of[head as usize];
+        if let Some(c) = self.counts.ops.get_mut(op as usize) {
+            *c += 1;
+        }
     }
 
     fn end_cycle(&mut self) {
@@ -427,14 +630,30 @@ impl IoPoller for QueuePoller {
         // completion sees it counted
         let c = self.counts;
         if c != self.published {
-            let st = &self.stats;
-            st.requests.store(c.requests, Ordering::Relaxed);
-            st.completed.store(c.completed, Ordering::Relaxed);
-            st.errors.store(c.errors, Ordering::Relaxed);
-            st.malformed.store(c.malformed, Ordering::Relaxed);
-            st.notifies.store(c.notifies, Ordering::Relaxed);
+            c.store(&self.stats);
+            self.stats
+                .in_flight
+                .store((self.inflight + self.held.len()) as u64, Ordering::Relaxed);
             self.published = c;
         }
+        if self.timing && !self.returned_list.is_empty() {
+            // completions are visible to the guest from now: one clock
+            // reading for the cycle's batch
+            let now = clock::ticks();
+            let scale = clock::scale();
+            for &h in &self.returned_list {
+                let op = std::mem::replace(&mut self.op_of[h as usize], NO_OP);
+                if let Some(hist) = self.stats.latency.get(op as usize) {
+                    hist.record(scale.units(now.wrapping_sub(self.taken_at[h as usize])));
+                }
+            }
+        } else {
+            for &h in &self.returned_list {
+                self.op_of[h as usize] = NO_OP;
+            }
+        }
+        self.now_ticks = 0;
+        self.qos_now_ns = 0;
         if self.q.publish() {
             self.signal();
         }
@@ -448,6 +667,11 @@ impl IoPoller for QueuePoller {
 
     fn prepare_sleep(&mut self) -> bool {
         if self.broken || self.quiesced {
+            return true;
+        }
+        if !self.held.is_empty() {
+            // waiting on the QoS budget: the reactor wakes within a
+            // millisecond (`wake_within_ms`) to try again
             return true;
         }
         if self.resubmit_next < self.resubmit.len() {
@@ -469,9 +693,13 @@ impl IoPoller for QueuePoller {
         if self.quiesced {
             // heads left to resubmit stay marked in the in-flight region:
             // the next start finds them again
-            return self.inflight;
+            return self.inflight + self.held.len();
         }
-        self.inflight + (self.resubmit.len() - self.resubmit_next)
+        self.inflight + self.held.len() + (self.resubmit.len() - self.resubmit_next)
+    }
+
+    fn wake_within_ms(&self) -> Option<u32> {
+        (!self.held.is_empty()).then_some(1)
     }
 
     fn quiesce(&mut self) {

@@ -140,6 +140,8 @@ pub(crate) fn test_poller(
         inflight_region,
         resubmit: Vec::new(),
         failing: false,
+        timing: true,
+        qos: crate::qos::QosBinding::unlimited("test"),
     })
 }
 

@@ -63,6 +63,8 @@ fn start(bdev: BdevRef, queues: u16, read_only: bool, mode: PollMode) -> Served 
         read_only,
         serial: "quern-test-serial".into(),
         binding: QueueBinding::RoundRobin(vec![0, 1]),
+        timing: true,
+        qos: quern_vhost::qos::QosBinding::unlimited("test"),
     };
     let dev = serve(cfg, bdev, reactors.clone(), handles).unwrap();
     Served {

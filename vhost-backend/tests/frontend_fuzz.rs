@@ -389,6 +389,8 @@ fn served() -> &'static Served {
                 read_only: false,
                 serial: "fuzz".into(),
                 binding: QueueBinding::RoundRobin(vec![0, 1]),
+                timing: true,
+                qos: quern_vhost::qos::QosBinding::unlimited("test"),
             },
             bdev,
             reactors.clone(),

@@ -86,6 +86,8 @@ fn call_fd_change_and_memory_hotplug_finish_under_load() {
             read_only: false,
             serial: "restart".into(),
             binding: QueueBinding::RoundRobin(vec![0]),
+            timing: true,
+            qos: quern_vhost::qos::QosBinding::unlimited("test"),
         },
         bdev,
         vec![r.clone()],

@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand, ValueEnum};
-use quern_bench::backends::{qsd_version, Backend, Setup};
+use quern_bench::backends::{qsd_version, Backend, Flavor, Setup};
 use quern_bench::compare::{self, Plan};
 use quern_bench::job::{self, parse_size, Job};
 use quern_bench::{client, root_dir};
@@ -81,7 +81,9 @@ struct CompareArgs {
     /// Null devices everywhere (Quern `null`, qsd `null-co`, SPDK null bdev); no fio.
     #[arg(long)]
     null: bool,
-    /// Backends in the order of the first pass: quern, qsd (every --qsd binary), spdk, fio.
+    /// Backends in the order of the first pass: quern, qsd (every --qsd binary), spdk, fio;
+    /// quern-bare (no histograms, no QoS) and quern-metered (histograms and a QoS limit that
+    /// never binds) measure what those features cost.
     #[arg(long, default_value = "quern,qsd,spdk,fio", value_delimiter = ',')]
     backends: Vec<String>,
     #[arg(long, default_value = "target/release/quern")]
@@ -204,14 +206,18 @@ fn run_compare(a: CompareArgs) -> Result<(), String> {
     let mut backends = Vec::new();
     for name in &a.backends {
         match name.as_str() {
-            "quern" => {
+            "quern" | "quern-bare" | "quern-metered" => {
                 if !setup.quern.exists() {
                     return Err(format!(
                         "{} missing: cargo build --release -p quern",
                         setup.quern.display()
                     ));
                 }
-                backends.push(Backend::Quern)
+                backends.push(Backend::Quern(match name.as_str() {
+                    "quern-bare" => Flavor::Bare,
+                    "quern-metered" => Flavor::Metered,
+                    _ => Flavor::Default,
+                }))
             }
             "qsd" => backends.extend(qsd_backends(&a.qsd)),
             "spdk" => match (&a.spdk_vhost, &a.spdk_rpc) {
@@ -239,7 +245,7 @@ fn run_compare(a: CompareArgs) -> Result<(), String> {
             }
             other => {
                 return Err(format!(
-                    "unknown backend `{other}` (quern, qsd, spdk or fio)"
+                    "unknown backend `{other}` (quern, quern-bare, quern-metered, qsd, spdk or fio)"
                 ))
             }
         }

@@ -1,0 +1,782 @@
+//! Quality of service: limits on a device's I/O operations and bytes per
+//! second (for reads, writes, or both), with a burst allowance, enforced
+//! across all of the device's queues whichever reactors run them, and
+//! limits shared by a group of devices (as QEMU's throttle groups).
+//!
+//! Each limit is a token bucket (in thousandths of an operation or a byte,
+//! so slow rates keep their precision) refilled from elapsed time, shared
+//! by the queues through atomics. A queue never touches the shared bucket
+//! per request: it takes a grant of about a millisecond's worth at a time
+//! into a local credit and spends that, so a queue on another reactor pays
+//! one atomic operation per grant. A request the credit cannot cover waits
+//! in Quern, in its queue's order, and is admitted when the bucket has
+//! refilled: it is never failed. A limit of 0 means none.
+
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use quern_bdev::IoKind;
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+/// Limits as configured (`[[vhost_blk]] qos = {...}`, `[[qos_group]]`,
+/// `vhost_blk_set_qos`). Zero: no limit.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize, Serialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct QosLimits {
+    /// Operations per second, reads and writes together.
+    #[serde(default)]
+    pub iops: u64,
+    /// Read operations per second.
+    #[serde(default)]
+    pub read_iops: u64,
+    /// Write operations per second (writes, discards, write-zeroes).
+    #[serde(default)]
+    pub write_iops: u64,
+    /// Bytes per second, read and written together.
+    #[serde(default)]
+    pub bps: u64,
+    /// Bytes read per second.
+    #[serde(default)]
+    pub read_bps: u64,
+    /// Bytes written per second.
+    #[serde(default)]
+    pub write_bps: u64,
+    /// How much may pass at once after a quiet spell, as time at the limit
+    /// (default 100 ms; at least one request always fits).
+    #[serde(default = "default_burst_ms")]
+    pub burst_ms: u64,
+}
+
+fn default_burst_ms() -> u64 {
+    100
+}
+
+impl Default for QosLimits {
+    /// No limits, and the default burst.
+    fn default() -> Self {
+        QosLimits {
+            iops: 0,
+            read_iops: 0,
+            write_iops: 0,
+            bps: 0,
+            read_bps: 0,
+            write_bps: 0,
+            burst_ms: default_burst_ms(),
+        }
+    }
+}
+
+impl QosLimits {
+    pub fn is_unlimited(&self) -> bool {
+        [
+            self.iops,
+            self.read_iops,
+            self.write_iops,
+            self.bps,
+            self.read_bps,
+            self.write_bps,
+        ]
+        .iter()
+        .all(|&r| r == 0)
+    }
+
+    /// The limits' rates in bucket order: iops, read_iops, write_iops,
+    /// bps, read_bps, write_bps.
+    fn rates(&self) -> [u64; BUCKETS] {
+        [
+            self.iops,
+            self.read_iops,
+            self.write_iops,
+            self.bps,
+            self.read_bps,
+            self.write_bps,
+        ]
+    }
+
+    /// What a configuration file or the API may not give.
+    pub fn check(&self) -> Result<(), String> {
+        if !(1..=10_000).contains(&self.burst_ms) {
+            return Err(format!("burst_ms {} is outside 1..=10000", self.burst_ms));
+        }
+        for (name, r) in [
+            "iops",
+            "read_iops",
+            "write_iops",
+            "bps",
+            "read_bps",
+            "write_bps",
+        ]
+        .iter()
+        .zip(self.rates())
+        {
+            if r > 1 << 40 {
+                return Err(format!("{name} {r} is larger than 2^40"));
+            }
+        }
+        Ok(())
+    }
+}
+
+const BUCKETS: usize = 6;
+/// Thousandths: bucket contents and costs are in 1/1000 units.
+const MILLI: i64 = 1000;
+/// How often a bucket is refilled at most, in ns.
+const REFILL_NS: u64 = 250_000;
+
+/// One token bucket.
+#[derive(Debug, Default)]
+struct Bucket {
+    /// Units per second (0: no limit).
+    rate: AtomicU64,
+    /// Thousandths of a unit available (may dip below zero by a grant).
+    tokens: AtomicI64,
+    /// Most tokens kept (thousandths).
+    cap: AtomicI64,
+}
+
+/// A set of limits shared by the queues of one device, or of a group of
+/// devices.
+#[derive(Debug)]
+pub struct Limiter {
+    pub name: String,
+    buckets: [Bucket; BUCKETS],
+    /// When the buckets were last refilled (the engine clock, ns).
+    last_ns: AtomicU64,
+    /// Bumped by every [`Limiter::set`]: queues reload their copy of the
+    /// rates when it moves (one load per cycle).
+    generation: AtomicU64,
+    /// Requests that had to wait, and how long they waited in all (ns).
+    pub throttled: AtomicU64,
+    pub throttled_ns: AtomicU64,
+    limits: Mutex<QosLimits>,
+    /// Turns: a queue that needs a grant takes a ticket and takes tokens
+    /// only when `serving` reaches it, so queues (and a group's devices)
+    /// share a limit fairly whatever order their reactors poll in.
+    next_ticket: AtomicU64,
+    serving: AtomicU64,
+    /// When the queue being served last tried (ns): one that stops trying
+    /// for [`STALL_NS`] (its queue stopped) loses its turn.
+    heartbeat_ns: AtomicU64,
+}
+
+/// How long a queue may hold its turn without trying.
+const STALL_NS: u64 = 5_000_000;
+
+impl Limiter {
+    pub fn new(name: &str, l: QosLimits) -> Arc<Limiter> {
+        let lim = Arc::new(Limiter {
+            name: name.into(),
+            buckets: Default::default(),
+            last_ns: AtomicU64::new(now_ns()),
+            generation: AtomicU64::new(0),
+            throttled: AtomicU64::new(0),
+            throttled_ns: AtomicU64::new(0),
+            limits: Mutex::new(QosLimits::default()),
+            next_ticket: AtomicU64::new(0),
+            serving: AtomicU64::new(0),
+            heartbeat_ns: AtomicU64::new(0),
+        });
+        lim.set(l);
+        lim
+    }
+
+    /// New limits, effective at once (control plane). A bucket that had
+    /// no limit starts full (the burst is there at once); one that had a
+    /// limit keeps what it held, up to the new burst, so lowering a limit
+    /// under load lets no extra burst through.
+    pub fn set(&self, l: QosLimits) {
+        let mut kept = self.limits.lock().unwrap_or_else(|e| e.into_inner());
+        for (b, r) in self.buckets.iter().zip(l.rates()) {
+            let cap = (r as i64 * MILLI / 1000 * l.burst_ms as i64).max(0);
+            let was_limited = b.rate.load(Ordering::Relaxed) != 0;
+            b.cap.store(cap, Ordering::Relaxed);
+            b.rate.store(r, Ordering::Relaxed);
+            if was_limited {
+                let _ = b
+                    .tokens
+                    .fetch_update(Ordering::AcqRel, Ordering::Relaxed, |t| Some(t.min(cap)));
+            } else {
+                b.tokens.store(cap, Ordering::Relaxed);
+            }
+        }
+        *kept = l;
+        self.generation.fetch_add(1, Ordering::Release);
+    }
+
+    pub fn limits(&self) -> QosLimits {
+        *self.limits.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Add what has accrued since the last refill (at most every
+    /// REFILL_NS; one caller wins the race, the others skip).
+    fn refill(&self, now: u64) {
+        let last = self.last_ns.load(Ordering::Relaxed);
+        if now < last + REFILL_NS
+            || self
+                .last_ns
+                .compare_exchange(last, now, Ordering::AcqRel, Ordering::Relaxed)
+                .is_err()
+        {
+            return;
+        }
+        let dt = now - last;
+        for b in &self.buckets {
+            let r = b.rate.load(Ordering::Relaxed);
+            if r == 0 {
+                continue;
+            }
+            // thousandths accrued: r units/s * dt ns * 1000 / 1e9
+            let add = (u128::from(r) * u128::from(dt) / 1_000_000) as i64;
+            let cap = b.cap.load(Ordering::Relaxed);
+            let _ = b
+                .tokens
+                .fetch_update(Ordering::AcqRel, Ordering::Relaxed, |t| {
+                    Some(t.saturating_add(add).min(cap.max(t)))
+                });
+        }
+    }
+}
+
+/// The clock the limiters share.
+pub fn now_ns() -> u64 {
+    use std::sync::OnceLock;
+    use std::time::Instant;
+    static EPOCH: OnceLock<Instant> = OnceLock::new();
+    EPOCH.get_or_init(Instant::now).elapsed().as_nanos() as u64
+}
+
+/// Which limiters a device's queues obey: its own and its group's. The
+/// group can change at run time; queues notice by the generation (one
+/// load per cycle) and take the list under the lock then, off the
+/// per-request path.
+#[derive(Debug)]
+pub struct QosBinding {
+    generation: AtomicU64,
+    limiters: Mutex<Vec<Arc<Limiter>>>,
+}
+
+impl QosBinding {
+    pub fn new(own: Arc<Limiter>, group: Option<Arc<Limiter>>) -> Arc<QosBinding> {
+        Arc::new(QosBinding {
+            generation: AtomicU64::new(0),
+            limiters: Mutex::new(std::iter::once(own).chain(group).collect()),
+        })
+    }
+
+    /// A device's binding with no limits (until set).
+    pub fn unlimited(name: &str) -> Arc<QosBinding> {
+        QosBinding::new(Limiter::new(name, QosLimits::default()), None)
+    }
+
+    /// The device's own limiter.
+    pub fn own(&self) -> Arc<Limiter> {
+        self.limiters.lock().unwrap_or_else(|e| e.into_inner())[0].clone()
+    }
+
+    /// The group's limiter, if the device is in one.
+    pub fn group(&self) -> Option<Arc<Limiter>> {
+        self.limiters
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(1)
+            .cloned()
+    }
+
+    /// Join a group, move to another or leave (None).
+    pub fn set_group(&self, group: Option<Arc<Limiter>>) {
+        let mut l = self.limiters.lock().unwrap_or_else(|e| e.into_inner());
+        l.truncate(1);
+        l.extend(group);
+        self.generation.fetch_add(1, Ordering::Release);
+    }
+}
+
+/// A queue's view of its device's limiters: a copy of their rates and its
+/// local credits. Owned by the queue's poller (one reactor); the limiters
+/// are shared, and touched only when a grant is due (about once a
+/// millisecond per limited queue).
+pub struct QueueQos {
+    binding: Arc<QosBinding>,
+    binding_gen: u64,
+    limiters: Vec<Arc<Limiter>>,
+    /// Each limiter's generation when its rates were copied.
+    gens: Vec<u64>,
+    /// Copies: units per second, and bucket capacity (thousandths).
+    rate: Vec<[i64; BUCKETS]>,
+    cap: Vec<[i64; BUCKETS]>,
+    /// Local credit per limiter and bucket, thousandths.
+    credit: Vec<[i64; BUCKETS]>,
+    /// The queue's place in each limiter's line, while it waits for a turn.
+    ticket: Vec<Option<u64>>,
+    /// Any limit set.
+    active: bool,
+}
+
+/// What a request costs each bucket, thousandths.
+fn costs(kind: IoKind, bytes: u64) -> [i64; BUCKETS] {
+    let b = bytes as i64 * MILLI;
+    match kind {
+        IoKind::Read => [MILLI, MILLI, 0, b, b, 0],
+        IoKind::Write | IoKind::Discard | IoKind::WriteZeroes => {
+            // discard and write-zeroes move no data through the guest
+            let b = if kind == IoKind::Write { b } else { 0 };
+            [MILLI, 0, MILLI, b, 0, b]
+        }
+        IoKind::Flush => [0; BUCKETS],
+    }
+}
+
+impl QueueQos {
+    pub fn new(binding: Arc<QosBinding>) -> QueueQos {
+        let mut q = QueueQos {
+            binding,
+            binding_gen: u64::MAX,
+            limiters: Vec::new(),
+            gens: Vec::new(),
+            rate: Vec::new(),
+            cap: Vec::new(),
+            credit: Vec::new(),
+            ticket: Vec::new(),
+            active: false,
+        };
+        q.refresh();
+        q
+    }
+
+    /// Take up changed limits or group membership (once per cycle: a load
+    /// per limiter, and the copy only when something changed).
+    #[inline]
+    pub fn refresh(&mut self) {
+        let g = self.binding.generation.load(Ordering::Acquire);
+        let mut changed_binding = false;
+        if g != self.binding_gen {
+            self.binding_gen = g;
+            self.release_all();
+            self.limiters = self
+                .binding
+                .limiters
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .clone();
+            let n = self.limiters.len();
+            self.gens = vec![u64::MAX; n];
+            self.rate = vec![[0; BUCKETS]; n];
+            self.cap = vec![[0; BUCKETS]; n];
+            self.credit = vec![[0; BUCKETS]; n];
+            self.ticket = vec![None; n];
+            changed_binding = true;
+        }
+        let mut changed = changed_binding;
+        for (i, l) in self.limiters.iter().enumerate() {
+            let g = l.generation.load(Ordering::Acquire);
+            if g != self.gens[i] {
+                self.gens[i] = g;
+                for (bi, b) in l.buckets.iter().enumerate() {
+                    self.rate[i][bi] = b.rate.load(Ordering::Relaxed) as i64;
+                    self.cap[i][bi] = b.cap.load(Ordering::Relaxed);
+                }
+                // what the old limits granted does not carry over
+                self.credit[i] = [0; BUCKETS];
+                changed = true;
+            }
+        }
+        if changed {
+            self.active = self.rate.iter().flatten().any(|&r| r != 0);
+            if !self.active {
+                self.release_all();
+            }
+        }
+    }
+
+    /// Whether any limit applies (local: no shared memory, no clock).
+    #[inline]
+    pub fn active(&self) -> bool {
+        self.active
+    }
+
+    /// Admit a request of `kind` and `bytes` now, or say no (it waits).
+    /// Without limits this reads no clock.
+    #[inline]
+    pub fn admit(&mut self, kind: IoKind, bytes: u64) -> bool {
+        !self.active || self.admit_at(kind, bytes, now_ns())
+    }
+
+    /// Admit at time `now` (ns of [`now_ns`]), or say no. On yes its cost
+    /// is spent from every limiter; on no nothing is.
+    pub fn admit_at(&mut self, kind: IoKind, bytes: u64, now: u64) -> bool {
+        if !self.active {
+            return true;
+        }
+        let cost = costs(kind, bytes);
+        // first make sure every limiter can cover it, then spend
+        for li in 0..self.limiters.len() {
+            // A request larger than the bucket can ever hold needs only a
+            // full bucket to pass; it still pays its whole cost, the credit
+            // going into debt that later grants repay, so the rate holds
+            // over time and no request waits for ever.
+            let need = |q: &QueueQos, bi: usize| cost[bi].min(q.cap[li][bi].max(MILLI));
+            let short = |q: &QueueQos, bi: usize| {
+                cost[bi] != 0 && q.rate[li][bi] != 0 && q.credit[li][bi] < need(q, bi)
+            };
+            if !(0..BUCKETS).any(|bi| short(self, bi)) {
+                continue;
+            }
+            if !self.my_turn(li, now) {
+                return false;
+            }
+            let lim = self.limiters[li].clone();
+            lim.refill(now);
+            for bi in 0..BUCKETS {
+                if short(self, bi) {
+                    // a grant: what is missing, or a millisecond's worth
+                    // (rate units/s = rate thousandths/ms)
+                    let want = (need(self, bi) - self.credit[li][bi]).max(self.rate[li][bi].max(1));
+                    self.credit[li][bi] += take(&lim.buckets[bi].tokens, want);
+                }
+            }
+            if (0..BUCKETS).any(|bi| short(self, bi)) {
+                // still short: keep the turn until the bucket refills
+                return false;
+            }
+            self.release(li, now);
+        }
+        for (rates, credit) in self.rate.iter().zip(self.credit.iter_mut()) {
+            for ((r, c), k) in rates.iter().zip(credit.iter_mut()).zip(cost) {
+                if *r != 0 {
+                    *c -= k;
+                }
+            }
+        }
+        true
+    }
+
+    /// Whether it is this queue's turn to take from limiter `li`, taking a
+    /// place in line first if it has none.
+    fn my_turn(&mut self, li: usize, now: u64) -> bool {
+        let lim = &self.limiters[li];
+        let serving = lim.serving.load(Ordering::Acquire);
+        let t = match self.ticket[li] {
+            Some(t) if t >= serving => t,
+            // none yet, or skipped while away: to the end of the line
+            _ => {
+                let t = lim.next_ticket.fetch_add(1, Ordering::AcqRel);
+                self.ticket[li] = Some(t);
+                t
+            }
+        };
+        if t == serving {
+            lim.heartbeat_ns.store(now, Ordering::Relaxed);
+            return true;
+        }
+        // the queue being served has stopped trying: skip it
+        if now.saturating_sub(lim.heartbeat_ns.load(Ordering::Relaxed)) > STALL_NS
+            && lim
+                .serving
+                .compare_exchange(serving, serving + 1, Ordering::AcqRel, Ordering::Relaxed)
+                .is_ok()
+        {
+            lim.heartbeat_ns.store(now, Ordering::Relaxed);
+        }
+        false
+    }
+
+    /// Give up the place in limiter `li`'s line (the next queue's turn).
+    fn release(&mut self, li: usize, now: u64) {
+        if let Some(t) = self.ticket[li].take() {
+            let lim = &self.limiters[li];
+            if lim
+                .serving
+                .compare_exchange(t, t + 1, Ordering::AcqRel, Ordering::Relaxed)
+                .is_ok()
+            {
+                lim.heartbeat_ns.store(now, Ordering::Relaxed);
+            }
+        }
+    }
+
+    fn release_all(&mut self) {
+        let now = now_ns();
+        for li in 0..self.ticket.len() {
+            self.release(li, now);
+        }
+    }
+
+    /// Count a request that waited `waited_ns` before admission.
+    pub fn waited(&self, waited_ns: u64) {
+        for l in &self.limiters {
+            l.throttled.fetch_add(1, Ordering::Relaxed);
+            l.throttled_ns.fetch_add(waited_ns, Ordering::Relaxed);
+        }
+    }
+}
+
+impl Drop for QueueQos {
+    fn drop(&mut self) {
+        // a queue that goes away in its turn passes it on
+        self.release_all();
+    }
+}
+
+/// Take up to `want` from a bucket, as much as it has (never below zero).
+fn take(tokens: &AtomicI64, want: i64) -> i64 {
+    // an empty bucket costs a load, not a locked instruction
+    if tokens.load(Ordering::Relaxed) <= 0 {
+        return 0;
+    }
+    let mut got = 0;
+    let _ = tokens.fetch_update(Ordering::AcqRel, Ordering::Relaxed, |t| {
+        got = want.min(t).max(0);
+        Some(t - got)
+    });
+    got
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_rate_is_held_and_the_burst_comes_first() {
+        let lim = Limiter::new(
+            "t",
+            QosLimits {
+                iops: 1000,
+                burst_ms: 10,
+                ..Default::default()
+            },
+        );
+        let mut q = QueueQos::new(QosBinding::new(lim.clone(), None));
+        let t0 = now_ns();
+        // the burst: 10 ms at 1000/s = 10 requests at once
+        let burst = (0..100)
+            .filter(|_| q.admit_at(IoKind::Read, 4096, t0))
+            .count();
+        assert!((10..=12).contains(&burst), "{burst}");
+        // then 1 per ms: over a simulated second, about 1000
+        let mut n = 0;
+        for ms in 1..=1000u64 {
+            while q.admit_at(IoKind::Read, 4096, t0 + ms * 1_000_000) {
+                n += 1;
+            }
+        }
+        assert!((950..=1050).contains(&n), "{n}");
+    }
+
+    #[test]
+    fn reads_and_writes_and_bytes_are_limited_apart() {
+        let lim = Limiter::new(
+            "t",
+            QosLimits {
+                read_iops: 100,
+                write_bps: 1 << 20,
+                burst_ms: 1000,
+                ..Default::default()
+            },
+        );
+        let mut q = QueueQos::new(QosBinding::new(lim, None));
+        let t = now_ns();
+        let reads = (0..500)
+            .filter(|_| q.admit_at(IoKind::Read, 4096, t))
+            .count();
+        assert!((100..=101).contains(&reads), "{reads}");
+        // writes are limited by bytes only: 1 MiB of burst in 64 KiB writes
+        let writes = (0..500)
+            .filter(|_| q.admit_at(IoKind::Write, 65536, t))
+            .count();
+        assert!((16..=17).contains(&writes), "{writes}");
+        // flushes are free
+        assert!((0..500).all(|_| q.admit_at(IoKind::Flush, 0, t)));
+    }
+
+    #[test]
+    fn two_queues_share_one_limit() {
+        let lim = Limiter::new(
+            "t",
+            QosLimits {
+                iops: 2000,
+                burst_ms: 1,
+                ..Default::default()
+            },
+        );
+        let (mut a, mut b) = (
+            QueueQos::new(QosBinding::new(lim.clone(), None)),
+            QueueQos::new(QosBinding::new(lim, None)),
+        );
+        let t0 = now_ns();
+        let mut n = 0;
+        for us in (250..=1_000_000u64).step_by(250) {
+            let now = t0 + us * 1000;
+            while a.admit_at(IoKind::Read, 512, now) {
+                n += 1;
+            }
+            while b.admit_at(IoKind::Read, 512, now) {
+                n += 1;
+            }
+        }
+        assert!((1900..=2100).contains(&n), "{n}");
+    }
+
+    /// A request bigger than the whole burst still passes, and pays.
+    #[test]
+    fn a_request_larger_than_the_bucket_passes_in_time() {
+        let lim = Limiter::new(
+            "t",
+            QosLimits {
+                bps: 1 << 20,
+                burst_ms: 1,
+                ..Default::default()
+            },
+        );
+        let mut q = QueueQos::new(QosBinding::new(lim, None));
+        let t0 = now_ns();
+        let mut admitted = Vec::new();
+        for ms in 0..=2000u64 {
+            if q.admit_at(IoKind::Write, 256 << 10, t0 + ms * 1_000_000) {
+                admitted.push(ms);
+            }
+        }
+        // 256 KiB at 1 MiB/s: four a second
+        assert!((7..=10).contains(&admitted.len()), "{admitted:?}");
+    }
+
+    #[test]
+    fn zero_is_no_limit_and_limits_change_at_once() {
+        let lim = Limiter::new("t", QosLimits::default());
+        assert!(lim.limits().is_unlimited());
+        let mut q = QueueQos::new(QosBinding::new(lim.clone(), None));
+        let t = now_ns();
+        assert!((0..10_000).all(|_| q.admit_at(IoKind::Write, 1 << 20, t)));
+        lim.set(QosLimits {
+            iops: 10,
+            burst_ms: 100,
+            ..Default::default()
+        });
+        q.refresh();
+        let n = (0..100)
+            .filter(|_| q.admit_at(IoKind::Write, 4096, t))
+            .count();
+        assert!(n <= 2, "{n}");
+        assert!(QosLimits {
+            burst_ms: 0,
+            ..Default::default()
+        }
+        .check()
+        .is_err());
+    }
+
+    /// Two devices in one group share its limit on top of their own; a
+    /// device that leaves the group is bound by its own limit alone.
+    #[test]
+    fn a_group_limits_its_devices_together_and_membership_changes() {
+        let g = Limiter::new(
+            "g",
+            QosLimits {
+                iops: 1000,
+                burst_ms: 1,
+                ..Default::default()
+            },
+        );
+        let own = |n| Limiter::new(n, QosLimits::default());
+        let (da, db) = (
+            QosBinding::new(own("a"), Some(g.clone())),
+            QosBinding::new(own("b"), Some(g.clone())),
+        );
+        let (mut a, mut b) = (QueueQos::new(da.clone()), QueueQos::new(db));
+        let t0 = now_ns();
+        let run = |a: &mut QueueQos, b: &mut QueueQos, from_ms: u64| {
+            let (mut na, mut nb) = (0, 0);
+            for us in (250..=1_000_000u64).step_by(250) {
+                let now = t0 + from_ms * 1_000_000 + us * 1000;
+                a.refresh();
+                b.refresh();
+                // two reactors: either may come first
+                for turn in [us % 500 == 0, us % 500 != 0] {
+                    if turn {
+                        while na < 100_000 && a.admit_at(IoKind::Read, 512, now) {
+                            na += 1;
+                        }
+                    } else {
+                        while b.admit_at(IoKind::Read, 512, now) {
+                            nb += 1;
+                        }
+                    }
+                }
+            }
+            (na, nb)
+        };
+        let (na, nb) = run(&mut a, &mut b, 0);
+        assert!((950..=1050).contains(&(na + nb)), "{na} + {nb}");
+        assert!(na > 300 && nb > 300, "shared unfairly: {na} {nb}");
+        da.set_group(None);
+        let (na, nb) = run(&mut a, &mut b, 1000);
+        assert_eq!(na, 100_000, "a left the group and has no limit of its own");
+        assert!((950..=1050).contains(&nb), "{nb}");
+        assert!(
+            g.throttled.load(Ordering::Relaxed) == 0,
+            "admit_at does not count waits"
+        );
+    }
+
+    /// Queues that always poll in the same order (one reactor, the first
+    /// poller always first) still share a limit evenly: grants go by turns.
+    #[test]
+    fn a_fixed_poll_order_does_not_starve_the_second_queue() {
+        let lim = Limiter::new(
+            "t",
+            QosLimits {
+                iops: 2000,
+                burst_ms: 1,
+                ..Default::default()
+            },
+        );
+        let (mut a, mut b) = (
+            QueueQos::new(QosBinding::new(lim.clone(), None)),
+            QueueQos::new(QosBinding::new(lim, None)),
+        );
+        let t0 = now_ns();
+        let (mut na, mut nb) = (0, 0);
+        for us in (50..=1_000_000u64).step_by(50) {
+            let now = t0 + us * 1000;
+            while a.admit_at(IoKind::Read, 512, now) {
+                na += 1;
+            }
+            while b.admit_at(IoKind::Read, 512, now) {
+                nb += 1;
+            }
+        }
+        assert!((1900..=2100).contains(&(na + nb)), "{na} + {nb}");
+        assert!((na as i64 - nb as i64).abs() < 200, "unfair: {na} {nb}");
+    }
+
+    /// A queue that takes its turn and goes away does not stop the others
+    /// for long.
+    #[test]
+    fn a_queue_gone_in_its_turn_is_skipped() {
+        let lim = Limiter::new(
+            "t",
+            QosLimits {
+                iops: 1000,
+                burst_ms: 1,
+                ..Default::default()
+            },
+        );
+        let (mut a, mut b) = (
+            QueueQos::new(QosBinding::new(lim.clone(), None)),
+            QueueQos::new(QosBinding::new(lim, None)),
+        );
+        let t0 = now_ns();
+        // a drains the burst and waits in its turn, then never comes back
+        while a.admit_at(IoKind::Read, 512, t0) {}
+        std::mem::forget(a);
+        let mut first = None;
+        for ms in 1..100u64 {
+            if b.admit_at(IoKind::Read, 512, t0 + ms * 1_000_000) {
+                first = Some(ms);
+                break;
+            }
+        }
+        let first = first.expect("b never admitted");
+        assert!(first <= 7, "b waited {first} ms");
+    }
+}
