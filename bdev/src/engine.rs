@@ -218,6 +218,11 @@ pub struct IoEngine {
     stats: EngineStats,
     /// The clock reading of the current start or reap pass.
     now_ticks: u64,
+    /// Ticks to histogram units.
+    scale: clock::Scale,
+    /// The reactor cycle's clock reading (0: not read yet this cycle):
+    /// pollers, the start of operations and QoS share one reading.
+    cycle_ticks: u64,
 }
 
 /// Registered-file table size of each ring: the most devices one engine holds.
@@ -301,6 +306,8 @@ impl IoEngine {
             sq_blocked: false,
             stats: EngineStats::default(),
             now_ticks: 0,
+            scale: clock::scale(),
+            cycle_ticks: 0,
             cfg,
         })
     }
@@ -487,11 +494,34 @@ impl IoEngine {
         self.batch.clear();
     }
 
+    /// A new reactor cycle: the clock is read again when first needed.
+    #[inline]
+    pub fn begin_cycle(&mut self) {
+        self.cycle_ticks = 0;
+    }
+
+    /// The cycle's clock reading (the TSC), read at the first call of the
+    /// cycle and shared by everything after it.
+    #[inline]
+    pub fn clock(&mut self) -> u64 {
+        if self.cycle_ticks == 0 {
+            self.cycle_ticks = clock::ticks();
+        }
+        self.cycle_ticks
+    }
+
+    /// The cycle's latest clock reading (0: none): after completions were
+    /// reaped, their time.
+    #[inline]
+    pub fn last_clock(&self) -> u64 {
+        self.cycle_ticks
+    }
+
     /// Start pending operations in order, stopping at a drain point while
     /// earlier operations are in flight, or when the ring or pool is full.
     fn kick(&mut self) {
         if self.cfg.timing && !self.pending.is_empty() {
-            self.now_ticks = clock::ticks();
+            self.now_ticks = self.clock();
         }
         while let Some(&op) = self.pending.front() {
             if self.ops[op as usize].drain && self.inflight_ops > 0 {
@@ -617,7 +647,9 @@ impl IoEngine {
                 return completed;
             }
             if self.cfg.timing {
-                self.now_ticks = clock::ticks();
+                // completions: a fresh reading, the cycle's from now on
+                self.cycle_ticks = clock::ticks();
+                self.now_ticks = self.cycle_ticks;
             }
             // index loop: finishing an op may queue retries but never grows `done`
             let mut i = 0;
@@ -653,7 +685,7 @@ impl IoEngine {
         if self.cfg.timing {
             if let Some(Some(d)) = self.devs.get(op.dev as usize) {
                 d.latency
-                    .record(clock::scale().units(self.now_ticks.wrapping_sub(op.t0)));
+                    .record(self.scale.units(self.now_ticks.wrapping_sub(op.t0)));
             }
         }
         let want = if op.bounce != NONE {

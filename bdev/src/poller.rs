@@ -58,8 +58,12 @@ pub trait IoPoller: Send {
     fn poll(&mut self, io: &mut IoEngine, me: PollerId) -> usize;
     /// A request this poller submitted completed (its cookie's tag).
     fn on_complete(&mut self, tag: u64, result: IoResult);
-    /// Publish what completed this cycle (once per cycle, not per request).
-    fn end_cycle(&mut self) {}
+    /// Publish what completed this cycle (once per cycle, not per request);
+    /// `now` is the cycle's latest clock reading ([`IoEngine::last_clock`],
+    /// 0 if none was taken).
+    fn end_cycle(&mut self, now: u64) {
+        let _ = now;
+    }
     /// About to sleep: arm notifications. Return false if work showed up.
     fn prepare_sleep(&mut self) -> bool {
         true
@@ -271,6 +275,7 @@ impl Work for ReactorIo {
     fn cycle(&mut self) -> usize {
         let mut work = 0;
         let ReactorIo { io, pollers, .. } = self;
+        io.begin_cycle();
         let submitted_before = io.stats().requests_submitted;
         for (slot, p) in pollers.iter_mut().enumerate() {
             if let Some(p) = p {
@@ -288,8 +293,9 @@ impl Work for ReactorIo {
             // them too
             self.publish_stats();
         }
+        let now = self.io.last_clock();
         for p in self.pollers.iter_mut().flatten() {
-            p.end_cycle();
+            p.end_cycle(now);
         }
         work + done
     }

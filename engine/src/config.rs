@@ -720,7 +720,12 @@ pub struct VhostBlkSection {
     /// Offer VIRTIO_BLK_F_RO and fail writes.
     #[serde(default = "no")]
     pub read_only: bool,
-    /// Serial number the guest reads (GET_ID), at most 20 bytes; default the name.
+    /// The disk's identity, kept for ever (generated at creation when
+    /// absent); a VM's map names disks by it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub uuid: Option<String>,
+    /// Serial number the guest reads (GET_ID), at most 20 bytes; default
+    /// the UUID's first 20 hex digits.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub serial: Option<String>,
     /// The device's own QoS limits (absent or 0: none).
@@ -784,6 +789,10 @@ impl VhostBlkSection {
         }
         if self.serial.as_ref().is_some_and(|s| s.len() > 20) {
             return Err(invalid(key("serial"), "is longer than 20 bytes"));
+        }
+        if let Some(u) = &self.uuid {
+            uuid::Uuid::parse_str(u)
+                .map_err(|e| invalid(key("uuid"), format!("`{u}` is not a UUID: {e}")))?;
         }
         if self.cores.is_some() && self.queue_cores.is_some() {
             return Err(invalid(

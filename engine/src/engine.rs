@@ -23,6 +23,7 @@ use quern_reactor::ReactorConfig;
 use quern_vhost::qos::{Limiter, QosBinding, QosLimits};
 use quern_vhost::queue::OPS;
 use quern_vhost::{DeviceConfig, DeviceHandle};
+use quern_vm::{DiskInfo, VmError, VmManager};
 use serde_json::{json, Value};
 
 use crate::config::{
@@ -138,6 +139,59 @@ pub struct Engine {
     store: StateStore,
     /// When the engine started (metrics' creation time).
     pub started: std::time::SystemTime,
+    /// The VMs Quern knows.
+    pub vms: Arc<VmManager>,
+    link: Arc<EngineLink>,
+}
+
+/// The VM layer's view of the engine: its disks, and where to save.
+struct EngineLink(std::sync::OnceLock<std::sync::Weak<Engine>>);
+
+impl EngineLink {
+    fn engine(&self) -> Result<Arc<Engine>, VmError> {
+        self.0
+            .get()
+            .and_then(std::sync::Weak::upgrade)
+            .ok_or_else(|| VmError::new(quern_vm::Code::Failed, "the engine is stopping"))
+    }
+}
+
+impl quern_vm::Disks for EngineLink {
+    fn disk(&self, device: &str) -> Result<DiskInfo, VmError> {
+        let e = self.engine()?;
+        let o = e.lock();
+        let d = o
+            .devices
+            .iter()
+            .find(|d| d.section.name == device)
+            .ok_or_else(|| {
+                VmError::new(
+                    quern_vm::Code::NotFound,
+                    format!("no device named `{device}`"),
+                )
+            })?;
+        let uuid = d.section.uuid.clone().unwrap_or_default();
+        Ok(DiskInfo {
+            device: device.into(),
+            serial: d
+                .section
+                .serial
+                .clone()
+                .unwrap_or_else(|| quern_vm::serial_of(&uuid)),
+            uuid,
+            socket: resolve_under(&e.cfg.state_dir, &d.section.socket),
+            num_queues: d.section.num_queues,
+        })
+    }
+}
+
+impl quern_vm::Store for EngineLink {
+    fn save(&self) -> Result<(), VmError> {
+        let e = self.engine()?;
+        let o = e.lock();
+        e.persist(&o)
+            .map_err(|err| VmError::new(quern_vm::Code::Failed, err.message))
+    }
 }
 
 /// How the engine starts.
@@ -168,26 +222,38 @@ impl Engine {
             })?;
         }
         let kept = store.load().map_err(StartError::State)?;
-        let (bdevs, groups, devices, from) = match &kept {
+        let (bdevs, groups, devices, vms, from) = match &kept {
             Some(p) => (
                 p.bdevs.clone(),
                 p.qos_groups.clone(),
                 p.vhost_blk.clone(),
+                p.vms.clone(),
                 store.path(),
             ),
             None => (
                 cfg.bdevs.clone(),
                 cfg.qos_groups.clone(),
                 cfg.vhost_blk.clone(),
+                Vec::new(),
                 PathBuf::from("the configuration file"),
             ),
         };
-        if kept.is_some()
-            && (cfg.bdevs != bdevs || cfg.vhost_blk != devices || cfg.qos_groups != groups)
-        {
+        // a device of the file without a UUID was given one when it was
+        // first created: not a difference
+        let same_devices = cfg.vhost_blk.len() == devices.len()
+            && cfg.vhost_blk.iter().zip(&devices).all(|(f, s)| {
+                let mut s = s.clone();
+                if f.uuid.is_none() {
+                    s.uuid = None;
+                }
+                *f == s
+            });
+        if kept.is_some() && (cfg.bdevs != bdevs || !same_devices || cfg.qos_groups != groups) {
             tracing::info!(state = %store.path().display(), "bdevs and devices come from the state directory; the configuration file's differ and are not used (--reset-state starts from them)");
         }
         let reactors = spawn_reactors(cfg)?;
+        let link = Arc::new(EngineLink(std::sync::OnceLock::new()));
+        let vm_manager = VmManager::new(&cfg.state_dir, link.clone());
         let engine = Arc::new(Engine {
             cfg: cfg.clone(),
             reactors: reactors.iter().map(|(r, _)| r.clone()).collect(),
@@ -195,7 +261,12 @@ impl Engine {
             objects: Mutex::new(Objects::default()),
             store,
             started: std::time::SystemTime::now(),
+            vms: vm_manager,
+            link,
         });
+        let _ = engine.link.0.set(Arc::downgrade(&engine));
+        let store: std::sync::Weak<dyn quern_vm::Store> = Arc::downgrade(&engine.link) as _;
+        engine.vms.set_store(store);
         let fail = |what: String, e: ApiError| {
             engine.stop_within(STOP_DRAIN);
             StartError::Object {
@@ -221,6 +292,8 @@ impl Engine {
                 return Err(fail(format!("vhost_blk[{i}] `{name}`"), e));
             }
         }
+        // the VMs: reconnected where their QEMU still runs
+        engine.vms.restore(vms);
         // the first start records the file's objects
         if let Err(e) = engine.persist(&engine.lock()) {
             return Err(fail("state".into(), e));
@@ -238,6 +311,7 @@ impl Engine {
             bdevs: o.bdevs.iter().map(|b| b.section.clone()).collect(),
             qos_groups: o.qos_groups.iter().map(|g| g.section.clone()).collect(),
             vhost_blk: o.devices.iter().map(|d| d.section.clone()).collect(),
+            vms: self.vms.records(),
         };
         self.store.save(&p).map_err(|e| {
             ApiError::new(
@@ -369,7 +443,7 @@ impl Engine {
         self.create_device(d, true)
     }
 
-    fn create_device(&self, d: VhostBlkSection, durable: bool) -> Result<Value, ApiError> {
+    fn create_device(&self, mut d: VhostBlkSection, durable: bool) -> Result<Value, ApiError> {
         let mut o = self.lock();
         o.retired.retain(|h| !h.finished());
         if o.devices.iter().any(|x| x.section.name == d.name) {
@@ -386,6 +460,22 @@ impl Engine {
             },
         )
         .map_err(ApiError::invalid)?;
+        match &d.uuid {
+            Some(u) => {
+                if let Some(x) = o.devices.iter().find(|x| {
+                    x.section
+                        .uuid
+                        .as_deref()
+                        .is_some_and(|v| v.eq_ignore_ascii_case(u))
+                }) {
+                    return Err(ApiError::new(
+                        codes::ALREADY_EXISTS,
+                        format!("uuid {u} is device `{}`'s", x.section.name),
+                    ));
+                }
+            }
+            None => d.uuid = Some(uuid::Uuid::new_v4().to_string()),
+        }
         let b = o
             .bdevs
             .iter()
@@ -401,7 +491,10 @@ impl Engine {
             num_queues: d.num_queues,
             queue_size: d.queue_size,
             read_only: d.read_only,
-            serial: d.serial.clone().unwrap_or_else(|| d.name.clone()),
+            serial: d
+                .serial
+                .clone()
+                .unwrap_or_else(|| quern_vm::serial_of(d.uuid.as_deref().unwrap_or_default())),
             binding: d.binding(&self.cfg.reactor.cores),
             timing: self.cfg.metrics.histograms,
             qos: QosBinding::new(Limiter::new(&d.name, d.qos.unwrap_or_default()), group),
@@ -413,7 +506,7 @@ impl Engine {
             b.handles.clone(),
         )
         .map_err(|e| ApiError::new(codes::FAILED, format!("device `{}`: {e}", d.name)))?;
-        let info = json!({"name": d.name, "socket": resolve_under(&self.cfg.state_dir, &d.socket)});
+        let info = json!({"name": d.name, "uuid": d.uuid, "socket": resolve_under(&self.cfg.state_dir, &d.socket)});
         let base = latency_now(&handle);
         o.devices.push(LiveDevice {
             section: d,
@@ -441,6 +534,14 @@ impl Engine {
         let Some(i) = o.devices.iter().position(|d| d.section.name == name) else {
             return Err(not_found("device", name));
         };
+        if let Some((vm, true)) = self.vms.user_of(name) {
+            if !force {
+                return Err(ApiError::new(
+                    codes::IN_USE,
+                    format!("device `{name}` is a disk of VM `{vm}` (vm_disk_remove it first, or force: true fails its requests from now on)"),
+                ));
+            }
+        }
         let connected = o.devices[i].handle.connected();
         if connected && !force {
             return Err(ApiError::new(
@@ -864,6 +965,19 @@ impl Engine {
     }
 }
 
+/// A VM layer error as an API error.
+pub fn vm_error(e: VmError) -> ApiError {
+    use quern_vm::Code;
+    let code = match e.code {
+        Code::NotFound => codes::NOT_FOUND,
+        Code::AlreadyExists => codes::ALREADY_EXISTS,
+        Code::InUse => codes::IN_USE,
+        Code::Invalid => codes::INVALID_PARAMS,
+        Code::Failed => codes::FAILED,
+    };
+    ApiError::new(code, e.message)
+}
+
 fn device_index(o: &Objects, name: &str) -> Result<usize, ApiError> {
     o.devices
         .iter()
@@ -950,8 +1064,11 @@ fn device_json(state_dir: &Path, s: &VhostBlkSection, h: &DeviceHandle) -> Value
         })
         .collect();
     let own = h.qos.own();
+    let uuid = s.uuid.clone().unwrap_or_default();
     json!({
         "name": s.name,
+        "uuid": uuid,
+        "serial": s.serial.clone().unwrap_or_else(|| quern_vm::serial_of(&uuid)),
         "bdev": s.bdev,
         "socket": resolve_under(state_dir, &s.socket),
         "num_queues": s.num_queues,

@@ -20,7 +20,7 @@ use serde::Deserialize;
 use serde_json::{json, Map, Value};
 
 use crate::config::{BdevSection, QosGroupSection, QosLimits, VhostBlkSection};
-use crate::engine::{codes, ApiError, Engine};
+use crate::engine::{codes, vm_error, ApiError, Engine};
 
 /// Most requests in one batch.
 pub const MAX_BATCH: usize = 128;
@@ -95,6 +95,87 @@ pub struct StatsParams {
     /// Add each queue's latency histogram buckets (for `quern ctl top`).
     #[serde(default)]
     pub buckets: bool,
+}
+
+#[derive(Debug, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct VmAttachParams {
+    /// The name Quern will know the VM by.
+    pub name: String,
+    /// The QEMU's QMP socket (a UNIX socket QEMU listens on).
+    pub qmp_socket: std::path::PathBuf,
+}
+
+#[derive(Debug, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct VmStopParams {
+    /// The VM's name.
+    pub name: String,
+    /// Quit QEMU at once instead of asking the guest to power off.
+    #[serde(default)]
+    pub force: bool,
+    /// How long the guest has to power off.
+    #[serde(default = "sixty")]
+    pub timeout_secs: u64,
+}
+
+fn sixty() -> u64 {
+    60
+}
+fn thirty() -> u64 {
+    30
+}
+
+#[derive(Debug, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct VmDeleteParams {
+    /// The VM's name.
+    pub name: String,
+    /// Delete it even while it runs (a QEMU Quern started is quit; an
+    /// attached one is left running).
+    #[serde(default)]
+    pub force: bool,
+}
+
+#[derive(Debug, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct VmParams {
+    /// The VM's name.
+    pub vm: String,
+}
+
+#[derive(Debug, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct DiskInsertParams {
+    /// The VM's name.
+    pub vm: String,
+    /// The Quern device (vhost_blk) to insert.
+    pub device: String,
+    /// The name to give a disk the VM has never had (vdb, vdaa, ...);
+    /// default the lowest free one. Refused if another disk holds it.
+    #[serde(default)]
+    pub name: Option<String>,
+}
+
+#[derive(Debug, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct DiskRemoveParams {
+    /// The VM's name.
+    pub vm: String,
+    /// The device to unplug.
+    pub device: String,
+    /// How long the guest has to let go of the disk.
+    #[serde(default = "thirty")]
+    pub timeout_secs: u64,
+}
+
+#[derive(Debug, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct DiskReleaseParams {
+    /// The VM's name.
+    pub vm: String,
+    /// The removed device whose name is to be freed.
+    pub device: String,
 }
 
 type Call = Box<dyn Fn(&Engine, Value) -> Result<Value, ApiError> + Send + Sync>;
@@ -214,6 +295,87 @@ pub fn methods() -> &'static [Method] {
                 "The QoS groups, their limits, devices and throttling",
                 false,
                 |e, _| Ok(e.qos_group_list()),
+            ),
+            Method::new::<quern_vm::VmSpec>(
+                "vm_create",
+                "Start and supervise a QEMU VM from a spec (its disks get vda, vdb, ... in order)",
+                true,
+                |e, p| e.vms.create(p).map_err(vm_error),
+            ),
+            Method::new::<VmAttachParams>(
+                "vm_attach",
+                "Control a QEMU started elsewhere through its QMP socket",
+                true,
+                |e, p| e.vms.attach(&p.name, &p.qmp_socket).map_err(vm_error),
+            ),
+            Method::new::<NoParams>(
+                "vm_list",
+                "The VMs: state (running, paused, shut down, crashed), QEMU's exit status, disks",
+                false,
+                |e, _| Ok(e.vms.list()),
+            ),
+            Method::new::<NameParams>(
+                "vm_start",
+                "Start again a VM Quern runs that is shut down or crashed",
+                true,
+                |e, p| e.vms.start(&p.name).map_err(vm_error),
+            ),
+            Method::new::<VmStopParams>(
+                "vm_stop",
+                "Power a VM off (ACPI), or quit its QEMU with force",
+                true,
+                |e, p| {
+                    e.vms
+                        .stop(&p.name, p.force, std::time::Duration::from_secs(p.timeout_secs))
+                        .map_err(vm_error)
+                },
+            ),
+            Method::new::<NameParams>("vm_reset", "Reset a VM (the guest boots again)", true, |e, p| {
+                e.vms.reset(&p.name).map_err(vm_error)
+            }),
+            Method::new::<NameParams>("vm_pause", "Pause a VM's vCPUs", true, |e, p| {
+                e.vms.pause(&p.name, true).map_err(vm_error)
+            }),
+            Method::new::<NameParams>("vm_resume", "Resume a paused VM", true, |e, p| {
+                e.vms.pause(&p.name, false).map_err(vm_error)
+            }),
+            Method::new::<VmDeleteParams>(
+                "vm_delete",
+                "Forget a VM (refused while it runs unless force)",
+                true,
+                |e, p| e.vms.delete(&p.name, p.force).map_err(vm_error),
+            ),
+            Method::new::<DiskInsertParams>(
+                "vm_disk_insert",
+                "Hot-plug a device into a VM under the name its UUID has there (or the lowest free)",
+                true,
+                |e, p| {
+                    e.vms
+                        .disk_insert(&p.vm, &p.device, p.name.as_deref())
+                        .map_err(vm_error)
+                },
+            ),
+            Method::new::<DiskRemoveParams>(
+                "vm_disk_remove",
+                "Unplug a disk once the guest lets go; its name stays reserved",
+                true,
+                |e, p| {
+                    e.vms
+                        .disk_remove(&p.vm, &p.device, std::time::Duration::from_secs(p.timeout_secs))
+                        .map_err(vm_error)
+                },
+            ),
+            Method::new::<DiskReleaseParams>(
+                "vm_disk_release",
+                "Free the reserved name of a removed disk",
+                true,
+                |e, p| e.vms.disk_release(&p.vm, &p.device).map_err(vm_error),
+            ),
+            Method::new::<VmParams>(
+                "vm_disks",
+                "A VM's disk map: UUID, name, device, attached or reserved",
+                false,
+                |e, p| e.vms.disks_of(&p.vm).map_err(vm_error),
             ),
             Method::new::<NoParams>(
                 "reactor_list",

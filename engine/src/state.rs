@@ -35,6 +35,9 @@ pub struct Persisted {
     pub qos_groups: Vec<QosGroupSection>,
     #[serde(default, rename = "vhost_blk", skip_serializing_if = "Vec::is_empty")]
     pub vhost_blk: Vec<VhostBlkSection>,
+    /// The VMs Quern knows, with their disk maps.
+    #[serde(default, rename = "vm", skip_serializing_if = "Vec::is_empty")]
+    pub vms: Vec<quern_vm::VmRecord>,
 }
 
 /// `state.toml` in one state directory.
@@ -118,6 +121,7 @@ mod tests {
             }],
             qos_groups: vec![],
             vhost_blk: vec![],
+            vms: vec![],
         };
         s.save(&p).unwrap();
         assert_eq!(s.load().unwrap(), Some(p));

@@ -19,6 +19,12 @@
 #                           is pinned to its own CPU so each uses its own queue)
 #   quern.ioengine=ENGINE   io_uring (default) or libaio
 #   quern.wait=SECS         how long to wait for /dev/vda (default 30)
+#   quern.mode=disks        disks mode instead of fio: print QUERN-DISKS-READY,
+#                           then answer commands read from the console: `list`
+#                           prints `QUERN-DISK <name> <serial>` for every
+#                           /sys/block/vd* and QUERN-LIST-END; `poweroff`.
+#                           For the VM layer's tests (disks inserted and
+#                           removed while the guest runs)
 #   quern.root=DEV          root mode instead of fio: mount DEV (ext4, read-
 #                           write) and switch_root to its /sbin/init (a disk
 #                           made by build-rootfs.sh). `root=DEV` selects the
@@ -89,6 +95,25 @@ for m in virtio_ring virtio virtio_pci_modern_dev virtio_pci_legacy_dev \
 	virtio_pci virtio_blk crc16 crc32c_generic mbcache jbd2 ext4; do
 	insmod "/lib/modules/$m.ko" || echo "QUERN-ERROR=insmod $m failed"
 done
+
+# Disks mode: tell the host what disks the guest has, when asked.
+if [ "$(param mode fio)" = disks ]; then
+	stty -echo 2>/dev/null
+	echo "QUERN-DISKS-READY"
+	while read -r cmd; do
+		case "$cmd" in
+		list)
+			for d in /sys/block/vd*; do
+				[ -e "$d" ] || continue
+				echo "QUERN-DISK $(basename "$d") $(cat "$d/serial" 2>/dev/null)"
+			done
+			echo "QUERN-LIST-END"
+			;;
+		poweroff) power_off ;;
+		esac
+	done
+	power_off
+fi
 
 # Wait for the vhost-user-blk disk.
 wait_secs=$(param wait 30)

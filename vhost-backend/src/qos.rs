@@ -133,6 +133,16 @@ struct Bucket {
     tokens: AtomicI64,
     /// Most tokens kept (thousandths).
     cap: AtomicI64,
+    /// Turns: a queue that needs a grant from this bucket takes a ticket
+    /// and takes tokens only when `serving` reaches it, so queues (and a
+    /// group's devices) share the bucket fairly whatever order their
+    /// reactors poll in. Per bucket: a queue waiting for read tokens does
+    /// not hold up one that wants write tokens.
+    next_ticket: AtomicU64,
+    serving: AtomicU64,
+    /// When the queue being served last tried (ns): one that stops trying
+    /// for [`STALL_NS`] (its queue stopped) loses its turn.
+    heartbeat_ns: AtomicU64,
 }
 
 /// A set of limits shared by the queues of one device, or of a group of
@@ -144,21 +154,19 @@ pub struct Limiter {
     /// When the buckets were last refilled (the engine clock, ns).
     last_ns: AtomicU64,
     /// Bumped by every [`Limiter::set`]: queues reload their copy of the
-    /// rates when it moves (one load per cycle).
-    generation: AtomicU64,
+    /// rates when it moves (one load per cycle, on a line of its own so
+    /// the writes to the buckets do not evict it).
+    generation: Padded<AtomicU64>,
     /// Requests that had to wait, and how long they waited in all (ns).
     pub throttled: AtomicU64,
     pub throttled_ns: AtomicU64,
     limits: Mutex<QosLimits>,
-    /// Turns: a queue that needs a grant takes a ticket and takes tokens
-    /// only when `serving` reaches it, so queues (and a group's devices)
-    /// share a limit fairly whatever order their reactors poll in.
-    next_ticket: AtomicU64,
-    serving: AtomicU64,
-    /// When the queue being served last tried (ns): one that stops trying
-    /// for [`STALL_NS`] (its queue stopped) loses its turn.
-    heartbeat_ns: AtomicU64,
 }
+
+/// A value alone on its cache line.
+#[derive(Debug, Default)]
+#[repr(align(64))]
+struct Padded<T>(T);
 
 /// How long a queue may hold its turn without trying.
 const STALL_NS: u64 = 5_000_000;
@@ -169,13 +177,10 @@ impl Limiter {
             name: name.into(),
             buckets: Default::default(),
             last_ns: AtomicU64::new(now_ns()),
-            generation: AtomicU64::new(0),
+            generation: Padded(AtomicU64::new(0)),
             throttled: AtomicU64::new(0),
             throttled_ns: AtomicU64::new(0),
             limits: Mutex::new(QosLimits::default()),
-            next_ticket: AtomicU64::new(0),
-            serving: AtomicU64::new(0),
-            heartbeat_ns: AtomicU64::new(0),
         });
         lim.set(l);
         lim
@@ -201,7 +206,7 @@ impl Limiter {
             }
         }
         *kept = l;
-        self.generation.fetch_add(1, Ordering::Release);
+        self.generation.0.fetch_add(1, Ordering::Release);
     }
 
     pub fn limits(&self) -> QosLimits {
@@ -238,12 +243,10 @@ impl Limiter {
     }
 }
 
-/// The clock the limiters share.
+/// The clock the limiters share: the reactors' cheap clock in ns (queues
+/// convert their cycle's reading, so QoS reads no clock of its own).
 pub fn now_ns() -> u64 {
-    use std::sync::OnceLock;
-    use std::time::Instant;
-    static EPOCH: OnceLock<Instant> = OnceLock::new();
-    EPOCH.get_or_init(Instant::now).elapsed().as_nanos() as u64
+    quern_reactor::clock::scale().ns(quern_reactor::clock::ticks())
 }
 
 /// Which limiters a device's queues obey: its own and its group's. The
@@ -252,14 +255,14 @@ pub fn now_ns() -> u64 {
 /// per-request path.
 #[derive(Debug)]
 pub struct QosBinding {
-    generation: AtomicU64,
+    generation: Padded<AtomicU64>,
     limiters: Mutex<Vec<Arc<Limiter>>>,
 }
 
 impl QosBinding {
     pub fn new(own: Arc<Limiter>, group: Option<Arc<Limiter>>) -> Arc<QosBinding> {
         Arc::new(QosBinding {
-            generation: AtomicU64::new(0),
+            generation: Padded(AtomicU64::new(0)),
             limiters: Mutex::new(std::iter::once(own).chain(group).collect()),
         })
     }
@@ -288,42 +291,64 @@ impl QosBinding {
         let mut l = self.limiters.lock().unwrap_or_else(|e| e.into_inner());
         l.truncate(1);
         l.extend(group);
-        self.generation.fetch_add(1, Ordering::Release);
+        self.generation.0.fetch_add(1, Ordering::Release);
     }
 }
 
-/// A queue's view of its device's limiters: a copy of their rates and its
-/// local credits. Owned by the queue's poller (one reactor); the limiters
-/// are shared, and touched only when a grant is due (about once a
-/// millisecond per limited queue).
+/// A queue's view of its device's limiters: a copy of the buckets that
+/// have a limit, and its local credits. Owned by the queue's poller (one
+/// reactor); the limiters are shared, and touched only when a grant is
+/// due (about once a millisecond per limited queue).
 pub struct QueueQos {
     binding: Arc<QosBinding>,
     binding_gen: u64,
     limiters: Vec<Arc<Limiter>>,
-    /// Each limiter's generation when its rates were copied.
+    /// Each limiter's generation when its buckets were copied.
     gens: Vec<u64>,
-    /// Copies: units per second, and bucket capacity (thousandths).
-    rate: Vec<[i64; BUCKETS]>,
-    cap: Vec<[i64; BUCKETS]>,
-    /// Local credit per limiter and bucket, thousandths.
-    credit: Vec<[i64; BUCKETS]>,
-    /// The queue's place in each limiter's line, while it waits for a turn.
+    /// The buckets with a limit, flat: what a request is checked against.
+    active: Vec<Active>,
+    /// Local credit per active bucket, thousandths.
+    credit: Vec<i64>,
+    /// The queue's place in each active bucket's line, while it waits for
+    /// a turn (it holds at most one at a time).
     ticket: Vec<Option<u64>>,
-    /// Any limit set.
-    active: bool,
+    /// A request that could not go is not tried again before this time
+    /// (ns): a waiting queue touches the shared buckets a few thousand
+    /// times a second at most, not once per reactor cycle.
+    retry_at: u64,
 }
 
-/// What a request costs each bucket, thousandths.
-fn costs(kind: IoKind, bytes: u64) -> [i64; BUCKETS] {
-    let b = bytes as i64 * MILLI;
-    match kind {
-        IoKind::Read => [MILLI, MILLI, 0, b, b, 0],
-        IoKind::Write | IoKind::Discard | IoKind::WriteZeroes => {
-            // discard and write-zeroes move no data through the guest
-            let b = if kind == IoKind::Write { b } else { 0 };
-            [MILLI, 0, MILLI, b, 0, b]
-        }
-        IoKind::Flush => [0; BUCKETS],
+/// One bucket with a limit, as a queue sees it.
+#[derive(Clone, Copy, Debug)]
+struct Active {
+    /// Which limiter, and which of its buckets (iops, read_iops,
+    /// write_iops, bps, read_bps, write_bps).
+    li: usize,
+    bi: usize,
+    /// Units per second (= thousandths per ms: a grant's worth).
+    rate: i64,
+    /// Most the bucket holds, thousandths.
+    cap: i64,
+}
+
+/// Shortest and longest pause before a waiting queue tries again.
+const RETRY_MIN_NS: u64 = 50_000;
+const RETRY_MAX_NS: u64 = 1_000_000;
+
+/// What a request costs bucket `bi`, thousandths.
+#[inline]
+fn cost(bi: usize, kind: IoKind, bytes: u64) -> i64 {
+    let read = kind == IoKind::Read;
+    let write = matches!(kind, IoKind::Write | IoKind::Discard | IoKind::WriteZeroes);
+    // discard and write-zeroes move no data through the guest
+    let data = bytes as i64 * MILLI;
+    match bi {
+        0 if read || write => MILLI,
+        1 if read => MILLI,
+        2 if write => MILLI,
+        3 | 4 if read => data,
+        3 | 5 if kind == IoKind::Write => data,
+        _ => 0,
     }
 }
 
@@ -334,11 +359,10 @@ impl QueueQos {
             binding_gen: u64::MAX,
             limiters: Vec::new(),
             gens: Vec::new(),
-            rate: Vec::new(),
-            cap: Vec::new(),
+            active: Vec::new(),
             credit: Vec::new(),
             ticket: Vec::new(),
-            active: false,
+            retry_at: 0,
         };
         q.refresh();
         q
@@ -348,157 +372,186 @@ impl QueueQos {
     /// per limiter, and the copy only when something changed).
     #[inline]
     pub fn refresh(&mut self) {
-        let g = self.binding.generation.load(Ordering::Acquire);
-        let mut changed_binding = false;
+        let g = self.binding.generation.0.load(Ordering::Acquire);
+        let mut changed = false;
         if g != self.binding_gen {
             self.binding_gen = g;
+            // turns held in the old limiters are passed on first
             self.release_all();
+            self.active.clear();
+            self.ticket.clear();
+            self.credit.clear();
             self.limiters = self
                 .binding
                 .limiters
                 .lock()
                 .unwrap_or_else(|e| e.into_inner())
                 .clone();
-            let n = self.limiters.len();
-            self.gens = vec![u64::MAX; n];
-            self.rate = vec![[0; BUCKETS]; n];
-            self.cap = vec![[0; BUCKETS]; n];
-            self.credit = vec![[0; BUCKETS]; n];
-            self.ticket = vec![None; n];
-            changed_binding = true;
+            self.gens = vec![u64::MAX; self.limiters.len()];
+            changed = true;
         }
-        let mut changed = changed_binding;
         for (i, l) in self.limiters.iter().enumerate() {
-            let g = l.generation.load(Ordering::Acquire);
+            let g = l.generation.0.load(Ordering::Acquire);
             if g != self.gens[i] {
                 self.gens[i] = g;
-                for (bi, b) in l.buckets.iter().enumerate() {
-                    self.rate[i][bi] = b.rate.load(Ordering::Relaxed) as i64;
-                    self.cap[i][bi] = b.cap.load(Ordering::Relaxed);
-                }
-                // what the old limits granted does not carry over
-                self.credit[i] = [0; BUCKETS];
                 changed = true;
             }
         }
         if changed {
-            self.active = self.rate.iter().flatten().any(|&r| r != 0);
-            if !self.active {
-                self.release_all();
+            self.rebuild();
+        }
+    }
+
+    /// A new copy of the limited buckets; what the old limits granted
+    /// does not carry over, and turns held are passed on.
+    #[cold]
+    fn rebuild(&mut self) {
+        self.release_all();
+        self.active.clear();
+        for (li, l) in self.limiters.iter().enumerate() {
+            for (bi, b) in l.buckets.iter().enumerate() {
+                let rate = b.rate.load(Ordering::Relaxed) as i64;
+                if rate != 0 {
+                    self.active.push(Active {
+                        li,
+                        bi,
+                        rate,
+                        cap: b.cap.load(Ordering::Relaxed),
+                    });
+                }
             }
         }
+        self.credit = vec![0; self.active.len()];
+        self.ticket = vec![None; self.active.len()];
+        self.retry_at = 0;
     }
 
     /// Whether any limit applies (local: no shared memory, no clock).
     #[inline]
     pub fn active(&self) -> bool {
-        self.active
+        !self.active.is_empty()
     }
 
     /// Admit a request of `kind` and `bytes` now, or say no (it waits).
     /// Without limits this reads no clock.
     #[inline]
     pub fn admit(&mut self, kind: IoKind, bytes: u64) -> bool {
-        !self.active || self.admit_at(kind, bytes, now_ns())
+        !self.active() || self.admit_at(kind, bytes, now_ns())
     }
 
     /// Admit at time `now` (ns of [`now_ns`]), or say no. On yes its cost
-    /// is spent from every limiter; on no nothing is.
+    /// is spent from every limited bucket; on no nothing is.
+    #[inline]
     pub fn admit_at(&mut self, kind: IoKind, bytes: u64, now: u64) -> bool {
-        if !self.active {
+        // the common case: local credit covers it (a few compares)
+        let mut j = 0;
+        while j < self.active.len() {
+            let c = cost(self.active[j].bi, kind, bytes);
+            if self.credit[j] < c {
+                break;
+            }
+            self.credit[j] -= c;
+            j += 1;
+        }
+        if j == self.active.len() {
             return true;
         }
-        let cost = costs(kind, bytes);
-        // first make sure every limiter can cover it, then spend
-        for li in 0..self.limiters.len() {
+        for k in 0..j {
+            self.credit[k] += cost(self.active[k].bi, kind, bytes);
+        }
+        self.admit_slow(kind, bytes, now)
+    }
+
+    /// Grants from the shared buckets, by turns.
+    #[cold]
+    fn admit_slow(&mut self, kind: IoKind, bytes: u64, now: u64) -> bool {
+        if now < self.retry_at {
+            return false;
+        }
+        for j in 0..self.active.len() {
+            let a = self.active[j];
+            let c = cost(a.bi, kind, bytes);
             // A request larger than the bucket can ever hold needs only a
             // full bucket to pass; it still pays its whole cost, the credit
             // going into debt that later grants repay, so the rate holds
             // over time and no request waits for ever.
-            let need = |q: &QueueQos, bi: usize| cost[bi].min(q.cap[li][bi].max(MILLI));
-            let short = |q: &QueueQos, bi: usize| {
-                cost[bi] != 0 && q.rate[li][bi] != 0 && q.credit[li][bi] < need(q, bi)
-            };
-            if !(0..BUCKETS).any(|bi| short(self, bi)) {
+            let need = c.min(a.cap.max(MILLI));
+            if c == 0 || self.credit[j] >= need {
                 continue;
             }
-            if !self.my_turn(li, now) {
+            if !self.my_turn(j, now) {
+                self.retry_at = now + RETRY_MIN_NS;
                 return false;
             }
-            let lim = self.limiters[li].clone();
+            let lim = &self.limiters[a.li];
             lim.refill(now);
-            for bi in 0..BUCKETS {
-                if short(self, bi) {
-                    // a grant: what is missing, or a millisecond's worth
-                    // (rate units/s = rate thousandths/ms)
-                    let want = (need(self, bi) - self.credit[li][bi]).max(self.rate[li][bi].max(1));
-                    self.credit[li][bi] += take(&lim.buckets[bi].tokens, want);
-                }
-            }
-            if (0..BUCKETS).any(|bi| short(self, bi)) {
-                // still short: keep the turn until the bucket refills
+            // a grant: what is missing, or a millisecond's worth
+            let want = (need - self.credit[j]).max(a.rate.max(1));
+            self.credit[j] += take(&lim.buckets[a.bi].tokens, want);
+            if self.credit[j] < need {
+                // still short: keep the turn until the bucket has accrued
+                // what is missing
+                let missing = (need - self.credit[j]) as u64;
+                let wait = missing * 1_000_000 / a.rate.max(1) as u64;
+                self.retry_at = now + wait.clamp(RETRY_MIN_NS, RETRY_MAX_NS);
                 return false;
             }
-            self.release(li, now);
+            self.release(j, now);
         }
-        for (rates, credit) in self.rate.iter().zip(self.credit.iter_mut()) {
-            for ((r, c), k) in rates.iter().zip(credit.iter_mut()).zip(cost) {
-                if *r != 0 {
-                    *c -= k;
-                }
-            }
+        for j in 0..self.active.len() {
+            self.credit[j] -= cost(self.active[j].bi, kind, bytes);
         }
         true
     }
 
-    /// Whether it is this queue's turn to take from limiter `li`, taking a
-    /// place in line first if it has none.
-    fn my_turn(&mut self, li: usize, now: u64) -> bool {
-        let lim = &self.limiters[li];
-        let serving = lim.serving.load(Ordering::Acquire);
-        let t = match self.ticket[li] {
+    /// Whether it is this queue's turn to take from active bucket `j`,
+    /// taking a place in line first if it has none.
+    fn my_turn(&mut self, j: usize, now: u64) -> bool {
+        let a = self.active[j];
+        let b = &self.limiters[a.li].buckets[a.bi];
+        let serving = b.serving.load(Ordering::Acquire);
+        let t = match self.ticket[j] {
             Some(t) if t >= serving => t,
             // none yet, or skipped while away: to the end of the line
             _ => {
-                let t = lim.next_ticket.fetch_add(1, Ordering::AcqRel);
-                self.ticket[li] = Some(t);
+                let t = b.next_ticket.fetch_add(1, Ordering::AcqRel);
+                self.ticket[j] = Some(t);
                 t
             }
         };
         if t == serving {
-            lim.heartbeat_ns.store(now, Ordering::Relaxed);
+            b.heartbeat_ns.store(now, Ordering::Relaxed);
             return true;
         }
         // the queue being served has stopped trying: skip it
-        if now.saturating_sub(lim.heartbeat_ns.load(Ordering::Relaxed)) > STALL_NS
-            && lim
-                .serving
+        if now.saturating_sub(b.heartbeat_ns.load(Ordering::Relaxed)) > STALL_NS
+            && b.serving
                 .compare_exchange(serving, serving + 1, Ordering::AcqRel, Ordering::Relaxed)
                 .is_ok()
         {
-            lim.heartbeat_ns.store(now, Ordering::Relaxed);
+            b.heartbeat_ns.store(now, Ordering::Relaxed);
         }
         false
     }
 
-    /// Give up the place in limiter `li`'s line (the next queue's turn).
-    fn release(&mut self, li: usize, now: u64) {
-        if let Some(t) = self.ticket[li].take() {
-            let lim = &self.limiters[li];
-            if lim
-                .serving
+    /// Give up the place in a bucket's line (the next queue's turn).
+    fn release(&mut self, j: usize, now: u64) {
+        if let Some(t) = self.ticket[j].take() {
+            let a = self.active[j];
+            let b = &self.limiters[a.li].buckets[a.bi];
+            if b.serving
                 .compare_exchange(t, t + 1, Ordering::AcqRel, Ordering::Relaxed)
                 .is_ok()
             {
-                lim.heartbeat_ns.store(now, Ordering::Relaxed);
+                b.heartbeat_ns.store(now, Ordering::Relaxed);
             }
         }
     }
 
     fn release_all(&mut self) {
         let now = now_ns();
-        for li in 0..self.ticket.len() {
-            self.release(li, now);
+        for j in 0..self.ticket.len() {
+            self.release(j, now);
         }
     }
 
@@ -574,13 +627,15 @@ mod tests {
                 ..Default::default()
             },
         );
-        let mut q = QueueQos::new(QosBinding::new(lim, None));
+        let mut q = QueueQos::new(QosBinding::new(lim.clone(), None));
         let t = now_ns();
         let reads = (0..500)
             .filter(|_| q.admit_at(IoKind::Read, 4096, t))
             .count();
         assert!((100..=101).contains(&reads), "{reads}");
         // writes are limited by bytes only: 1 MiB of burst in 64 KiB writes
+        // (another queue: one that waits tries again only later, in order)
+        let mut q = QueueQos::new(QosBinding::new(lim, None));
         let writes = (0..500)
             .filter(|_| q.admit_at(IoKind::Write, 65536, t))
             .count();
@@ -778,5 +833,33 @@ mod tests {
         }
         let first = first.expect("b never admitted");
         assert!(first <= 7, "b waited {first} ms");
+    }
+
+    /// A queue waiting for read tokens does not hold up another queue's
+    /// writes, which have a budget of their own.
+    #[test]
+    fn waiting_reads_do_not_hold_up_writes() {
+        let lim = Limiter::new(
+            "t",
+            QosLimits {
+                read_iops: 10,
+                write_iops: 1000,
+                burst_ms: 1,
+                ..Default::default()
+            },
+        );
+        let mut r = QueueQos::new(QosBinding::new(lim.clone(), None));
+        let mut w = QueueQos::new(QosBinding::new(lim, None));
+        let t0 = now_ns();
+        let mut writes = 0;
+        for ms in 1..=100u64 {
+            let now = t0 + ms * 1_000_000;
+            // the reader is always short, and always first
+            let _ = r.admit_at(IoKind::Read, 4096, now);
+            while w.admit_at(IoKind::Write, 4096, now) {
+                writes += 1;
+            }
+        }
+        assert!((90..=110).contains(&writes), "{writes}");
     }
 }

@@ -130,13 +130,11 @@ pub struct QueuePoller {
     timing: bool,
     taken_at: Vec<u64>,
     op_of: Vec<u8>,
-    /// The cycle's clock reading, taken once the cycle has work.
-    now_ticks: u64,
+    /// Ticks to histogram units.
+    scale: clock::Scale,
     /// QoS, and the requests waiting for its budget, in order.
     qos: Option<QueueQos>,
     held: VecDeque<Held>,
-    /// The cycle's QoS clock reading (0: not read yet).
-    qos_now_ns: u64,
 }
 
 /// Warnings about what a guest sent, at a bounded rate (the counters in
@@ -290,10 +288,9 @@ impl QueuePoller {
             timing: p.timing,
             taken_at: vec![0; size],
             op_of: vec![NO_OP; size],
-            now_ticks: 0,
+            scale: clock::scale(),
             qos: Some(QueueQos::new(p.qos)),
             held: VecDeque::with_capacity(size),
-            qos_now_ns: 0,
         }
     }
 
@@ -396,7 +393,7 @@ impl QueuePoller {
                 }
                 self.op_of[head as usize] = op_index(kind) as u8;
                 if gate == Gate::Check && self.qos.as_ref().is_some_and(QueueQos::active) {
-                    let now = self.qos_now();
+                    let now = self.qos_now(io);
                     if let Some(q) = &mut self.qos {
                         // in order: nothing passes what waits already
                         if !self.held.is_empty() || !q.admit_at(kind, len, now) {
@@ -468,7 +465,7 @@ impl QueuePoller {
         let Some(mut q) = self.qos.take() else {
             return 0;
         };
-        let now = self.qos_now();
+        let now = self.qos_now(io);
         let mut n = 0;
         while io.free_slots() > 0 {
             let Some(&h) = self.held.front() else { break };
@@ -486,23 +483,11 @@ impl QueuePoller {
         n
     }
 
-    /// The QoS clock for this cycle, read once (only limited queues read
-    /// it at all).
+    /// The QoS clock (ns) from the cycle's clock reading: only limited
+    /// queues read it at all.
     #[inline]
-    fn qos_now(&mut self) -> u64 {
-        if self.qos_now_ns == 0 {
-            self.qos_now_ns = qos::now_ns().max(1);
-        }
-        self.qos_now_ns
-    }
-
-    /// Take the cycle's clock reading, once.
-    #[inline]
-    fn stamp(&mut self) -> u64 {
-        if self.now_ticks == 0 {
-            self.now_ticks = clock::ticks();
-        }
-        self.now_ticks
+    fn qos_now(&self, io: &mut IoEngine) -> u64 {
+        self.scale.ns(io.clock())
     }
 }
 
@@ -537,8 +522,7 @@ impl IoPoller for QueuePoller {
             n += 1;
             if !self.slots[head as usize].busy {
                 if self.timing {
-                    let t = self.stamp();
-                    self.taken_at[head as usize] = t;
+                    self.taken_at[head as usize] = io.clock();
                 }
                 self.handle(io, me, head, Gate::Check);
             }
@@ -552,9 +536,7 @@ impl IoPoller for QueuePoller {
             self.counts.requests += n as u64;
             return n + admitted;
         }
-        if self.timing {
-            self.stamp();
-        }
+        let taken = if self.timing { io.clock() } else { 0 };
         self.q.prefetch(&self.mem, avail, io.free_slots());
         while io.free_slots() > 0 {
             let Some(head) = self.q.pop(avail) else { break };
@@ -588,7 +570,7 @@ impl IoPoller for QueuePoller {
                 r.begin(head);
             }
             if self.timing {
-                self.taken_at[head as usize] = self.now_ticks;
+                self.taken_at[head as usize] = taken;
             }
             self.handle(io, me, head, Gate::Check);
         }
@@ -625,7 +607,7 @@ impl IoPoller for QueuePoller {
         }
     }
 
-    fn end_cycle(&mut self) {
+    fn end_cycle(&mut self, now: u64) {
         // statistics before the used ring, so a client that sees its
         // completion sees it counted
         let c = self.counts;
@@ -637,14 +619,16 @@ impl IoPoller for QueuePoller {
             self.published = c;
         }
         if self.timing && !self.returned_list.is_empty() {
-            // completions are visible to the guest from now: one clock
-            // reading for the cycle's batch
-            let now = clock::ticks();
-            let scale = clock::scale();
+            // completions are visible to the guest from now: the cycle's
+            // latest reading (taken when they were reaped)
+            let now = if now != 0 { now } else { clock::ticks() };
             for &h in &self.returned_list {
                 let op = std::mem::replace(&mut self.op_of[h as usize], NO_OP);
                 if let Some(hist) = self.stats.latency.get(op as usize) {
-                    hist.record(scale.units(now.wrapping_sub(self.taken_at[h as usize])));
+                    hist.record(
+                        self.scale
+                            .units(now.wrapping_sub(self.taken_at[h as usize])),
+                    );
                 }
             }
         } else {
@@ -652,8 +636,6 @@ impl IoPoller for QueuePoller {
                 self.op_of[h as usize] = NO_OP;
             }
         }
-        self.now_ticks = 0;
-        self.qos_now_ns = 0;
         if self.q.publish() {
             self.signal();
         }

@@ -151,7 +151,7 @@ pub(crate) fn cycle(p: &mut crate::queue::QueuePoller, io: &mut quern_bdev::IoEn
     p.poll(io, quern_bdev::PollerId(0));
     io.flush();
     io.reap(|cookie, res| p.on_complete(cookie.tag(), res));
-    p.end_cycle();
+    p.end_cycle(0);
 }
 
 fn chain(g: &Guest, head: u16) -> Result<Vec<Seg>, ChainError> {

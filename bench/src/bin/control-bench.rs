@@ -96,11 +96,12 @@ fn creation_times(o: &Opts, q: &QuernChild) -> Result<(), String> {
             // the probe was a frontend while connected: gone before the delete
             drop(probe);
             let t = Instant::now();
+            // (accepted, counted, and let go)
             while call(&mut c, "vhost_blk_list", json!({}))?
                 .as_array()
                 .into_iter()
                 .flatten()
-                .any(|d| d["name"] == "d" && d["connected"] == true)
+                .any(|d| d["name"] == "d" && (d["connected"] == true || d["connections"] == 0))
             {
                 if t.elapsed() > Duration::from_secs(5) {
                     return Err("the probe connection never went away".into());
