@@ -220,9 +220,27 @@ pub struct IoEngine {
     now_ticks: u64,
     /// Ticks to histogram units.
     scale: clock::Scale,
+    /// Completions of one reap pass waiting to be recorded: device, start
+    /// time, how many.
+    lat_run: (u16, u64, u64),
     /// The reactor cycle's clock reading (0: not read yet this cycle):
     /// pollers, the start of operations and QoS share one reading.
     cycle_ticks: u64,
+}
+
+/// Record `n` operations of device `dev` started at `t0` and reaped `now`.
+#[inline]
+fn record_latency(
+    devs: &[Option<Device>],
+    scale: clock::Scale,
+    now: u64,
+    (dev, t0, n): (u16, u64, u64),
+) {
+    if n > 0 {
+        if let Some(Some(d)) = devs.get(dev as usize) {
+            d.latency.record_n(scale.units(now.wrapping_sub(t0)), n);
+        }
+    }
 }
 
 /// Registered-file table size of each ring: the most devices one engine holds.
@@ -307,6 +325,7 @@ impl IoEngine {
             stats: EngineStats::default(),
             now_ticks: 0,
             scale: clock::scale(),
+            lat_run: (0, 0, 0),
             cycle_ticks: 0,
             cfg,
         })
@@ -494,6 +513,13 @@ impl IoEngine {
         self.batch.clear();
     }
 
+    /// Record the pending run of completions with one service time.
+    #[inline]
+    fn flush_latency_run(&mut self) {
+        let run = std::mem::take(&mut self.lat_run);
+        record_latency(&self.devs, self.scale, self.now_ticks, run);
+    }
+
     /// A new reactor cycle: the clock is read again when first needed.
     #[inline]
     pub fn begin_cycle(&mut self) {
@@ -658,6 +684,7 @@ impl IoEngine {
                 completed += self.finish_op(tag as u32, res, &mut on_done);
                 i += 1;
             }
+            self.flush_latency_run();
             self.done.clear();
             // drained operations may start now; synchronous drivers complete
             // inside kick, which sends us round again
@@ -683,11 +710,17 @@ impl IoEngine {
         );
         op.started = false;
         if self.cfg.timing {
-            if let Some(Some(d)) = self.devs.get(op.dev as usize) {
-                d.latency
-                    .record(self.scale.units(self.now_ticks.wrapping_sub(op.t0)));
+            // operations of one device started together and reaped together
+            // took one time: recorded once per run of them
+            let key = (op.dev, op.t0);
+            if key == (self.lat_run.0, self.lat_run.1) {
+                self.lat_run.2 += 1;
+            } else {
+                let prev = std::mem::replace(&mut self.lat_run, (key.0, key.1, 1));
+                record_latency(&self.devs, self.scale, self.now_ticks, prev);
             }
         }
+        let op = &mut self.ops[op_ix as usize];
         let want = if op.bounce != NONE {
             op.bounce_iov[0].iov_len as u64
         } else {

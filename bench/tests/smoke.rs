@@ -395,3 +395,20 @@ fn control_bench_runs() {
     let out = String::from_utf8_lossy(&o.stdout);
     assert!(out.contains("| bdev_create | qcow2 | 3 |"), "{}", show(&o));
 }
+
+#[test]
+fn path_bench_runs() {
+    let o = Command::new(env!("CARGO_BIN_EXE_path-bench"))
+        .arg("--smoke")
+        .output()
+        .expect("run path-bench");
+    assert!(o.status.success(), "{}", show(&o));
+    let out = String::from_utf8_lossy(&o.stdout);
+    for v in [
+        "| 1 | bare |",
+        "| 32 | histograms+qos |",
+        "| 32 | dirty-log |",
+    ] {
+        assert!(out.contains(v), "no `{v}`:\n{}", show(&o));
+    }
+}

@@ -19,6 +19,14 @@
 #                           is pinned to its own CPU so each uses its own queue)
 #   quern.ioengine=ENGINE   io_uring (default) or libaio
 #   quern.wait=SECS         how long to wait for /dev/vda (default 30)
+#   quern.fio=readcheck     not fio: write quern.size MiB of random data at the
+#                           start of vda, checksum it (QUERN-READCHECK-SUM=),
+#                           then for quern.secs seconds read it back (O_DIRECT,
+#                           into one reused buffer) and compare, again and again
+#                           (QUERN-READCHECK-BAD=... on a mismatch,
+#                           QUERN-READCHECK-PASSES=n at the end): a device
+#                           that writes guest memory all the time, for live
+#                           migration tests
 #   quern.mode=disks        disks mode instead of fio: print QUERN-DISKS-READY,
 #                           then answer commands read from the console: `list`
 #                           prints `QUERN-DISK <name> <serial>` for every
@@ -208,12 +216,38 @@ verify_loop() {
 	done
 }
 
+# read_check MIB SECS: see quern.fio=readcheck above.
+read_check() {
+	dd if=/dev/urandom of=/dev/vda bs=1M count="$1" oflag=direct 2>/dev/null
+	want=$(dd if=/dev/vda bs=1M count="$1" iflag=direct 2>/dev/null | md5sum | cut -d' ' -f1)
+	echo "QUERN-READCHECK-SUM=$want"
+	start=$(date +%s)
+	pass=0
+	while [ $(($(date +%s) - start)) -lt "$2" ]; do
+		# O_DIRECT into dd's one 64 KiB buffer, again and again with
+		# other data: the device writes the same guest pages all the time,
+		# and a stale one shows as a wrong checksum
+		got=$(dd if=/dev/vda bs=64k count=$(($1 * 16)) iflag=direct 2>/dev/null | md5sum | cut -d' ' -f1)
+		pass=$((pass + 1))
+		if [ "$got" != "$want" ]; then
+			echo "QUERN-READCHECK-BAD=pass $pass got $got"
+			return 1
+		fi
+	done
+	echo "QUERN-READCHECK-PASSES=$pass"
+	return 0
+}
+
 overall=0
 for job in $(param fio verify | tr , ' '); do
 	echo "QUERN-JOB-BEGIN=$job"
 	case "$job" in
 	verify-loop)
 		verify_loop "$(param secs 30)"
+		rc=$?
+		;;
+	readcheck)
+		read_check "$(param size 16)" "$(param secs 30)"
 		rc=$?
 		;;
 	*)

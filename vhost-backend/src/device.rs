@@ -25,6 +25,7 @@ use vhost::vhost_user::{
 use vhost::VhostUserMemoryRegionBase;
 
 use crate::blk::{self, ID_BYTES};
+use crate::dirty::{DirtyLog, LogView};
 use crate::inflight::{self, InflightRegion};
 use crate::memory::{FrontendAddress, GuestAddress, MemTable};
 use crate::qos::QosBinding;
@@ -193,7 +194,6 @@ impl DeviceHandle {
     }
 }
 
-#[derive(Default)]
 struct Vring {
     size: u16,
     desc: u64,
@@ -205,6 +205,27 @@ struct Vring {
     enabled: bool,
     /// (reactor index, poller id) while running.
     running: Option<(usize, PollerId)>,
+    /// The used ring's guest-physical address for the dirty log (from
+    /// SET_VRING_ADDR's log address; u64::MAX: not given), shared with
+    /// the running queue so a new one reaches it at once.
+    log_addr: Arc<AtomicU64>,
+}
+
+impl Default for Vring {
+    fn default() -> Self {
+        Vring {
+            size: 0,
+            desc: 0,
+            avail: 0,
+            used: 0,
+            base: 0,
+            kick: None,
+            call: None,
+            enabled: false,
+            running: None,
+            log_addr: Arc::new(AtomicU64::new(u64::MAX)),
+        }
+    }
 }
 
 struct BlkDevice {
@@ -231,6 +252,8 @@ struct BlkDevice {
     stuck: Vec<(usize, PollerId)>,
     /// Retired: every request fails (see [`DeviceHandle::retire`]).
     failing: Arc<AtomicBool>,
+    /// The dirty log (SET_LOG_BASE) and whether LOG_ALL is on.
+    dirty: LogView,
 }
 
 fn vu_err(msg: &'static str) -> VuError {
@@ -249,6 +272,7 @@ impl BlkDevice {
             | VIRTIO_BLK_F_MQ
             | VIRTIO_RING_F_INDIRECT_DESC
             | VIRTIO_RING_F_EVENT_IDX
+            | VhostUserVirtioFeatures::LOG_ALL.bits()
             | VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits();
         // offer only what the bdev does: a guest then never sends a request
         // it would have to see refused; discard and write-zeroes are writes
@@ -375,6 +399,18 @@ impl BlkDevice {
             failing: self.failing.load(Ordering::Acquire),
             timing: self.cfg.timing,
             qos: self.cfg.qos.clone(),
+            dirty: self.dirty.clone(),
+            used_gpa: {
+                let a = self.vrings[i].log_addr.clone();
+                // without a log address from the frontend: the used ring's
+                // own guest-physical address
+                if a.load(Ordering::Relaxed) == u64::MAX {
+                    if let Some(g) = self.mem.uva_to_gpa(FrontendAddress(self.vrings[i].used)) {
+                        a.store(g.0, Ordering::Relaxed);
+                    }
+                }
+                a
+            },
         });
         let id = match self.reactors[r].call(move |w| w.add_poller(Box::new(poller))) {
             Ok(Ok(id)) => id,
@@ -463,6 +499,8 @@ impl BlkDevice {
         self.acked_features = 0;
         self.writeback.store(true, Ordering::Relaxed);
         self.inflight = None;
+        self.dirty.on.store(false, Ordering::Release);
+        self.dirty.log = None;
     }
 }
 
@@ -490,6 +528,11 @@ impl VhostUserBackendReqHandlerMut for BlkDevice {
             return Err(VuError::InvalidParam);
         }
         self.acked_features = features;
+        // live migration starts and ends here: the queues see it at once
+        let log = features & VhostUserVirtioFeatures::LOG_ALL.bits() != 0;
+        if self.dirty.on.swap(log, Ordering::AcqRel) != log {
+            tracing::info!(device = %self.name, logging = log, has_log = self.dirty.log.is_some(), "dirty page logging {}", if log { "on" } else { "off" });
+        }
         // without protocol features, rings start enabled
         let enabled = features & VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits() == 0;
         for v in &mut self.vrings {
@@ -541,15 +584,19 @@ impl VhostUserBackendReqHandlerMut for BlkDevice {
     fn set_vring_addr(
         &mut self,
         index: u32,
-        _flags: VhostUserVringAddrFlags,
+        flags: VhostUserVringAddrFlags,
         descriptor: u64,
         used: u64,
         available: u64,
-        _log: u64,
+        log: u64,
     ) -> VuResult<()> {
         let i = self.check_index(index)?;
         let v = &mut self.vrings[i];
         (v.desc, v.used, v.avail) = (descriptor, used, available);
+        // the frontend sends it again, ring running, when logging starts
+        if flags.contains(VhostUserVringAddrFlags::VHOST_VRING_F_LOG) {
+            v.log_addr.store(log, Ordering::Relaxed);
+        }
         Ok(())
     }
     fn set_vring_base(&mut self, index: u32, base: u32) -> VuResult<()> {
@@ -590,7 +637,8 @@ impl VhostUserBackendReqHandlerMut for BlkDevice {
             | VhostUserProtocolFeatures::REPLY_ACK
             | VhostUserProtocolFeatures::CONFIG
             | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS
-            | VhostUserProtocolFeatures::INFLIGHT_SHMFD)
+            | VhostUserProtocolFeatures::INFLIGHT_SHMFD
+            | VhostUserProtocolFeatures::LOG_SHMFD)
     }
     fn set_protocol_features(&mut self, _features: u64) -> VuResult<()> {
         Ok(())
@@ -724,8 +772,20 @@ impl VhostUserBackendReqHandlerMut for BlkDevice {
     fn get_shmem_config(&mut self) -> VuResult<VhostUserShMemConfig> {
         Err(vu_err("no shared memory regions"))
     }
-    fn set_log_base(&mut self, _log: &VhostUserLog, _file: File) -> VuResult<()> {
-        Err(vu_err("dirty logging is not supported"))
+    fn set_log_base(&mut self, log: &VhostUserLog, file: File) -> VuResult<()> {
+        let map = DirtyLog::map(&file, log.mmap_size, log.mmap_offset).map_err(|e| {
+            tracing::warn!(device = %self.name, size = log.mmap_size, offset = log.mmap_offset, "SET_LOG_BASE: {e}");
+            VuError::InvalidParam
+        })?;
+        tracing::info!(device = %self.name, bytes = log.mmap_size, covers = map.covers(), "dirty log mapped");
+        // the queues take the new log across a stop and start (no reactor
+        // marks into a log being replaced)
+        let running = self.stop_all();
+        self.dirty.log = Some(Arc::new(map));
+        for i in running {
+            self.try_start(i)?;
+        }
+        Ok(())
     }
     fn set_backend_req_fd(&mut self, _backend: Backend) {}
 }
@@ -773,6 +833,7 @@ pub fn serve(
         name,
         cfg: cfg.clone(),
         inflight: None,
+        dirty: LogView::default(),
     };
     let dev = Arc::new(Mutex::new(dev));
     let handle_dev = dev.clone();

@@ -20,7 +20,7 @@ use quern_bdev::drivers::MallocBdev;
 use quern_bdev::IoPoller;
 use quern_bdev::{EngineConfig, IoEngine};
 
-use crate::tests::{cycle, test_poller, Guest, GPA, MEM};
+use crate::tests::{cycle, Guest, GPA, MEM};
 use crate::virtq::{VRING_DESC_F_INDIRECT, VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
 
 const QSIZE: u16 = 16;
@@ -61,6 +61,8 @@ struct Case {
     /// The disk wants 4 KiB-aligned buffers, so misaligned requests go
     /// through bounce buffers (in pieces when larger than one).
     bounce: bool,
+    /// Dirty logging on (as during a live migration).
+    log: bool,
 }
 
 fn desc() -> impl Strategy<Value = Desc> {
@@ -124,7 +126,7 @@ fn case() -> impl Strategy<Value = Case> {
         any::<bool>(),
         any::<bool>(),
         any::<bool>(),
-        (0u8..16, any::<bool>()),
+        (0u8..16, any::<bool>(), any::<bool>()),
     )
         .prop_map(
             |(
@@ -136,7 +138,7 @@ fn case() -> impl Strategy<Value = Case> {
                 read_only,
                 event_idx,
                 inflight,
-                (indirect_shift, bounce),
+                (indirect_shift, bounce, log),
             )| Case {
                 table,
                 indirect,
@@ -148,6 +150,7 @@ fn case() -> impl Strategy<Value = Case> {
                 inflight,
                 indirect_shift,
                 bounce,
+                log,
             },
         )
 }
@@ -278,7 +281,23 @@ fn run(c: &Case) {
         assert_eq!(q.recover(0), None, "a fresh region");
         q
     });
-    let mut p = test_poller(q, &g.mem, dev, CAPACITY, c.read_only, tracker);
+    let dirty = crate::dirty::LogView {
+        log: Some(Arc::new({
+            let bytes = (GPA + MEM) / 4096 / 8 + 1;
+            let f = crate::sys::sealed_memfd(c"fuzz-log", bytes).unwrap();
+            crate::dirty::DirtyLog::map(&f, bytes, 0).unwrap()
+        })),
+        on: Arc::new(std::sync::atomic::AtomicBool::new(c.log)),
+    };
+    let mut p = crate::tests::test_poller_logged(
+        q,
+        &g.mem,
+        dev,
+        CAPACITY,
+        c.read_only,
+        tracker,
+        dirty.clone(),
+    );
     for _ in 0..100 {
         cycle(&mut p, &mut io);
         if p.in_flight() == 0 && p.q.last_avail == p.q.avail_idx() {
@@ -324,12 +343,34 @@ fn run(c: &Case) {
     // nothing written outside what the guest allowed
     let after = g.read(GPA, MEM as usize);
     let allowed = writable(c);
+    let log = dirty.log.as_ref().unwrap();
     for (i, (a, b)) in before.iter().zip(&after).enumerate() {
         if a != b {
             let gpa = GPA + i as u64;
             assert!(
                 allowed.iter().any(|&(s, e)| gpa >= s && gpa < e),
                 "byte at {gpa:#x} changed ({a:#x} -> {b:#x}) outside device-writable buffers"
+            );
+            // logging on: every page written is marked
+            assert!(
+                !c.log || log.is_marked(gpa / 4096),
+                "byte at {gpa:#x} changed but its page is not in the dirty log"
+            );
+        }
+    }
+    // and only pages the device may write (its buffers, the used ring)
+    // are; with logging off, none
+    let used_ring = (USED, USED + 6 + 8 * u64::from(QSIZE));
+    for page in 0..(GPA + MEM) / 4096 {
+        if log.is_marked(page) {
+            assert!(c.log, "page {page} marked with logging off");
+            let (s, e) = (page * 4096, page * 4096 + 4096);
+            assert!(
+                allowed
+                    .iter()
+                    .chain(std::iter::once(&used_ring))
+                    .any(|&(a, b)| a < e && b > s),
+                "page {page} marked but the device may write nothing in it"
             );
         }
     }
@@ -376,6 +417,7 @@ mod fuzz_regressions {
             inflight: true,
             indirect_shift: 0,
             bounce: false,
+            log: true,
         });
     }
 }

@@ -10,6 +10,9 @@
 
 pub mod blk;
 pub mod device;
+pub mod dirty;
+#[cfg(feature = "harness")]
+pub mod harness;
 pub mod inflight;
 pub mod memory;
 pub mod qos;

@@ -443,6 +443,13 @@ impl QueueQos {
     /// is spent from every limited bucket; on no nothing is.
     #[inline]
     pub fn admit_at(&mut self, kind: IoKind, bytes: u64, now: u64) -> bool {
+        self.admit_with(kind, bytes, || now)
+    }
+
+    /// [`QueueQos::admit_at`] with the time read only if the local credit
+    /// does not cover the request (the common case reads no clock).
+    #[inline]
+    pub fn admit_with(&mut self, kind: IoKind, bytes: u64, now: impl FnOnce() -> u64) -> bool {
         // the common case: local credit covers it (a few compares)
         let mut j = 0;
         while j < self.active.len() {
@@ -459,7 +466,7 @@ impl QueueQos {
         for k in 0..j {
             self.credit[k] += cost(self.active[k].bi, kind, bytes);
         }
-        self.admit_slow(kind, bytes, now)
+        self.admit_slow(kind, bytes, now())
     }
 
     /// Grants from the shared buckets, by turns.

@@ -26,6 +26,7 @@ use quern_reactor::histogram::Histogram;
 use quern_reactor::ratelimit::LogLimiter;
 
 use crate::blk::{self, Decoded};
+use crate::dirty::{DirtyLog, LogView};
 use crate::inflight::InflightQueue;
 use crate::memory::MemTable;
 use crate::qos::{self, QueueQos};
@@ -135,6 +136,12 @@ pub struct QueuePoller {
     /// QoS, and the requests waiting for its budget, in order.
     qos: Option<QueueQos>,
     held: VecDeque<Held>,
+    /// Dirty logging for live migration: the device's log and whether it
+    /// is on, the used ring's guest-physical address (u64::MAX: unknown),
+    /// and room to walk a chain again when its request completes.
+    dirty: LogView,
+    used_gpa: Arc<AtomicU64>,
+    log_segs: Vec<Seg>,
 }
 
 /// Warnings about what a guest sent, at a bounded rate (the counters in
@@ -222,6 +229,10 @@ pub(crate) struct QueueParts {
     pub timing: bool,
     /// The device's QoS limiters (its own, its group's).
     pub qos: Arc<qos::QosBinding>,
+    /// Dirty logging: the device's log, and the used ring's
+    /// guest-physical address for it.
+    pub dirty: LogView,
+    pub used_gpa: Arc<AtomicU64>,
 }
 
 impl QueuePoller {
@@ -250,7 +261,7 @@ impl QueuePoller {
         // new and waits for ever. One interrupt at start costs a spurious
         // wake-up at worst.
         crate::sys::eventfd_signal(p.call.as_raw_fd());
-        QueuePoller {
+        let mut poller = QueuePoller {
             q,
             mem: p.mem,
             dev: p.dev,
@@ -291,7 +302,13 @@ impl QueuePoller {
             scale: clock::scale(),
             qos: Some(QueueQos::new(p.qos)),
             held: VecDeque::with_capacity(size),
-        }
+            dirty: p.dirty,
+            used_gpa: p.used_gpa,
+            log_segs: Vec::with_capacity(size),
+        };
+        // the notification field was written above: logged if need be
+        poller.set_notification(false);
+        poller
     }
 
     /// Put `head` on the used ring (published at the end of the cycle) and
@@ -314,6 +331,9 @@ impl QueuePoller {
             // SAFETY: the status byte was translated and is writable.
             unsafe { std::ptr::write_volatile(p, st) };
         }
+        if self.dirty.log.is_some() {
+            self.log_request(head);
+        }
         let len = if status.is_some() {
             if st == blk::VIRTIO_BLK_S_OK {
                 written
@@ -328,6 +348,56 @@ impl QueuePoller {
             self.counts.unsupported += 1;
         } else if st != blk::VIRTIO_BLK_S_OK {
             self.counts.errors += 1;
+        }
+    }
+
+    /// While logging is on: mark every page the request's device-writable
+    /// buffers cover (its data, a serial, its status byte), walking its
+    /// chain again (the guest may not change it while it is in flight).
+    #[cold]
+    fn log_request(&mut self, head: u16) {
+        let Some(log) = self.dirty.active() else {
+            return;
+        };
+        if self
+            .q
+            .chain(&self.mem, head, &mut self.log_segs, usize::MAX)
+            .is_ok()
+        {
+            for s in self.log_segs.iter().filter(|s| s.writable) {
+                log.mark(s.gpa, u64::from(s.len));
+            }
+        }
+        self.log_segs.clear();
+    }
+
+    /// While logging is on: mark the used ring's pages this cycle wrote
+    /// (its new entries and its index), before they are published.
+    #[cold]
+    fn log_used(&self, log: &DirtyLog) {
+        let base = self.used_gpa.load(Ordering::Relaxed);
+        if base == u64::MAX {
+            return;
+        }
+        let (first, n) = self.q.unpublished();
+        let size = self.q.size() as usize;
+        for k in 0..n {
+            let (_, e, _) = self.q.used_offsets((first + k) % size);
+            log.mark(base + e, 8);
+        }
+        let (idx, _, _) = self.q.used_offsets(0);
+        log.mark(base + idx, 2);
+    }
+
+    /// Ask for kicks or not; the field written is in the used ring.
+    fn set_notification(&mut self, on: bool) {
+        self.q.set_notification(on);
+        if let Some(log) = self.dirty.active() {
+            let base = self.used_gpa.load(Ordering::Relaxed);
+            if base != u64::MAX {
+                let (_, _, ev) = self.q.used_offsets(0);
+                log.mark(base + ev, 2);
+            }
         }
     }
 
@@ -393,15 +463,17 @@ impl QueuePoller {
                 }
                 self.op_of[head as usize] = op_index(kind) as u8;
                 if gate == Gate::Check && self.qos.as_ref().is_some_and(QueueQos::active) {
-                    let now = self.qos_now(io);
+                    let scale = self.scale;
+                    let waits = !self.held.is_empty();
                     if let Some(q) = &mut self.qos {
                         // in order: nothing passes what waits already
-                        if !self.held.is_empty() || !q.admit_at(kind, len, now) {
+                        if waits || !q.admit_with(kind, len, || scale.ns(io.clock())) {
+                            let since_ns = self.qos_now(io);
                             self.held.push_back(Held {
                                 head,
                                 kind,
                                 len,
-                                since_ns: now,
+                                since_ns,
                             });
                             return;
                         }
@@ -481,6 +553,14 @@ impl QueuePoller {
         }
         self.qos = Some(q);
         n
+    }
+
+    /// Record a run of `n` requests of one operation taken at one time.
+    #[inline]
+    fn record_run(&self, (op, taken, n): (u8, u64, u64), now: u64) {
+        if let Some(hist) = self.stats.latency.get(op as usize) {
+            hist.record_n(self.scale.units(now.wrapping_sub(taken)), n);
+        }
     }
 
     /// The QoS clock (ns) from the cycle's clock reading: only limited
@@ -622,19 +702,27 @@ impl IoPoller for QueuePoller {
             // completions are visible to the guest from now: the cycle's
             // latest reading (taken when they were reaped)
             let now = if now != 0 { now } else { clock::ticks() };
+            // requests taken in one cycle and completed in one have one
+            // latency: recorded once per run of them, not once each
+            let mut run: (u8, u64, u64) = (NO_OP, 0, 0);
             for &h in &self.returned_list {
                 let op = std::mem::replace(&mut self.op_of[h as usize], NO_OP);
-                if let Some(hist) = self.stats.latency.get(op as usize) {
-                    hist.record(
-                        self.scale
-                            .units(now.wrapping_sub(self.taken_at[h as usize])),
-                    );
+                let taken = self.taken_at[h as usize];
+                if (op, taken) == (run.0, run.1) {
+                    run.2 += 1;
+                    continue;
                 }
+                self.record_run(run, now);
+                run = (op, taken, 1);
             }
+            self.record_run(run, now);
         } else {
             for &h in &self.returned_list {
                 self.op_of[h as usize] = NO_OP;
             }
+        }
+        if let Some(log) = self.dirty.active() {
+            self.log_used(log);
         }
         if self.q.publish() {
             self.signal();
@@ -659,12 +747,12 @@ impl IoPoller for QueuePoller {
         if self.resubmit_next < self.resubmit.len() {
             return false;
         }
-        self.q.set_notification(true);
+        self.set_notification(true);
         self.q.avail_idx() == self.q.last_avail
     }
 
     fn after_sleep(&mut self) {
-        self.q.set_notification(false);
+        self.set_notification(false);
     }
 
     fn wake_fd(&self) -> Option<RawFd> {

@@ -37,7 +37,7 @@ const QSIZE: u16 = 8;
 // ring layout (guest-physical): desc table, avail, used, then buffers
 const DESC: u64 = GPA;
 const AVAIL: u64 = GPA + 0x1000;
-const USED: u64 = GPA + 0x2000;
+pub(crate) const USED: u64 = GPA + 0x2000;
 const BUF: u64 = GPA + 0x10000;
 
 pub(crate) struct Guest {
@@ -122,7 +122,28 @@ pub(crate) fn test_poller(
     read_only: bool,
     inflight_region: Option<crate::inflight::InflightQueue>,
 ) -> crate::queue::QueuePoller {
-    use std::sync::atomic::AtomicBool;
+    test_poller_logged(
+        q,
+        mem,
+        dev,
+        capacity,
+        read_only,
+        inflight_region,
+        crate::dirty::LogView::default(),
+    )
+}
+
+/// [`test_poller`] with a dirty log (the used ring at [`USED`]).
+pub(crate) fn test_poller_logged(
+    q: SplitQueue,
+    mem: &std::sync::Arc<MemTable>,
+    dev: u16,
+    capacity: u64,
+    read_only: bool,
+    inflight_region: Option<crate::inflight::InflightQueue>,
+    dirty: crate::dirty::LogView,
+) -> crate::queue::QueuePoller {
+    use std::sync::atomic::{AtomicBool, AtomicU64};
     use std::sync::Arc;
     crate::queue::QueuePoller::new(crate::queue::QueueParts {
         q,
@@ -142,6 +163,8 @@ pub(crate) fn test_poller(
         failing: false,
         timing: true,
         qos: crate::qos::QosBinding::unlimited("test"),
+        dirty,
+        used_gpa: Arc::new(AtomicU64::new(USED)),
     })
 }
 
@@ -677,4 +700,86 @@ fn a_kind_the_bdev_lacks_completes_unsupported() {
         g.read(BUF + 0x100, 2),
         [blk::VIRTIO_BLK_S_UNSUPP, blk::VIRTIO_BLK_S_OK]
     );
+}
+
+/// With dirty logging on, a read whose buffer straddles page boundaries
+/// and a GET_ID mark exactly: the read's data pages and its status byte's
+/// page, the serial's page and its status page, and the used ring's page;
+/// nothing else (the request headers, read by the device, are not). With
+/// LOG_ALL off, nothing.
+#[test]
+fn dirty_logging_marks_exactly_the_pages_written() {
+    use std::sync::atomic::AtomicBool;
+    use std::sync::Arc;
+
+    use quern_bdev::drivers::MallocBdev;
+    use quern_bdev::{BdevRef, EngineConfig, IoEngine};
+
+    let run = |on: bool| -> Vec<u64> {
+        let g = Guest::new();
+        // head 0: read 8 KiB (sectors 0..16) from 0x100 bytes before a page
+        // boundary: three pages
+        let data = BUF + 0x3000 - 0x100;
+        g.header(BUF, blk::VIRTIO_BLK_T_IN, 0);
+        g.desc(DESC, 0, BUF, 16, VRING_DESC_F_NEXT, 1);
+        g.desc(
+            DESC,
+            1,
+            data,
+            8192,
+            VRING_DESC_F_NEXT | VRING_DESC_F_WRITE,
+            2,
+        );
+        g.desc(DESC, 2, BUF + 0x8000, 1, VRING_DESC_F_WRITE, 0);
+        // head 3: GET_ID into page BUF+0xa000, status in BUF+0xb000
+        g.header(BUF + 0x100, blk::VIRTIO_BLK_T_GET_ID, 0);
+        g.desc(DESC, 3, BUF + 0x100, 16, VRING_DESC_F_NEXT, 4);
+        g.desc(
+            DESC,
+            4,
+            BUF + 0xa000,
+            20,
+            VRING_DESC_F_NEXT | VRING_DESC_F_WRITE,
+            5,
+        );
+        g.desc(DESC, 5, BUF + 0xb000, 1, VRING_DESC_F_WRITE, 0);
+        g.write(AVAIL, &[0, 0, 2, 0, 0, 0, 3, 0]);
+        let log = {
+            let bytes = (GPA + MEM) / 4096 / 8 + 1;
+            let f = crate::sys::sealed_memfd(c"log", bytes).unwrap();
+            Arc::new(crate::dirty::DirtyLog::map(&f, bytes, 0).unwrap())
+        };
+        let dirty = crate::dirty::LogView {
+            log: Some(log.clone()),
+            on: Arc::new(AtomicBool::new(on)),
+        };
+        let ram: BdevRef = Arc::new(MallocBdev::new("ram", 1 << 20, 512, false).unwrap());
+        let mut io = IoEngine::new(EngineConfig::default()).unwrap();
+        let dev = io.add_device(ram).unwrap();
+        let mut p = test_poller_logged(g.queue(), &g.mem, dev, 1 << 20, false, None, dirty);
+        for _ in 0..1000 {
+            cycle(&mut p, &mut io);
+            if g.read(USED + 2, 2) == [2, 0] {
+                break;
+            }
+        }
+        assert_eq!(g.read(USED + 2, 2), [2, 0], "both requests completed");
+        assert_eq!(g.read(BUF + 0x8000, 1), [blk::VIRTIO_BLK_S_OK]);
+        assert_eq!(g.read(BUF + 0xb000, 1), [blk::VIRTIO_BLK_S_OK]);
+        (0..(GPA + MEM) / 4096)
+            .filter(|&p| log.is_marked(p))
+            .collect()
+    };
+    let page = |gpa: u64| gpa / 4096;
+    let want = vec![
+        page(USED),
+        page(BUF + 0x2000),
+        page(BUF + 0x3000),
+        page(BUF + 0x4000),
+        page(BUF + 0x8000),
+        page(BUF + 0xa000),
+        page(BUF + 0xb000),
+    ];
+    assert_eq!(run(true), want);
+    assert_eq!(run(false), Vec::<u64>::new());
 }

@@ -27,6 +27,8 @@ pub struct Seg {
     pub(crate) ptr: *mut u8,
     pub(crate) len: u32,
     pub(crate) writable: bool,
+    /// Its guest-physical address (for the dirty log).
+    pub(crate) gpa: u64,
 }
 
 impl Seg {
@@ -344,6 +346,7 @@ impl SplitQueue {
                     ptr,
                     len,
                     writable: flags & VRING_DESC_F_WRITE != 0,
+                    gpa: addr,
                 };
                 if out.len() < max_segs {
                     out.push(seg);
@@ -375,6 +378,26 @@ impl SplitQueue {
             std::ptr::write_volatile(e.add(4).cast::<u32>(), len.to_le());
         }
         self.used_idx = self.used_idx.wrapping_add(1);
+    }
+
+    /// The used-ring entries pushed and not yet published: the first slot
+    /// and how many (for the dirty log).
+    pub fn unpublished(&self) -> (usize, usize) {
+        (
+            self.slot(self.signalled_used),
+            self.used_idx.wrapping_sub(self.signalled_used) as usize,
+        )
+    }
+
+    /// Byte offsets in the used ring of: the index, entry `slot`, and the
+    /// avail_event field (or the flags, without EVENT_IDX).
+    pub fn used_offsets(&self, slot: usize) -> (u64, u64, u64) {
+        let ev = if self.event_idx {
+            4 + 8 * u64::from(self.size)
+        } else {
+            0
+        };
+        (2, 4 + 8 * slot as u64, ev)
     }
 
     /// Make pushed entries visible; returns whether the guest wants an
