@@ -19,14 +19,19 @@
 #                           is pinned to its own CPU so each uses its own queue)
 #   quern.ioengine=ENGINE   io_uring (default) or libaio
 #   quern.wait=SECS         how long to wait for /dev/vda (default 30)
-#   quern.fio=readcheck     not fio: write quern.size MiB of random data at the
-#                           start of vda, checksum it (QUERN-READCHECK-SUM=),
-#                           then for quern.secs seconds read it back (O_DIRECT,
-#                           into one reused buffer) and compare, again and again
-#                           (QUERN-READCHECK-BAD=... on a mismatch,
+#   quern.fio=readcheck     not fio: for quern.secs seconds, again and again:
+#                           write quern.size MiB of new random data at the
+#                           start of vda (O_DIRECT), drop the page cache, read
+#                           it back buffered (so only the device writes those
+#                           page-cache pages), wait a second, and checksum it
+#                           from the page cache against what was written
+#                           (QUERN-READCHECK-SUM= after the first pass,
+#                           QUERN-READCHECK-BAD=... on a mismatch,
 #                           QUERN-READCHECK-PASSES=n at the end): a device
-#                           that writes guest memory all the time, for live
-#                           migration tests
+#                           that writes guest memory all the time, which no
+#                           guest CPU touches afterwards, for live migration
+#                           tests (a page the device wrote and the dirty log
+#                           missed stays stale on the destination)
 #   quern.mode=disks        disks mode instead of fio: print QUERN-DISKS-READY,
 #                           then answer commands read from the console: `list`
 #                           prints `QUERN-DISK <name> <serial>` for every
@@ -218,22 +223,29 @@ verify_loop() {
 
 # read_check MIB SECS: see quern.fio=readcheck above.
 read_check() {
-	dd if=/dev/urandom of=/dev/vda bs=1M count="$1" oflag=direct 2>/dev/null
-	want=$(dd if=/dev/vda bs=1M count="$1" iflag=direct 2>/dev/null | md5sum | cut -d' ' -f1)
-	echo "QUERN-READCHECK-SUM=$want"
 	start=$(date +%s)
 	pass=0
 	while [ $(($(date +%s) - start)) -lt "$2" ]; do
-		# O_DIRECT into dd's one 64 KiB buffer, again and again with
-		# other data: the device writes the same guest pages all the time,
-		# and a stale one shows as a wrong checksum
-		got=$(dd if=/dev/vda bs=64k count=$(($1 * 16)) iflag=direct 2>/dev/null | md5sum | cut -d' ' -f1)
 		pass=$((pass + 1))
+		# new data each pass, so a page left over from an earlier pass
+		# (or sent before the device filled it) cannot pass for this one
+		dd if=/dev/urandom of=/tmp/readcheck bs=1M count="$1" 2>/dev/null
+		want=$(md5sum /tmp/readcheck | cut -d' ' -f1)
+		dd if=/tmp/readcheck of=/dev/vda bs=1M oflag=direct 2>/dev/null
+		[ "$pass" = 1 ] && echo "QUERN-READCHECK-SUM=$want"
+		echo 1 > /proc/sys/vm/drop_caches
+		# buffered: the device writes the page-cache pages, the guest's
+		# CPU never does; the second read is served from those pages
+		dd if=/dev/vda of=/dev/null bs=1M count="$1" 2>/dev/null
+		sleep 1
+		got=$(dd if=/dev/vda bs=1M count="$1" 2>/dev/null | md5sum | cut -d' ' -f1)
 		if [ "$got" != "$want" ]; then
-			echo "QUERN-READCHECK-BAD=pass $pass got $got"
+			echo "QUERN-READCHECK-BAD=pass $pass got $got want $want"
+			rm -f /tmp/readcheck
 			return 1
 		fi
 	done
+	rm -f /tmp/readcheck
 	echo "QUERN-READCHECK-PASSES=$pass"
 	return 0
 }
