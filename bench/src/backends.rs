@@ -36,6 +36,9 @@ pub struct Setup {
     pub backend_cpu: usize,
     /// Core the client threads run on.
     pub client_cpu: usize,
+    /// The client sleeps in `do_io` until a completion comes (as a guest
+    /// waits for an interrupt) instead of polling.
+    pub client_wait: bool,
 }
 
 /// How Quern's measurement features are set for a run.
@@ -55,6 +58,9 @@ pub enum Flavor {
 #[derive(Clone, Debug)]
 pub enum Backend {
     Quern(Flavor),
+    /// Another build of Quern (`--quern-base`), as configured by default:
+    /// a change measured against the build before it, in the same run.
+    QuernBase(PathBuf),
     /// A qemu-storage-daemon binary and its version (`10.0.2`).
     Qsd {
         bin: PathBuf,
@@ -82,6 +88,11 @@ impl Backend {
                     Flavor::Metered => "-metered",
                 }
             ),
+            Backend::QuernBase(_) => format!(
+                "quern-base-{}-merge{}",
+                s.poll,
+                if s.merge { "on" } else { "off" }
+            ),
             Backend::Qsd { version, .. } => format!("qsd-{version}"),
             Backend::Spdk { .. } => "spdk".into(),
             Backend::Fio => "fio".into(),
@@ -89,7 +100,7 @@ impl Backend {
     }
 
     pub fn is_quern(&self) -> bool {
-        matches!(self, Backend::Quern(_))
+        matches!(self, Backend::Quern(_) | Backend::QuernBase(_))
     }
 }
 
@@ -121,7 +132,8 @@ pub fn measure(b: &Backend, job: &Job, s: &Setup) -> Result<Option<Measured>, St
     match b {
         Backend::Fio if s.null => Ok(None),
         Backend::Fio => run_fio(job, s).map(Some),
-        Backend::Quern(f) => run_quern(job, s, *f).map(Some),
+        Backend::Quern(f) => run_quern(&s.quern, job, s, *f).map(Some),
+        Backend::QuernBase(bin) => run_quern(bin, job, s, Flavor::Default).map(Some),
         Backend::Qsd { bin, .. } => run_qsd(bin, job, s).map(Some),
         Backend::Spdk { vhost, rpc } => run_spdk(vhost, rpc, job, s).map(Some),
     }
@@ -211,7 +223,7 @@ fn drive(job: &Job, s: &Setup, pid: u32, sock: &Path) -> Result<Measured, String
     // calibrated outside the backend's CPU window
     crate::clock::ns_per_tick();
     let c0 = crate::proc::cpu_secs(pid)?;
-    let json = client::run(job, sock, s.client_cpu, false)?;
+    let json = client::run(job, sock, s.client_cpu, s.client_wait)?;
     let c1 = crate::proc::cpu_secs(pid)?;
     Ok(Measured {
         json,
@@ -257,7 +269,7 @@ pub fn quern_toml(job: &Job, s: &Setup, flavor: Flavor, dir: &Path, sock: &Path)
     )
 }
 
-fn run_quern(job: &Job, s: &Setup, flavor: Flavor) -> Result<Measured, String> {
+fn run_quern(bin: &Path, job: &Job, s: &Setup, flavor: Flavor) -> Result<Measured, String> {
     let dir = s.out.join("quern-state");
     // a fresh state directory: nothing persisted by an earlier run
     let _ = std::fs::remove_dir_all(&dir);
@@ -267,17 +279,13 @@ fn run_quern(job: &Job, s: &Setup, flavor: Flavor) -> Result<Measured, String> {
     std::fs::write(&cfg, quern_toml(job, s, flavor, &dir, &sock))
         .map_err(|e| format!("{}: {e}", cfg.display()))?;
     let log = s.out.join("quern.log");
-    let mut p = Proc::spawn(
-        "quern",
-        taskset(s, &s.quern).arg("--config").arg(&cfg),
-        &log,
-    )?;
+    let mut p = Proc::spawn("quern", taskset(s, bin).arg("--config").arg(&cfg), &log)?;
     p.wait_ready(|| sock.exists())?;
     let mut m = drive(job, s, p.pid(), &sock)?;
     // The reactor's own accounting: time in cycles that found work, per
     // request. Independent of the client's speed, unlike CPU per I/O in
     // busy mode (which spins its whole core whatever the load).
-    match quern_reactors(&s.quern, &cfg) {
+    match quern_reactors(bin, &cfg) {
         Ok(r) => m.json["backend_reactors"] = r,
         Err(e) => eprintln!("quern reactor statistics unavailable ({e})"),
     }

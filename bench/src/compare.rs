@@ -127,7 +127,7 @@ pub fn run(job: &Job, plan: &Plan) -> Result<Value, String> {
         passes.push(rows);
     }
     println!(
-        "\n{} ({mode}): rw={} bs={} iodepth={} numjobs={} runtime={}s poll={} merge={}{}{}, {} pass(es)",
+        "\n{} ({mode}): rw={} bs={} iodepth={} numjobs={} runtime={}s poll={} merge={}{}{} client={}, {} pass(es)",
         job.name,
         job.rw,
         job.bs,
@@ -140,6 +140,7 @@ pub fn run(job: &Job, plan: &Plan) -> Result<Value, String> {
             .map_or(String::new(), |b| format!(" submit_batch={b}")),
         s.merge_max_bytes
             .map_or(String::new(), |b| format!(" merge_max_bytes={b}")),
+        if s.client_wait { "waiting" } else { "polling" },
         plan.passes
     );
     let summary = report::summarize(job, &passes);

@@ -356,6 +356,56 @@ fn vhost_bench_compares_quern_metered_with_bare() {
     );
 }
 
+/// A build against another build (`--quern-base`, here the same binary)
+/// with a sleeping client: both run, the summary has their ratio, and the
+/// client's mode is in the header; a missing base is a message.
+#[test]
+fn vhost_bench_compares_a_build_with_a_base_build_and_a_sleeping_client() {
+    let dir = disk_tempdir();
+    let base = quern_bin();
+    let o = compare(
+        dir.path(),
+        &[
+            "--null",
+            "--client-wait",
+            "--backends",
+            "quern,quern-base",
+            "--quern-base",
+            base.to_str().unwrap(),
+        ],
+    );
+    assert!(o.status.success(), "{}", show(&o));
+    assert!(
+        String::from_utf8_lossy(&o.stdout).contains("client=waiting"),
+        "{}",
+        show(&o)
+    );
+    let s = summary(dir.path(), "randread-4k-qd32-null-summary.json");
+    let r = &s["ratios"]["quern-busy-mergeon/quern-base-busy-mergeon"];
+    let iops = r["IOPS"]["median"]
+        .as_f64()
+        .unwrap_or_else(|| panic!("{s}"));
+    assert!(iops.is_finite() && iops > 0.0, "{s}");
+
+    let o = compare(
+        dir.path(),
+        &[
+            "--null",
+            "--backends",
+            "quern-base",
+            "--quern-base",
+            "/nonexistent/quern",
+        ],
+    );
+    assert!(!o.status.success());
+    assert!(
+        String::from_utf8_lossy(&o.stderr)
+            .contains("--quern-base /nonexistent/quern does not exist"),
+        "{}",
+        show(&o)
+    );
+}
+
 #[test]
 fn qos_bench_runs() {
     let dir = disk_tempdir();

@@ -83,11 +83,20 @@ struct CompareArgs {
     null: bool,
     /// Backends in the order of the first pass: quern, qsd (every --qsd binary), spdk, fio;
     /// quern-bare (no histograms, no QoS) and quern-metered (histograms and a QoS limit that
-    /// never binds) measure what those features cost.
+    /// never binds) measure what those features cost; quern-base runs the
+    /// `--quern-base` build, to measure a change against the build before it.
     #[arg(long, default_value = "quern,qsd,spdk,fio", value_delimiter = ',')]
     backends: Vec<String>,
     #[arg(long, default_value = "target/release/quern")]
     quern: PathBuf,
+    /// Another `quern` binary (for example built from an earlier commit in a
+    /// git worktree), measured as the backend quern-base.
+    #[arg(long)]
+    quern_base: Option<PathBuf>,
+    /// The client sleeps until a completion comes (kicks and call
+    /// notifications, as a guest runs) instead of polling.
+    #[arg(long)]
+    client_wait: bool,
     /// qemu-storage-daemon binaries, each measured and labelled with its
     /// version (default: the one in PATH, and 7.2 from
     /// target/peers/qsd-7.2 when bench/peers/fetch-qsd.sh has put it there).
@@ -197,6 +206,7 @@ fn run_compare(a: CompareArgs) -> Result<(), String> {
         submit_batch: a.submit_batch,
         merge_max_bytes: a.merge_max_bytes,
         backend_cpu: a.backend_cpu,
+        client_wait: a.client_wait,
         client_cpu: if a.backend_cpu == 0 {
             1.min(cpus - 1)
         } else {
@@ -219,6 +229,11 @@ fn run_compare(a: CompareArgs) -> Result<(), String> {
                     _ => Flavor::Default,
                 }))
             }
+            "quern-base" => match &a.quern_base {
+                Some(b) if b.exists() => backends.push(Backend::QuernBase(b.clone())),
+                Some(b) => return Err(format!("--quern-base {} does not exist", b.display())),
+                None => return Err("the backend quern-base needs --quern-base PATH".into()),
+            },
             "qsd" => backends.extend(qsd_backends(&a.qsd)),
             "spdk" => match (&a.spdk_vhost, &a.spdk_rpc) {
                 (Some(v), Some(r)) if v.exists() && r.exists() => backends.push(Backend::Spdk {
@@ -245,7 +260,7 @@ fn run_compare(a: CompareArgs) -> Result<(), String> {
             }
             other => {
                 return Err(format!(
-                    "unknown backend `{other}` (quern, quern-bare, quern-metered, qsd, spdk or fio)"
+                    "unknown backend `{other}` (quern, quern-bare, quern-metered, quern-base, qsd, spdk or fio)"
                 ))
             }
         }
