@@ -52,6 +52,9 @@ pub enum Flavor {
     /// (10^8 IOPS, 2^40 bytes/s): every request goes through QoS
     /// accounting, none waits.
     Metered,
+    /// As configured by default, but the device does not offer
+    /// VIRTIO_RING_F_EVENT_IDX (`event_idx = false`).
+    NoEventIdx,
 }
 
 /// One backend to measure.
@@ -86,6 +89,7 @@ impl Backend {
                     Flavor::Default => "",
                     Flavor::Bare => "-bare",
                     Flavor::Metered => "-metered",
+                    Flavor::NoEventIdx => "-noevidx",
                 }
             ),
             Backend::QuernBase(_) => format!(
@@ -249,6 +253,7 @@ pub fn quern_toml(job: &Job, s: &Setup, flavor: Flavor, dir: &Path, sock: &Path)
         .map_or(String::new(), |b| format!("max_bytes = {b}\n"));
     let (metrics, qos) = match flavor {
         Flavor::Default => ("", ""),
+        Flavor::NoEventIdx => ("", "event_idx = false\n"),
         Flavor::Bare => ("[metrics]\nhistograms = false\n", ""),
         Flavor::Metered => (
             "[metrics]\nhistograms = true\n",

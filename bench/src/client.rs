@@ -33,6 +33,19 @@ struct ThreadOut {
     run_ticks: u64,
     polls: u64,
     empty_polls: u64,
+    /// The thread's CPU time (user and system) over the measured run.
+    cpu_ns: u64,
+}
+
+/// This thread's CPU time, user and system, in ns.
+fn thread_cpu_ns() -> u64 {
+    let mut t = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: a valid timespec to fill.
+    unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut t) };
+    t.tv_sec as u64 * 1_000_000_000 + t.tv_nsec as u64
 }
 
 fn blkio_err(what: &str) -> impl Fn(blkio::Error) -> String + '_ {
@@ -109,6 +122,7 @@ pub fn run(job: &Job, socket: &Path, cpu: usize, wait: bool) -> Result<Value, St
     let mut secs: f64 = 0.0;
     let mut queues = Vec::new();
     let (mut busy_ticks, mut run_ticks, mut polls, mut empty_polls) = (0u64, 0u64, 0u64, 0u64);
+    let mut cpu_ns = 0u64;
     let nthreads = threads.len();
     let mut first_err = None;
     for t in threads {
@@ -120,6 +134,7 @@ pub fn run(job: &Job, socket: &Path, cpu: usize, wait: bool) -> Result<Value, St
                 run_ticks += o.run_ticks;
                 polls += o.polls;
                 empty_polls += o.empty_polls;
+                cpu_ns += o.cpu_ns;
                 secs = secs.max(el.as_secs_f64().min(job.runtime_secs as f64));
                 queues.push(q);
             }
@@ -137,6 +152,16 @@ pub fn run(job: &Job, socket: &Path, cpu: usize, wait: bool) -> Result<Value, St
     drop(queues);
     drop(b);
     let mut v = fio_json(job, ios, secs, &hist, scale);
+    if nthreads == 1 && wait {
+        // each do_io returned after a wake-up (or found completions
+        // already there): how many completions the backend's notifications
+        // let the client take per call
+        v["vhost_bench_client"] = json!({
+            "waits": polls,
+            "completions_per_wait": ios as f64 / polls.max(1) as f64,
+            "cpu_ns_per_io": if ios > 0 { cpu_ns as f64 / ios as f64 } else { 0.0 },
+        });
+    }
     if nthreads > 1 || wait {
         // several threads share one core: wall-clock busy time would count
         // the time each waits for the others; a waiting client's polls
@@ -212,6 +237,7 @@ fn queue_thread(
     let mut stopping = false;
     let (mut busy_ticks, mut polls, mut empty_polls) = (0u64, 0u64, 0u64);
     let (tick0, mut tick_end) = (ticks(), 0u64);
+    let (cpu0, mut cpu_end) = (thread_cpu_ns(), 0u64);
     let mut failed = None;
     while inflight > 0 {
         let t_poll = ticks();
@@ -231,6 +257,7 @@ fn queue_thread(
         if !stopping && now >= end {
             stopping = true;
             tick_end = t_poll;
+            cpu_end = thread_cpu_ns();
         }
         for c in &comps[..k] {
             // SAFETY: do_io initialised the first k entries.
@@ -270,6 +297,7 @@ fn queue_thread(
         run_ticks: tick_end.saturating_sub(tick0),
         polls,
         empty_polls,
+        cpu_ns: cpu_end.saturating_sub(cpu0),
     };
     Ok((out, start.elapsed(), q))
 }

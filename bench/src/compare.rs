@@ -108,7 +108,7 @@ pub fn run(job: &Job, plan: &Plan) -> Result<Value, String> {
             std::fs::write(&path, text + "\n").map_err(|e| format!("{}: {e}", path.display()))?;
             let row = Row::from_json(&label, &m.json, job, m.cpu_secs);
             eprintln!(
-                "pass {pass}: {label}: {:.0} IOPS, p50 {:.1} µs, p99 {:.1} µs, cpu {:.2} s{}{} -> {}",
+                "pass {pass}: {label}: {:.0} IOPS, p50 {:.1} µs, p99 {:.1} µs, cpu {:.2} s{}{}{} -> {}",
                 row.iops,
                 row.p50_us,
                 row.p99_us,
@@ -116,7 +116,15 @@ pub fn run(job: &Job, plan: &Plan) -> Result<Value, String> {
                 row.reactor_ns_per_io
                     .map_or(String::new(), |n| format!(", reactor {n:.0} ns/IO")),
                 row.client
+                    .filter(|c| !c.0.is_nan())
                     .map_or(String::new(), |c| format!(", client busy {:.0}% {:.0} ns/IO", c.0 * 100.0, c.1)),
+                match (
+                    m.json["vhost_bench_client"]["completions_per_wait"].as_f64(),
+                    m.json["vhost_bench_client"]["cpu_ns_per_io"].as_f64(),
+                ) {
+                    (Some(w), Some(c)) => format!(", client {w:.1} completions per wake, CPU {c:.0} ns/IO"),
+                    _ => String::new(),
+                },
                 path.display()
             );
             if pass == 0 {

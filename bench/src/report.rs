@@ -19,7 +19,8 @@ pub struct Row {
     pub reactor_ns_per_io: Option<f64>,
     pub reactor_busy_share: Option<f64>,
     /// The client's busy share and busy ns per I/O, completions per
-    /// non-empty poll (one-queue jobs).
+    /// non-empty poll (one-queue jobs); for a sleeping client, NaN, its CPU
+    /// time per I/O and completions per wake-up.
     pub client: Option<(f64, f64, f64)>,
 }
 
@@ -46,7 +47,15 @@ impl Row {
             c["completions_per_busy_poll"].as_f64(),
         ) {
             (Some(a), Some(b), Some(c)) => Some((a, b, c)),
-            _ => None,
+            // a sleeping client: its CPU time per I/O (busy share means
+            // nothing when it blocks), completions per wake-up
+            _ => match (
+                c["cpu_ns_per_io"].as_f64(),
+                c["completions_per_wait"].as_f64(),
+            ) {
+                (Some(b), Some(w)) => Some((f64::NAN, b, w)),
+                _ => None,
+            },
         };
         Row {
             label: label.into(),
@@ -127,17 +136,33 @@ pub fn summarize(job: &Job, runs: &[Vec<Row>]) -> Value {
             m(&|r| r.client.map(|c| c.1), 0),
         );
     }
-    let Some(quern) = labels.iter().find(|l| l.starts_with("quern")).cloned() else {
+    let querns: Vec<String> = labels
+        .iter()
+        .filter(|l| l.starts_with("quern"))
+        .cloned()
+        .collect();
+    if querns.is_empty() {
         return Value::Null;
-    };
+    }
+    // the first Quern against everything else; every other Quern flavor
+    // against the peers
+    let mut pairs: Vec<(String, String)> = Vec::new();
+    for (k, quern) in querns.iter().enumerate() {
+        for peer in labels.iter().filter(|l| *l != quern) {
+            if k == 0 || !peer.starts_with("quern") {
+                pairs.push((quern.clone(), peer.clone()));
+            }
+        }
+    }
     let mut summary = serde_json::Map::new();
-    for peer in labels.iter().filter(|l| **l != quern) {
+    for (quern, peer) in &pairs {
+        let (quern, peer) = (quern.as_str(), peer.as_str());
         // one ratio per pass that measured both
         let mut ratios: [Vec<f64>; 5] = Default::default();
         for pass in runs {
             let (Some(q), Some(p)) = (
                 pass.iter().find(|r| r.label == quern),
-                pass.iter().find(|r| r.label == *peer),
+                pass.iter().find(|r| r.label == peer),
             ) else {
                 continue;
             };

@@ -720,6 +720,11 @@ pub struct VhostBlkSection {
     /// Offer VIRTIO_BLK_F_RO and fail writes.
     #[serde(default = "no")]
     pub read_only: bool,
+    /// Offer VIRTIO_RING_F_EVENT_IDX (exact kick and interrupt
+    /// suppression, for guests that sleep); false saves a polling client
+    /// (a DPDK or SPDK initiator, libblkio polling) a fence per submission.
+    #[serde(default = "yes")]
+    pub event_idx: bool,
     /// The disk's identity, kept for ever (generated at creation when
     /// absent); a VM's map names disks by it.
     #[serde(default, skip_serializing_if = "Option::is_none")]

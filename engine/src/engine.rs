@@ -497,6 +497,7 @@ impl Engine {
                 .unwrap_or_else(|| quern_vm::serial_of(d.uuid.as_deref().unwrap_or_default())),
             binding: d.binding(&self.cfg.reactor.cores),
             timing: self.cfg.metrics.histograms,
+            event_idx: d.event_idx,
             qos: QosBinding::new(Limiter::new(&d.name, d.qos.unwrap_or_default()), group),
         };
         let handle = quern_vhost::serve(

@@ -117,6 +117,7 @@ fn device(name: u8, bdev: u8, queues: u8, read_only: bool, serial: bool) -> Vhos
         cores: None,
         queue_cores: None,
         read_only,
+        event_idx: name.is_multiple_of(2),
         uuid: None,
         serial: serial.then(|| format!("serial-{name}")),
         qos: None,

@@ -457,7 +457,8 @@ fn start_up_failure_starts_nothing() {
     std::fs::write(
         &cfg,
         format!(
-            "[reactor]\ncores = [0]\n[[bdev]]\nname = \"u\"\ndriver = \"uring\"\npath = \"{}\"\n",
+            "state_dir = \"{}/state\"\n[reactor]\ncores = [0]\n[[bdev]]\nname = \"u\"\ndriver = \"uring\"\npath = \"{}\"\n",
+            dir.path().display(),
             dir.path().display()
         ),
     )

@@ -81,6 +81,10 @@ pub struct DeviceConfig {
     pub binding: QueueBinding,
     /// Keep per-queue latency histograms.
     pub timing: bool,
+    /// Offer VIRTIO_RING_F_EVENT_IDX. Guests that sleep for completions
+    /// want it (exact kick and interrupt suppression); a polling client
+    /// does not need it and pays a fence per submission for it.
+    pub event_idx: bool,
     /// The device's QoS limiters: its own (maybe unlimited) and its
     /// group's; both may change while it runs.
     pub qos: Arc<QosBinding>,
@@ -271,9 +275,11 @@ impl BlkDevice {
             | VIRTIO_BLK_F_CONFIG_WCE
             | VIRTIO_BLK_F_MQ
             | VIRTIO_RING_F_INDIRECT_DESC
-            | VIRTIO_RING_F_EVENT_IDX
             | VhostUserVirtioFeatures::LOG_ALL.bits()
             | VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits();
+        if self.cfg.event_idx {
+            f |= VIRTIO_RING_F_EVENT_IDX;
+        }
         // offer only what the bdev does: a guest then never sends a request
         // it would have to see refused; discard and write-zeroes are writes
         let info = self.bdev.info();

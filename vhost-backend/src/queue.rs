@@ -47,6 +47,18 @@ fn op_index(kind: IoKind) -> usize {
 /// No operation recorded for a head (rejected before it became one).
 const NO_OP: u8 = u8::MAX;
 
+/// Without EVENT_IDX, a driver re-enables interrupts by clearing
+/// VRING_AVAIL_F_NO_INTERRUPT and must then fence before it looks at the
+/// used ring once more; one that does not (libblkio's virtio-driver 0.6.1:
+/// a release store, no fence) can read the old used index while its flag
+/// store is still in its store buffer, and sleep on a completion whose
+/// publish saw the flag still set. So a publish that the flag suppressed
+/// owes the driver a signal: paid this long after it if nothing else
+/// signalled by then, or at once when the reactor goes to sleep. An extra
+/// signal is harmless (the driver finds nothing new); a missed one hangs
+/// the driver. EVENT_IDX needs none of this (its drivers fence).
+const LATE_SIGNAL_NS: u64 = 1_000_000;
+
 /// Counters of one queue, readable from the control plane.
 #[derive(Debug, Default)]
 pub struct QueueStats {
@@ -133,6 +145,11 @@ pub struct QueuePoller {
     op_of: Vec<u8>,
     /// Ticks to histogram units.
     scale: clock::Scale,
+    /// Without EVENT_IDX: when (TSC) to signal the driver anyway after a
+    /// publish its NO_INTERRUPT flag suppressed (0: none owed). See
+    /// [`LATE_SIGNAL_NS`].
+    late_signal: u64,
+    late_ticks: u64,
     /// QoS, and the requests waiting for its budget, in order.
     qos: Option<QueueQos>,
     held: VecDeque<Held>,
@@ -300,6 +317,8 @@ impl QueuePoller {
             taken_at: vec![0; size],
             op_of: vec![NO_OP; size],
             scale: clock::scale(),
+            late_signal: 0,
+            late_ticks: (LATE_SIGNAL_NS as f64 / clock::scale().ns_per_tick.max(1e-3)) as u64,
             qos: Some(QueueQos::new(p.qos)),
             held: VecDeque::with_capacity(size),
             dirty: p.dirty,
@@ -522,6 +541,11 @@ impl QueuePoller {
         }
     }
 
+    #[cfg(test)]
+    pub(crate) fn stats_for_test(&self) -> Arc<QueueStats> {
+        self.stats.clone()
+    }
+
     fn signal(&mut self) {
         crate::sys::eventfd_signal(self.call.as_raw_fd());
         self.counts.notifies += 1;
@@ -583,6 +607,10 @@ impl IoPoller for QueuePoller {
         let mut n = 0;
         if self.broken {
             return 0;
+        }
+        if self.late_signal != 0 && io.clock() >= self.late_signal {
+            self.late_signal = 0;
+            self.signal();
         }
         // limits changed by the control plane (a load or two per cycle)
         if let Some(q) = &mut self.qos {
@@ -724,8 +752,13 @@ impl IoPoller for QueuePoller {
         if let Some(log) = self.dirty.active() {
             self.log_used(log);
         }
+        let publishing = self.q.unpublished().1 > 0;
         if self.q.publish() {
             self.signal();
+            self.late_signal = 0;
+        } else if publishing && !self.q.event_idx && self.late_signal == 0 {
+            let now = if now != 0 { now } else { clock::ticks() };
+            self.late_signal = now + self.late_ticks;
         }
         if let Some(r) = &mut self.inflight_region {
             r.published(self.q.used_idx);
@@ -746,6 +779,11 @@ impl IoPoller for QueuePoller {
         }
         if self.resubmit_next < self.resubmit.len() {
             return false;
+        }
+        if self.late_signal != 0 {
+            // about to sleep: pay the signal owed now rather than later
+            self.late_signal = 0;
+            self.signal();
         }
         self.set_notification(true);
         self.q.avail_idx() == self.q.last_avail

@@ -171,6 +171,7 @@ pub(crate) fn test_poller_logged(
 /// One reactor cycle for a lone poller.
 pub(crate) fn cycle(p: &mut crate::queue::QueuePoller, io: &mut quern_bdev::IoEngine) {
     use quern_bdev::IoPoller;
+    io.begin_cycle();
     p.poll(io, quern_bdev::PollerId(0));
     io.flush();
     io.reap(|cookie, res| p.on_complete(cookie.tag(), res));
@@ -782,4 +783,74 @@ fn dirty_logging_marks_exactly_the_pages_written() {
     ];
     assert_eq!(run(true), want);
     assert_eq!(run(false), Vec::<u64>::new());
+}
+
+/// Without EVENT_IDX, a publish that the driver's NO_INTERRUPT flag
+/// suppressed owes it one signal a millisecond later (a driver that does
+/// not fence after clearing the flag may be asleep on it), or at once when
+/// the reactor is about to sleep; only one per suppressed stretch.
+#[test]
+fn a_suppressed_publish_is_signalled_late_without_event_idx() {
+    use std::sync::atomic::Ordering;
+    use std::sync::Arc;
+
+    use quern_bdev::drivers::MallocBdev;
+    use quern_bdev::{BdevRef, EngineConfig, IoEngine, IoPoller};
+
+    let g = Guest::new();
+    let read = |head: u16, buf: u64| {
+        g.header(buf, blk::VIRTIO_BLK_T_IN, 0);
+        g.desc(DESC, head, buf, 16, VRING_DESC_F_NEXT, head + 1);
+        g.desc(
+            DESC,
+            head + 1,
+            buf + 0x1000,
+            512,
+            VRING_DESC_F_NEXT | VRING_DESC_F_WRITE,
+            head + 2,
+        );
+        g.desc(DESC, head + 2, buf + 0x800, 1, VRING_DESC_F_WRITE, 0);
+    };
+    read(0, BUF);
+    read(3, BUF + 0x4000);
+    // the driver polls: NO_INTERRUPT set; one request (head 0) available
+    g.write(AVAIL, &[1, 0, 1, 0, 0, 0, 3, 0]);
+    let ram: BdevRef = Arc::new(MallocBdev::new("ram", 1 << 20, 512, false).unwrap());
+    let mut io = IoEngine::new(EngineConfig::default()).unwrap();
+    let dev = io.add_device(ram).unwrap();
+    let mut p = test_poller(g.queue(), &g.mem, dev, 1 << 20, false, None);
+    let stats = p.stats_for_test();
+    let notifies = || stats.notifies.load(Ordering::Relaxed);
+    for _ in 0..1000 {
+        cycle(&mut p, &mut io);
+        if g.read(USED + 2, 2) == [1, 0] {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_micros(50));
+    }
+    assert_eq!(g.read(USED + 2, 2), [1, 0], "completed");
+    assert_eq!(notifies(), 0, "suppressed by the flag");
+    cycle(&mut p, &mut io);
+    assert_eq!(notifies(), 0, "not yet owed");
+    std::thread::sleep(std::time::Duration::from_millis(3));
+    cycle(&mut p, &mut io);
+    assert_eq!(notifies(), 1, "owed after a millisecond");
+    std::thread::sleep(std::time::Duration::from_millis(3));
+    cycle(&mut p, &mut io);
+    assert_eq!(notifies(), 1, "one signal per suppressed publish");
+
+    // a second suppressed completion, then the reactor goes to sleep
+    g.write(AVAIL + 2, &[2, 0]);
+    for _ in 0..1000 {
+        cycle(&mut p, &mut io);
+        if g.read(USED + 2, 2) == [2, 0] {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_micros(50));
+    }
+    assert_eq!(g.read(USED + 2, 2), [2, 0], "completed");
+    assert_eq!(notifies(), 1);
+    assert!(p.prepare_sleep(), "nothing left to do");
+    p.end_cycle(0);
+    assert_eq!(notifies(), 2, "paid before sleeping");
 }

@@ -32,6 +32,16 @@ impl Drop for Served {
 }
 
 fn start(bdev: BdevRef, queues: u16, read_only: bool, mode: PollMode) -> Served {
+    start_with(bdev, queues, read_only, mode, true)
+}
+
+fn start_with(
+    bdev: BdevRef,
+    queues: u16,
+    read_only: bool,
+    mode: PollMode,
+    event_idx: bool,
+) -> Served {
     let dir = tempfile::tempdir().unwrap();
     let socket = dir.path().join("vub.sock");
     let (reactors, io_stats): (Vec<_>, Vec<_>) = (0..2)
@@ -64,6 +74,7 @@ fn start(bdev: BdevRef, queues: u16, read_only: bool, mode: PollMode) -> Served 
         serial: "quern-test-serial".into(),
         binding: QueueBinding::RoundRobin(vec![0, 1]),
         timing: true,
+        event_idx,
         qos: quern_vhost::qos::QosBinding::unlimited("test"),
     };
     let dev = serve(cfg, bdev, reactors.clone(), handles).unwrap();
@@ -177,6 +188,74 @@ fn patterns_round_trip_on_two_queues_with_mixed_sizes() {
         q0.reactor.load(Ordering::Relaxed),
         q1.reactor.load(Ordering::Relaxed)
     );
+}
+
+/// A device that does not offer EVENT_IDX (`event_idx = false`, for
+/// polling clients): the client falls back to the ring flags, and a client
+/// that sleeps for its completions still gets woken for every batch (the
+/// device signals through the call fd when the flags allow), in interrupt
+/// mode too, with every block read back as written.
+#[test]
+fn without_event_idx_requests_and_interrupts_still_flow() {
+    for mode in [PollMode::Busy, PollMode::Interrupt] {
+        let s = start_with(malloc(16 << 20), 2, false, mode, false);
+        let mut c = connect(&s.socket, 2, false);
+        for round in 0..50u64 {
+            for q in 0..2 {
+                for k in 0..8usize {
+                    let slot = q * 8 + k;
+                    let b = c.buf(slot * 4096, 4096);
+                    b.fill((round as u8) ^ (slot as u8));
+                    let p = b.as_mut_ptr();
+                    let off = ((round * 16 + slot as u64) % 4096) * 4096;
+                    c.queues[q].write(off, p, 4096, slot, ReqFlags::empty());
+                }
+            }
+            for q in 0..2 {
+                assert!(c.wait(q, 8).iter().all(|&(_, r)| r == 0));
+            }
+            for q in 0..2 {
+                for k in 0..8usize {
+                    let slot = q * 8 + k;
+                    let rb = (1 << 20) + slot * 4096;
+                    c.buf(rb, 4096).fill(0xee);
+                    let p = c.buf(rb, 4096).as_mut_ptr();
+                    let off = ((round * 16 + slot as u64) % 4096) * 4096;
+                    c.queues[1 - q].read(off, p, 4096, slot, ReqFlags::empty());
+                }
+            }
+            for q in 0..2 {
+                assert!(c.wait(q, 8).iter().all(|&(_, r)| r == 0));
+            }
+            for slot in 0..16usize {
+                let want = (round as u8) ^ (slot as u8);
+                assert!(
+                    c.buf((1 << 20) + slot * 4096, 4096)
+                        .iter()
+                        .all(|&x| x == want),
+                    "{mode:?} round {round} slot {slot}"
+                );
+            }
+        }
+        // the queues publish their counters once per cycle
+        let t0 = std::time::Instant::now();
+        while s
+            .dev
+            .queues
+            .iter()
+            .any(|q| q.completed.load(Ordering::Relaxed) < 800)
+            && t0.elapsed() < Duration::from_secs(5)
+        {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        for q in &s.dev.queues {
+            assert_eq!(q.completed.load(Ordering::Relaxed), 800, "{mode:?}");
+            assert!(
+                q.notifies.load(Ordering::Relaxed) > 0,
+                "{mode:?}: no call signalled"
+            );
+        }
+    }
 }
 
 #[test]

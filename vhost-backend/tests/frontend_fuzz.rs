@@ -390,6 +390,7 @@ fn served() -> &'static Served {
                 serial: "fuzz".into(),
                 binding: QueueBinding::RoundRobin(vec![0, 1]),
                 timing: true,
+                event_idx: true,
                 qos: quern_vhost::qos::QosBinding::unlimited("test"),
             },
             bdev,

@@ -87,6 +87,7 @@ fn call_fd_change_and_memory_hotplug_finish_under_load() {
             serial: "restart".into(),
             binding: QueueBinding::RoundRobin(vec![0]),
             timing: true,
+            event_idx: true,
             qos: quern_vhost::qos::QosBinding::unlimited("test"),
         },
         bdev,

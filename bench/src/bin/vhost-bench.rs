@@ -83,7 +83,8 @@ struct CompareArgs {
     null: bool,
     /// Backends in the order of the first pass: quern, qsd (every --qsd binary), spdk, fio;
     /// quern-bare (no histograms, no QoS) and quern-metered (histograms and a QoS limit that
-    /// never binds) measure what those features cost; quern-base runs the
+    /// never binds) measure what those features cost; quern-noevidx is
+    /// Quern not offering EVENT_IDX (`event_idx = false`); quern-base runs the
     /// `--quern-base` build, to measure a change against the build before it.
     #[arg(long, default_value = "quern,qsd,spdk,fio", value_delimiter = ',')]
     backends: Vec<String>,
@@ -216,7 +217,7 @@ fn run_compare(a: CompareArgs) -> Result<(), String> {
     let mut backends = Vec::new();
     for name in &a.backends {
         match name.as_str() {
-            "quern" | "quern-bare" | "quern-metered" => {
+            "quern" | "quern-bare" | "quern-metered" | "quern-noevidx" => {
                 if !setup.quern.exists() {
                     return Err(format!(
                         "{} missing: cargo build --release -p quern",
@@ -226,6 +227,7 @@ fn run_compare(a: CompareArgs) -> Result<(), String> {
                 backends.push(Backend::Quern(match name.as_str() {
                     "quern-bare" => Flavor::Bare,
                     "quern-metered" => Flavor::Metered,
+                    "quern-noevidx" => Flavor::NoEventIdx,
                     _ => Flavor::Default,
                 }))
             }
@@ -260,7 +262,7 @@ fn run_compare(a: CompareArgs) -> Result<(), String> {
             }
             other => {
                 return Err(format!(
-                    "unknown backend `{other}` (quern, quern-bare, quern-metered, quern-base, qsd, spdk or fio)"
+                    "unknown backend `{other}` (quern, quern-bare, quern-metered, quern-noevidx, quern-base, qsd, spdk or fio)"
                 ))
             }
         }
