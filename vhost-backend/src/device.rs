@@ -600,9 +600,15 @@ impl VhostUserBackendReqHandlerMut for BlkDevice {
         let v = &mut self.vrings[i];
         (v.desc, v.used, v.avail) = (descriptor, used, available);
         // the frontend sends it again, ring running, when logging starts
-        if flags.contains(VhostUserVringAddrFlags::VHOST_VRING_F_LOG) {
-            v.log_addr.store(log, Ordering::Relaxed);
-        }
+        // (with the flag) and ends (without); without it the next start
+        // works the address out from the memory table (new rings, new
+        // addresses)
+        let a = if flags.contains(VhostUserVringAddrFlags::VHOST_VRING_F_LOG) {
+            log
+        } else {
+            u64::MAX
+        };
+        v.log_addr.store(a, Ordering::Relaxed);
         Ok(())
     }
     fn set_vring_base(&mut self, index: u32, base: u32) -> VuResult<()> {
