@@ -324,9 +324,13 @@ fn prometheus_rate_and_quantiles_match_the_client() {
         raw[0].get("histogram").is_some(),
         "not a native histogram: {raw}"
     );
-    // p50 and p90 match; the client's far tail also holds its own
-    // wake-ups on a two-core machine shared with Prometheus, which Quern
-    // cannot see, so there Quern's p99 is only checked to be no higher
+    // p50 matches; the client's tail also holds its own wake-ups on a
+    // two-core machine shared with Prometheus and, in the suite, with
+    // another test (a TCG guest), which Quern cannot see: a CI run saw the
+    // client's p90 at 594 µs against Quern's 241 µs with its p50 at 260
+    // against 224. So above the median Quern's quantiles are checked to be
+    // no higher than the client's and no lower than the device's own
+    // 200 µs delay
     for quant in [0.5, 0.9, 0.99] {
         let v = prom.query(
             &format!("histogram_quantile({quant}, sum(rate(quern_request_duration_seconds{{device=\"slow\",op=\"read\"}}[8s])))"),
@@ -341,7 +345,7 @@ fn prometheus_rate_and_quantiles_match_the_client() {
         eprintln!("p{quant}: prometheus {p_us:.1} µs, client {c_us:.1} µs");
         // Quern's interval is inside the client's: at most the client's
         // (plus a bucket's width), not far below it
-        let low = if quant < 0.95 { c_us * 0.8 } else { 0.0 };
+        let low = if quant <= 0.5 { c_us * 0.8 } else { 200.0 };
         assert!(
             p_us <= c_us * 1.1 && p_us >= low,
             "p{quant}: prometheus {p_us} µs, client {c_us} µs"
