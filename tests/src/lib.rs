@@ -248,6 +248,20 @@ impl QuernProcess {
             .unwrap_or_else(|e| panic!("{method}: {e}\n{}", self.log()))
     }
 
+    /// [`QuernProcess::rpc`] that must succeed.
+    pub fn ok(&self, method: &str, params: serde_json::Value) -> serde_json::Value {
+        self.rpc(method, params.clone())
+            .unwrap_or_else(|e| panic!("{method} {params}: {e}\n{}", self.log()))
+    }
+
+    /// [`QuernProcess::rpc`] that must fail: its error.
+    pub fn err(&self, method: &str, params: serde_json::Value) -> quern::engine::ApiError {
+        match self.rpc(method, params.clone()) {
+            Ok(v) => panic!("{method} {params} succeeded: {v}"),
+            Err(e) => e,
+        }
+    }
+
     /// Wait until the management socket answers.
     pub fn wait_ready(&mut self, timeout: Duration) {
         assert!(

@@ -111,11 +111,6 @@ impl Verifier {
     }
 }
 
-fn ok(q: &QuernProcess, method: &str, params: Value) -> Value {
-    q.rpc(method, params.clone())
-        .unwrap_or_else(|e| panic!("{method} {params}: {e}\n{}", q.log()))
-}
-
 fn names(v: &Value) -> Vec<String> {
     let mut n: Vec<String> = v
         .as_array()
@@ -170,19 +165,17 @@ fn a_thousand_create_delete_cycles_leak_nothing_and_disturb_no_neighbour() {
         } else {
             "null"
         };
-        ok(
-            &q,
+        q.ok(
             "bdev_create",
             json!({"name": b, "driver": driver, "size": "4M"}),
         );
-        ok(
-            &q,
+        q.ok(
             "vhost_blk_create",
             json!({"name": d, "bdev": b, "socket": format!("{d}.sock"), "num_queues": 2}),
         );
         assert!(dir.path().join(format!("{d}.sock")).exists());
-        ok(&q, "vhost_blk_delete", json!({"name": d}));
-        ok(&q, "bdev_delete", json!({"name": b}));
+        q.ok("vhost_blk_delete", json!({"name": d}));
+        q.ok("bdev_delete", json!({"name": b}));
     };
     // warm up: allocator arenas and lazily grown tables settle
     for i in 0..50 {
@@ -216,8 +209,8 @@ fn a_thousand_create_delete_cycles_leak_nothing_and_disturb_no_neighbour() {
     let ops = v.finish();
     assert!(ops > 0, "the neighbour did no I/O");
     assert_eq!(before, after, "resources leaked over 1000 cycles");
-    assert_eq!(names(&ok(&q, "bdev_list", json!({}))), vec!["steady"]);
-    assert_eq!(names(&ok(&q, "vhost_blk_list", json!({}))), vec!["steady"]);
+    assert_eq!(names(&q.ok("bdev_list", json!({}))), vec!["steady"]);
+    assert_eq!(names(&q.ok("vhost_blk_list", json!({}))), vec!["steady"]);
     eprintln!("1000 cycles (4000 calls) in {el:?}; neighbour verified {ops} blocks");
     assert!(q.stop());
 }
@@ -303,7 +296,7 @@ fn bad_requests_get_json_rpc_errors_and_nothing_else_notices() {
     slow.write_all(br#"{"jsonrpc":"2.0","id":1,"meth"#).unwrap();
     let t = Instant::now();
     assert_eq!(
-        ok(&q, "version", json!({}))["version"],
+        q.ok("version", json!({}))["version"],
         env!("CARGO_PKG_VERSION")
     );
     assert!(t.elapsed() < Duration::from_secs(1), "{:?}", t.elapsed());
@@ -327,8 +320,7 @@ fn the_socket_is_owner_only_and_changes_are_logged_with_the_caller() {
     q.wait_ready(Duration::from_secs(20));
     let m = std::fs::metadata(q.mgmt_socket()).unwrap();
     assert_eq!(m.permissions().mode() & 0o777, 0o600);
-    ok(
-        &q,
+    q.ok(
         "bdev_create",
         json!({"name": "x", "driver": "null", "size": "1M"}),
     );
@@ -377,8 +369,7 @@ fn the_state_directory_wins_over_the_file_until_reset() {
     let dir = disk_tempdir("quern-state");
     let mut q = QuernProcess::start(dir.path(), BASE);
     q.wait_ready(Duration::from_secs(20));
-    ok(
-        &q,
+    q.ok(
         "bdev_create",
         json!({"name": "runtime", "driver": "malloc", "size": "8M"}),
     );
@@ -390,7 +381,7 @@ fn the_state_directory_wins_over_the_file_until_reset() {
     q.restart();
     q.wait_ready(Duration::from_secs(20));
     assert_eq!(
-        names(&ok(&q, "bdev_list", json!({}))),
+        names(&q.ok("bdev_list", json!({}))),
         vec!["runtime", "steady"]
     );
     assert!(
@@ -402,11 +393,11 @@ fn the_state_directory_wins_over_the_file_until_reset() {
     q.restart_with(&["--reset-state"]);
     q.wait_ready(Duration::from_secs(20));
     assert_eq!(
-        names(&ok(&q, "bdev_list", json!({}))),
+        names(&q.ok("bdev_list", json!({}))),
         vec!["edited", "steady"]
     );
     // config_save is a file quern --config accepts, with the same objects
-    let saved = ok(&q, "config_save", json!({}))["toml"]
+    let saved = q.ok("config_save", json!({}))["toml"]
         .as_str()
         .unwrap()
         .to_string();
@@ -490,7 +481,7 @@ fn sigkill_during_changes_leaves_a_state_that_loads_and_is_exact() {
         q.restart();
         q.wait_ready(Duration::from_secs(20));
         let have: std::collections::BTreeSet<String> =
-            names(&ok(&q, "bdev_list", json!({}))).into_iter().collect();
+            names(&q.ok("bdev_list", json!({}))).into_iter().collect();
         let mut alt = expected.clone();
         if let Some((name, create)) = pending {
             if create {
@@ -520,13 +511,11 @@ fn a_guest_uses_a_device_created_at_run_time_and_sees_a_forced_delete_fail_its_d
     let dir = disk_tempdir("quern-ctl-guest");
     let mut q = QuernProcess::start(dir.path(), BASE);
     q.wait_ready(Duration::from_secs(20));
-    ok(
-        &q,
+    q.ok(
         "bdev_create",
         json!({"name": "live", "driver": "uring", "path": "live.img", "size": "128M"}),
     );
-    ok(
-        &q,
+    q.ok(
         "vhost_blk_create",
         json!({"name": "live", "bdev": "live", "socket": "live.sock", "num_queues": 2}),
     );
@@ -564,11 +553,7 @@ fn a_guest_uses_a_device_created_at_run_time_and_sees_a_forced_delete_fail_its_d
         .rpc("vhost_blk_delete", json!({"name": "live"}))
         .unwrap_err();
     assert_eq!(e.code, codes::IN_USE, "{}", e.message);
-    let r = ok(
-        &q,
-        "vhost_blk_delete",
-        json!({"name": "live", "force": true}),
-    );
+    let r = q.ok("vhost_blk_delete", json!({"name": "live", "force": true}));
     assert_eq!(r["frontend_was_attached"], true);
     assert!(!sock.exists(), "the socket is gone");
     // the guest's disk fails: fio stops with an error and the guest ends
@@ -586,8 +571,7 @@ fn a_guest_uses_a_device_created_at_run_time_and_sees_a_forced_delete_fail_its_d
         t.elapsed()
     );
     // the name and the socket can be used again
-    ok(
-        &q,
+    q.ok(
         "vhost_blk_create",
         json!({"name": "live", "bdev": "live", "socket": "live.sock"}),
     );

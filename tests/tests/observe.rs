@@ -24,18 +24,6 @@ fn timed() -> std::sync::MutexGuard<'static, ()> {
     TIMED.lock().unwrap_or_else(|e| e.into_inner())
 }
 
-fn ok(q: &QuernProcess, method: &str, params: Value) -> Value {
-    q.rpc(method, params.clone())
-        .unwrap_or_else(|e| panic!("{method} {params}: {e}\n{}", q.log()))
-}
-
-fn err(q: &QuernProcess, method: &str, params: Value) -> quern::engine::ApiError {
-    match q.rpc(method, params.clone()) {
-        Ok(v) => panic!("{method} {params} succeeded: {v}"),
-        Err(e) => e,
-    }
-}
-
 /// What a closed-loop client measured: completions as (unix time,
 /// latency in µs).
 struct Load {
@@ -178,12 +166,8 @@ fn latency_histograms_show_a_known_device_delay() {
     // time is steady) and the same load without the delay
     let fast = closed_loop(&dir.path().join("fast.sock"), 1, 1, 3.0, 10);
     let slow = closed_loop(&dir.path().join("slow.sock"), 1, 1, 3.0, 10);
-    let f = ok(&q, "vhost_blk_latency", json!({"name": "fast"}));
-    let s = ok(
-        &q,
-        "vhost_blk_latency",
-        json!({"name": "slow", "reset": true}),
-    );
+    let f = q.ok("vhost_blk_latency", json!({"name": "fast"}));
+    let s = q.ok("vhost_blk_latency", json!({"name": "slow", "reset": true}));
     let (own50, own99) = (
         us(&f["device"]["read"]["p50"]),
         us(&f["device"]["read"]["p99"]),
@@ -202,7 +186,7 @@ fn latency_histograms_show_a_known_device_delay() {
     // the bdev's own service time shows the delay with its timer's
     // jitter; the device's p99 is within a bucket of that plus Quern's
     // own time on the same load
-    let b = ok(&q, "bdev_latency", json!({"name": "slow"}));
+    let b = q.ok("bdev_latency", json!({"name": "slow"}));
     let (b50, b99) = (us(&b["bdevs"][0]["p50"]), us(&b["bdevs"][0]["p99"]));
     eprintln!("slow bdev p50 {b50} p99 {b99}");
     assert!(
@@ -240,11 +224,11 @@ fn latency_histograms_show_a_known_device_delay() {
     assert!(writes > 0 && writes < count(&s, "read"), "{s}");
     assert_eq!(count(&s, "flush"), 0);
     // reset: a new, empty interval
-    let s2 = ok(&q, "vhost_blk_latency", json!({"name": "slow"}));
+    let s2 = q.ok("vhost_blk_latency", json!({"name": "slow"}));
     assert_eq!(count(&s2, "read"), 0, "{s2}");
     assert!(s2["device"]["read"]["p50"].is_null());
     assert_eq!(
-        err(&q, "vhost_blk_latency", json!({"name": "nope"})).code,
+        q.err("vhost_blk_latency", json!({"name": "nope"})).code,
         codes::NOT_FOUND
     );
     assert!(q.stop());
@@ -472,7 +456,7 @@ cores = [0, 1]
         (r / 1500.0 - 1.0).abs() < 0.1,
         "limited to 1500 IOPS, did {r}"
     );
-    let list = ok(&q, "vhost_blk_list", json!({}));
+    let list = q.ok("vhost_blk_list", json!({}));
     let a = list
         .as_array()
         .unwrap()
@@ -481,8 +465,7 @@ cores = [0, 1]
         .unwrap();
     assert!(a["throttled_requests"].as_u64().unwrap() > 0, "{a}");
     // a limit changed at run time
-    ok(
-        &q,
+    q.ok(
         "vhost_blk_set_qos",
         json!({"name": "a", "qos": {"iops": 700}}),
     );
@@ -492,14 +475,12 @@ cores = [0, 1]
         "limited to 700 IOPS, did {r}"
     );
     // a group over both devices: together at most 2000, each its share
-    ok(&q, "vhost_blk_set_qos", json!({"name": "a", "qos": {}}));
-    ok(
-        &q,
+    q.ok("vhost_blk_set_qos", json!({"name": "a", "qos": {}}));
+    q.ok(
         "vhost_blk_set_qos_group",
         json!({"name": "a", "group": "tenant"}),
     );
-    ok(
-        &q,
+    q.ok(
         "vhost_blk_set_qos_group",
         json!({"name": "b", "group": "tenant"}),
     );
@@ -513,11 +494,10 @@ cores = [0, 1]
         "group of 2000 IOPS: {na} + {nb}"
     );
     assert!(na > 400.0 && nb > 400.0, "one device starved: {na} {nb}");
-    let groups = ok(&q, "qos_group_list", json!({}));
+    let groups = q.ok("qos_group_list", json!({}));
     assert_eq!(groups[0]["devices"], json!(["a", "b"]), "{groups}");
     // refusals, each naming what is wrong
-    let e = err(
-        &q,
+    let e = q.err(
         "vhost_blk_set_qos",
         json!({"name": "a", "qos": {"burst_ms": 0}}),
     );
@@ -525,8 +505,7 @@ cores = [0, 1]
         e.code == codes::INVALID_PARAMS && e.message.contains("burst_ms"),
         "{e}"
     );
-    let e = err(
-        &q,
+    let e = q.err(
         "vhost_blk_set_qos",
         json!({"name": "a", "qos": {"iopz": 5}}),
     );
@@ -534,21 +513,19 @@ cores = [0, 1]
         e.code == codes::INVALID_PARAMS && e.message.contains("iopz"),
         "{e}"
     );
-    let e = err(
-        &q,
+    let e = q.err(
         "vhost_blk_set_qos_group",
         json!({"name": "a", "group": "nope"}),
     );
     assert_eq!(e.code, codes::NOT_FOUND, "{e}");
-    let e = err(&q, "qos_group_delete", json!({"name": "tenant"}));
+    let e = q.err("qos_group_delete", json!({"name": "tenant"}));
     assert!(
         e.code == codes::IN_USE && e.message.contains("device `a`"),
         "{e}"
     );
-    let e = err(&q, "qos_group_create", json!({"name": "tenant", "qos": {}}));
+    let e = q.err("qos_group_create", json!({"name": "tenant", "qos": {}}));
     assert_eq!(e.code, codes::ALREADY_EXISTS);
-    let e = err(
-        &q,
+    let e = q.err(
         "vhost_blk_create",
         json!({"name": "c", "bdev": "a", "socket": "c.sock", "qos_group": "nope"}),
     );
@@ -557,21 +534,19 @@ cores = [0, 1]
         "{e}"
     );
     // the group's limit changed, b leaves it; then a restart keeps it all
-    ok(
-        &q,
+    q.ok(
         "qos_group_set",
         json!({"name": "tenant", "qos": {"iops": 1000}}),
     );
-    ok(&q, "vhost_blk_set_qos_group", json!({"name": "b"}));
-    ok(
-        &q,
+    q.ok("vhost_blk_set_qos_group", json!({"name": "b"}));
+    q.ok(
         "vhost_blk_set_qos",
         json!({"name": "b", "qos": {"write_bps": 1048576}}),
     );
     q.kill();
     q.restart();
     q.wait_ready(Duration::from_secs(20));
-    let list = ok(&q, "vhost_blk_list", json!({}));
+    let list = q.ok("vhost_blk_list", json!({}));
     let find = |n: &str| {
         list.as_array()
             .unwrap()
@@ -583,14 +558,14 @@ cores = [0, 1]
     assert_eq!(find("a")["qos_group"], "tenant");
     assert_eq!(find("b")["qos_group"], Value::Null);
     assert_eq!(find("b")["qos"]["write_bps"], 1048576);
-    assert_eq!(ok(&q, "qos_group_list", json!({}))[0]["qos"]["iops"], 1000);
+    assert_eq!(q.ok("qos_group_list", json!({}))[0]["qos"]["iops"], 1000);
     let r = rate_of(&a_sock, 3.0);
     assert!(
         (r / 1000.0 - 1.0).abs() < 0.1,
         "group limit 1000 after the restart, did {r}"
     );
     // config_save writes what a restart reads
-    let saved = ok(&q, "config_save", json!({}));
+    let saved = q.ok("config_save", json!({}));
     let toml = saved["toml"].as_str().unwrap();
     assert!(
         toml.contains("[[qos_group]]") && toml.contains("qos_group = \"tenant\""),
@@ -598,8 +573,8 @@ cores = [0, 1]
     );
     quern::config::Config::parse(toml).expect("config_save is a valid configuration");
     // group deleted once empty
-    ok(&q, "vhost_blk_set_qos_group", json!({"name": "a"}));
-    ok(&q, "qos_group_delete", json!({"name": "tenant"}));
+    q.ok("vhost_blk_set_qos_group", json!({"name": "a"}));
+    q.ok("qos_group_delete", json!({"name": "tenant"}));
     assert!(q.stop());
 }
 

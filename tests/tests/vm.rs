@@ -24,24 +24,10 @@ driver = "malloc"
 size = "16M"
 "#;
 
-fn ok(q: &QuernProcess, method: &str, params: Value) -> Value {
-    q.rpc(method, params.clone())
-        .unwrap_or_else(|e| panic!("{method} {params}: {e}\n{}", q.log()))
-}
-
-fn err(q: &QuernProcess, method: &str, params: Value) -> quern::engine::ApiError {
-    match q.rpc(method, params.clone()) {
-        Ok(v) => panic!("{method} {params} succeeded: {v}"),
-        Err(e) => e,
-    }
-}
-
 /// `n` one-queue devices d0..d{n-1} on the shared bdev; their UUIDs.
 fn devices(q: &QuernProcess, range: std::ops::Range<usize>) {
     for i in range {
-        ok(
-            q,
-            "vhost_blk_create",
+        q.ok("vhost_blk_create",
             json!({"name": format!("d{i}"), "bdev": "blk", "socket": format!("d{i}.sock"), "read_only": true}),
         );
     }
@@ -117,8 +103,8 @@ impl Console {
 /// What the guest should list for a VM, from Quern's map: each attached
 /// disk under its name with its serial, each placeholder as quern-gap.
 fn expected(q: &QuernProcess, vm: &str) -> Vec<(String, String)> {
-    let m = ok(q, "vm_disks", json!({"vm": vm}));
-    let list = ok(q, "vhost_blk_list", json!({}));
+    let m = q.ok("vm_disks", json!({"vm": vm}));
+    let list = q.ok("vhost_blk_list", json!({}));
     let serial_of = |dev: &str| {
         list.as_array()
             .unwrap()
@@ -150,7 +136,7 @@ fn expected(q: &QuernProcess, vm: &str) -> Vec<(String, String)> {
 }
 
 fn name_of(q: &QuernProcess, vm: &str, dev: &str) -> String {
-    let m = ok(q, "vm_disks", json!({"vm": vm}));
+    let m = q.ok("vm_disks", json!({"vm": vm}));
     m["disks"]
         .as_array()
         .unwrap()
@@ -161,7 +147,7 @@ fn name_of(q: &QuernProcess, vm: &str, dev: &str) -> String {
 }
 
 fn uuid_of(q: &QuernProcess, dev: &str) -> String {
-    let list = ok(q, "vhost_blk_list", json!({}));
+    let list = q.ok("vhost_blk_list", json!({}));
     list.as_array()
         .unwrap()
         .iter()
@@ -185,7 +171,7 @@ fn vm_spec(name: &str, disks: &[&str]) -> Value {
 }
 
 fn state(q: &QuernProcess, vm: &str) -> (String, String) {
-    let l = ok(q, "vm_list", json!({}));
+    let l = q.ok("vm_list", json!({}));
     let v = l
         .as_array()
         .unwrap()
@@ -209,7 +195,7 @@ fn disks_keep_their_names_through_inserts_removes_restarts_and_reboots() {
     let mut q = QuernProcess::start(dir.path(), CONFIG);
     q.wait_ready(Duration::from_secs(20));
     devices(&q, 0..30);
-    let created = ok(&q, "vm_create", vm_spec("vm0", &["d0", "d1"]));
+    let created = q.ok("vm_create", vm_spec("vm0", &["d0", "d1"]));
     assert_eq!(created["state"], "running", "{created}");
     let console = PathBuf::from(created["console"].as_str().unwrap());
     let mut c = Console::connect(&console);
@@ -217,17 +203,17 @@ fn disks_keep_their_names_through_inserts_removes_restarts_and_reboots() {
     assert_eq!(name_of(&q, "vm0", "d0"), "vda");
     assert_eq!(name_of(&q, "vm0", "d1"), "vdb");
 
-    let r = ok(&q, "vm_disk_insert", json!({"vm": "vm0", "device": "d2"}));
+    let r = q.ok("vm_disk_insert", json!({"vm": "vm0", "device": "d2"}));
     assert_eq!(r["name"], "vdc", "{r}");
     c.expect(&expected(&q, "vm0"), 60, "insert a third");
     // inserting it again changes nothing
-    let again = ok(&q, "vm_disk_insert", json!({"vm": "vm0", "device": "d2"}));
+    let again = q.ok("vm_disk_insert", json!({"vm": "vm0", "device": "d2"}));
     assert_eq!(
         (again["name"].clone(), again["inserted"].clone()),
         (json!("vdc"), json!(false))
     );
 
-    let r = ok(&q, "vm_disk_remove", json!({"vm": "vm0", "device": "d1"}));
+    let r = q.ok("vm_disk_remove", json!({"vm": "vm0", "device": "d1"}));
     assert_eq!(r["reserved"], true);
     c.expect(&expected(&q, "vm0"), 60, "remove the second");
 
@@ -240,13 +226,12 @@ fn disks_keep_their_names_through_inserts_removes_restarts_and_reboots() {
     let mut c = Console::connect(&console);
     c.expect(&expected(&q, "vm0"), 60, "after a Quern restart");
 
-    let r = ok(&q, "vm_disk_insert", json!({"vm": "vm0", "device": "d1"}));
+    let r = q.ok("vm_disk_insert", json!({"vm": "vm0", "device": "d1"}));
     assert_eq!(r["name"], "vdb", "the second gets its name back: {r}");
     c.expect(&expected(&q, "vm0"), 60, "re-insert the second");
 
     // a different disk asking for the second's name is refused, naming it
-    let e = err(
-        &q,
+    let e = q.err(
         "vm_disk_insert",
         json!({"vm": "vm0", "device": "d3", "name": "vdb"}),
     );
@@ -254,13 +239,13 @@ fn disks_keep_their_names_through_inserts_removes_restarts_and_reboots() {
     assert!(e.message.contains(&uuid_of(&q, "d1")), "{e}");
 
     // while the second's name is reserved, a new disk gets the next one
-    ok(&q, "vm_disk_remove", json!({"vm": "vm0", "device": "d1"}));
-    let r = ok(&q, "vm_disk_insert", json!({"vm": "vm0", "device": "d3"}));
+    q.ok("vm_disk_remove", json!({"vm": "vm0", "device": "d1"}));
+    let r = q.ok("vm_disk_insert", json!({"vm": "vm0", "device": "d3"}));
     assert_eq!(r["name"], "vdd", "{r}");
     c.expect(&expected(&q, "vm0"), 60, "a new disk while vdb is reserved");
 
     // a reboot: the same names
-    ok(&q, "vm_reset", json!({"name": "vm0"}));
+    q.ok("vm_reset", json!({"name": "vm0"}));
     std::thread::sleep(Duration::from_secs(2));
     drop(c);
     let mut c = Console::connect(&console);
@@ -268,8 +253,7 @@ fn disks_keep_their_names_through_inserts_removes_restarts_and_reboots() {
 
     // beyond 26: vdaa and on
     for i in 4..30 {
-        ok(
-            &q,
+        q.ok(
             "vm_disk_insert",
             json!({"vm": "vm0", "device": format!("d{i}")}),
         );
@@ -285,18 +269,18 @@ fn disks_keep_their_names_through_inserts_removes_restarts_and_reboots() {
     assert_eq!(name_of(&q, "vm0", "d29"), "vdad");
     c.expect(&expected(&q, "vm0"), 120, "30 disks");
     // release the reserved name: the next new disk may take it
-    ok(&q, "vm_disk_release", json!({"vm": "vm0", "device": "d1"}));
+    q.ok("vm_disk_release", json!({"vm": "vm0", "device": "d1"}));
     assert_eq!(name_of(&q, "vm0", "d1"), "");
-    let e = err(&q, "vm_disk_remove", json!({"vm": "vm0", "device": "d1"}));
+    let e = q.err("vm_disk_remove", json!({"vm": "vm0", "device": "d1"}));
     assert_eq!(e.code, codes::NOT_FOUND);
     // a disk of a VM cannot be deleted from under it
-    let e = err(&q, "vhost_blk_delete", json!({"name": "d0"}));
+    let e = q.err("vhost_blk_delete", json!({"name": "d0"}));
     assert!(e.code == codes::IN_USE && e.message.contains("vm0"), "{e}");
 
-    ok(&q, "vm_stop", json!({"name": "vm0", "force": true}));
+    q.ok("vm_stop", json!({"name": "vm0", "force": true}));
     let (st, detail) = state(&q, "vm0");
     assert_eq!(st, "shut down", "{detail}");
-    ok(&q, "vm_delete", json!({"name": "vm0"}));
+    q.ok("vm_delete", json!({"name": "vm0"}));
     assert!(q.stop());
 }
 
@@ -312,12 +296,12 @@ fn vm_attach_controls_a_qemu_started_elsewhere() {
     let qmp = dir.path().join("other-qmp.sock");
     let console = dir.path().join("other-console.sock");
     let mut qemu = own_qemu(dir.path(), &qmp, &console);
-    let r = ok(&q, "vm_attach", json!({"name": "other", "qmp_socket": qmp}));
+    let r = q.ok("vm_attach", json!({"name": "other", "qmp_socket": qmp}));
     assert_eq!(r["owner"], "attached", "{r}");
     let mut c = Console::connect(&console);
-    let r = ok(&q, "vm_disk_insert", json!({"vm": "other", "device": "d0"}));
+    let r = q.ok("vm_disk_insert", json!({"vm": "other", "device": "d0"}));
     assert_eq!(r["name"], "vdb", "its own disk holds vda: {r}");
-    ok(&q, "vm_disk_insert", json!({"vm": "other", "device": "d1"}));
+    q.ok("vm_disk_insert", json!({"vm": "other", "device": "d1"}));
     // the foreign disk's serial is its own
     let fix = |mut v: Vec<(String, String)>| {
         for e in &mut v {
@@ -333,10 +317,10 @@ fn vm_attach_controls_a_qemu_started_elsewhere() {
         120,
         "attached, two disks inserted",
     );
-    ok(&q, "vm_disk_remove", json!({"vm": "other", "device": "d0"}));
+    q.ok("vm_disk_remove", json!({"vm": "other", "device": "d0"}));
     c.expect(&fix(expected(&q, "other")), 60, "attached, one removed");
     // forgetting it leaves the QEMU running
-    ok(&q, "vm_delete", json!({"name": "other"}));
+    q.ok("vm_delete", json!({"name": "other"}));
     assert!(
         qemu.try_wait().unwrap().is_none(),
         "vm_delete killed an attached QEMU"
@@ -414,42 +398,36 @@ fn qmp_faults_leave_the_map_consistent() {
             std::thread::sleep(Duration::from_secs(1));
         }
     });
-    let e = err(
-        &q,
-        "vm_attach",
-        json!({"name": "bogus", "qmp_socket": bogus}),
-    );
+    let e = q.err("vm_attach", json!({"name": "bogus", "qmp_socket": bogus}));
     assert!(
         e.code == codes::FAILED && e.message.contains("not a QMP greeting"),
         "{e}"
     );
-    let e = err(
-        &q,
+    let e = q.err(
         "vm_attach",
         json!({"name": "none", "qmp_socket": dir.path().join("none.sock")}),
     );
     assert!(e.message.contains("cannot connect"), "{e}");
-    assert_eq!(ok(&q, "vm_list", json!({})), json!([]));
+    assert_eq!(q.ok("vm_list", json!({})), json!([]));
 
-    let created = ok(&q, "vm_create", vm_spec("vm1", &["d0", "d1"]));
+    let created = q.ok("vm_create", vm_spec("vm1", &["d0", "d1"]));
     let mut c = Console::connect(Path::new(created["console"].as_str().unwrap()));
     c.expect(&expected(&q, "vm1"), 120, "boot");
 
     // a guest that does not let go (paused): an error, nothing freed
-    ok(&q, "vm_pause", json!({"name": "vm1"}));
+    q.ok("vm_pause", json!({"name": "vm1"}));
     assert_eq!(state(&q, "vm1").0, "paused");
-    let e = err(
-        &q,
+    let e = q.err(
         "vm_disk_remove",
         json!({"vm": "vm1", "device": "d1", "timeout_secs": 3}),
     );
     assert!(e.message.contains("did not release vdb"), "{e}");
-    let m = ok(&q, "vm_disks", json!({"vm": "vm1"}));
+    let m = q.ok("vm_disks", json!({"vm": "vm1"}));
     assert_eq!(m["disks"][1]["attached"], true, "{m}");
     // it lets go once running again: Quern finishes the removal
-    ok(&q, "vm_resume", json!({"name": "vm1"}));
+    q.ok("vm_resume", json!({"name": "vm1"}));
     let t0 = Instant::now();
-    while ok(&q, "vm_disks", json!({"vm": "vm1"}))["disks"][1]["attached"] == true {
+    while q.ok("vm_disks", json!({"vm": "vm1"}))["disks"][1]["attached"] == true {
         assert!(
             t0.elapsed() < Duration::from_secs(60),
             "the late removal never finished"
@@ -460,7 +438,7 @@ fn qmp_faults_leave_the_map_consistent() {
 
     // QEMU killed while an insert is under way (re-inserting d1 first
     // removes its placeholder, and waits for the guest)
-    let pid = ok(&q, "vm_list", json!({}))[0]["pid"].as_u64().unwrap() as i32;
+    let pid = q.ok("vm_list", json!({}))[0]["pid"].as_u64().unwrap() as i32;
     let sock = q.mgmt_socket();
     let inserter = std::thread::spawn(move || {
         let mut c = quern::mgmt::Client::connect(&sock).unwrap();
@@ -472,7 +450,7 @@ fn qmp_faults_leave_the_map_consistent() {
     unsafe { libc::kill(pid, libc::SIGKILL) };
     let r = inserter.join().unwrap();
     eprintln!("insert under a QEMU killed 30 ms in: {r:?}");
-    let m = ok(&q, "vm_disks", json!({"vm": "vm1"}));
+    let m = q.ok("vm_disks", json!({"vm": "vm1"}));
     match r {
         Err(e) => {
             assert!(
@@ -500,10 +478,10 @@ fn qmp_faults_leave_the_map_consistent() {
         "{:?}",
         state(&q, "vm1")
     );
-    let e = err(&q, "vm_disk_insert", json!({"vm": "vm1", "device": "d2"}));
+    let e = q.err("vm_disk_insert", json!({"vm": "vm1", "device": "d2"}));
     assert!(e.message.contains("crashed"), "{e}");
     // started again, the guest has the map's names
-    let r = ok(&q, "vm_start", json!({"name": "vm1"}));
+    let r = q.ok("vm_start", json!({"name": "vm1"}));
     assert_eq!(r["state"], "running");
     drop(c);
     let mut c = Console::connect(Path::new(created["console"].as_str().unwrap()));
@@ -511,15 +489,15 @@ fn qmp_faults_leave_the_map_consistent() {
     // bad specs are refused naming the key
     let mut bad = vm_spec("vm2", &["d3"]);
     bad["machine"] = json!("q35");
-    let e = err(&q, "vm_create", bad);
+    let e = q.err("vm_create", bad);
     assert!(
         e.code == codes::INVALID_PARAMS && e.message.contains("machine"),
         "{e}"
     );
-    let e = err(&q, "vm_create", vm_spec("vm2", &["d0"]));
+    let e = q.err("vm_create", vm_spec("vm2", &["d0"]));
     assert!(e.code == codes::IN_USE && e.message.contains("vm1"), "{e}");
-    let e = err(&q, "vm_delete", json!({"name": "vm1"}));
+    let e = q.err("vm_delete", json!({"name": "vm1"}));
     assert_eq!(e.code, codes::IN_USE);
-    ok(&q, "vm_delete", json!({"name": "vm1", "force": true}));
+    q.ok("vm_delete", json!({"name": "vm1", "force": true}));
     assert!(q.stop());
 }

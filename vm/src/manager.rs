@@ -144,6 +144,16 @@ struct Vm {
 }
 
 impl Vm {
+    fn new(name: String, run: Run) -> Arc<Vm> {
+        Arc::new(Vm {
+            name,
+            op: Mutex::new(()),
+            qmp: Mutex::new(None),
+            status: Mutex::new(Status { run, detail: None }),
+            gone: AtomicBool::new(false),
+        })
+    }
+
     fn qmp(&self) -> Option<Arc<Qmp>> {
         self.qmp.lock().unwrap_or_else(|e| e.into_inner()).clone()
     }
@@ -242,16 +252,7 @@ impl VmManager {
     /// socket is tried; a VM whose QEMU is gone is shown shut down.
     pub fn restore(self: &Arc<Self>, records: Vec<VmRecord>) {
         for r in records {
-            let vm = Arc::new(Vm {
-                name: r.name.clone(),
-                op: Mutex::new(()),
-                qmp: Mutex::new(None),
-                status: Mutex::new(Status {
-                    run: Run::Disconnected,
-                    detail: None,
-                }),
-                gone: AtomicBool::new(false),
-            });
+            let vm = Vm::new(r.name.clone(), Run::Disconnected);
             lock(&self.vms).insert(r.name.clone(), vm.clone());
             let sock = r.qmp_socket.clone();
             let owned = r.owner == Owner::Quern;
@@ -331,16 +332,7 @@ impl VmManager {
             gaps: Vec::new(),
             disks: entries,
         };
-        let vm = Arc::new(Vm {
-            name: spec.name.clone(),
-            op: Mutex::new(()),
-            qmp: Mutex::new(None),
-            status: Mutex::new(Status {
-                run: Run::Starting,
-                detail: None,
-            }),
-            gone: AtomicBool::new(false),
-        });
+        let vm = Vm::new(spec.name.clone(), Run::Starting);
         let rec = self.launch(&vm, rec)?;
         lock(&self.vms).insert(spec.name.clone(), vm.clone());
         self.put(rec);
@@ -502,16 +494,7 @@ impl VmManager {
             gaps: Vec::new(),
             disks: Vec::new(),
         };
-        let vm = Arc::new(Vm {
-            name: name.into(),
-            op: Mutex::new(()),
-            qmp: Mutex::new(None),
-            status: Mutex::new(Status {
-                run: Run::Starting,
-                detail: None,
-            }),
-            gone: AtomicBool::new(false),
-        });
+        let vm = Vm::new(name.into(), Run::Starting);
         lock(&self.vms).insert(name.into(), vm.clone());
         self.put(rec);
         self.connected(&vm, q);
