@@ -421,6 +421,56 @@ impl QueuePoller {
     }
 
     fn handle(&mut self, io: &mut IoEngine, me: PollerId, head: u16, gate: Gate) {
+        let fast = blk::decode_fast(
+            &self.q,
+            &self.mem,
+            head,
+            &mut self.iov,
+            self.capacity,
+            self.read_only,
+            &blk::LIMITS,
+        );
+        let req = match fast {
+            Some(req) => {
+                #[cfg(debug_assertions)]
+                self.check_fast(head, &req);
+                req
+            }
+            None => match self.decode_slow(head) {
+                Some(req) => req,
+                None => return,
+            },
+        };
+        self.handle_decoded(io, me, head, gate, req);
+    }
+
+    /// In debug builds: the general path decodes `head` to the same
+    /// request as the fast one did (and the same iovecs).
+    #[cfg(debug_assertions)]
+    fn check_fast(&mut self, head: u16, fast: &blk::Request) {
+        let mut segs = Vec::new();
+        let walked = self.q.chain(&self.mem, head, &mut segs, self.max_segs);
+        assert!(
+            matches!(walked, Ok(Chain::Complete)),
+            "fast path took head {head}, general path: {walked:?}"
+        );
+        let mut iov = Vec::new();
+        // SAFETY: translated through `self.mem`, which is mapped.
+        let slow =
+            unsafe { blk::decode(&segs, &mut iov, self.capacity, self.read_only, &blk::LIMITS) };
+        assert_eq!(
+            &slow, fast,
+            "fast and general decoding differ for head {head}"
+        );
+        let key = |v: &[libc::iovec]| -> Vec<(usize, usize)> {
+            v.iter().map(|v| (v.iov_base as usize, v.iov_len)).collect()
+        };
+        assert_eq!(key(&iov), key(&self.iov), "iovecs differ for head {head}");
+    }
+
+    /// The general path: walk the chain, then decode it. `None` when the
+    /// head was answered already (a malformed chain).
+    fn decode_slow(&mut self, head: u16) -> Option<blk::Request> {
         match self.q.chain(&self.mem, head, &mut self.segs, self.max_segs) {
             Ok(Chain::Complete) => {}
             Ok(Chain::TooManySegments { last }) => {
@@ -433,7 +483,7 @@ impl QueuePoller {
                     // SAFETY: len >= 1 and the segment is translated.
                     .then(|| unsafe { last.ptr.add(last.len as usize - 1) });
                 self.finish(head, status, blk::VIRTIO_BLK_S_IOERR, 1);
-                return;
+                return None;
             }
             Err(e) => {
                 self.counts.malformed += 1;
@@ -444,12 +494,12 @@ impl QueuePoller {
                 );
                 // no trustworthy status byte: return the head with nothing written
                 self.return_head(head, 0);
-                return;
+                return None;
             }
         }
         // SAFETY: the segments were translated through `self.mem`, which
         // this poller keeps mapped.
-        let req = unsafe {
+        Some(unsafe {
             blk::decode(
                 &self.segs,
                 &mut self.iov,
@@ -457,7 +507,17 @@ impl QueuePoller {
                 self.read_only,
                 &blk::LIMITS,
             )
-        };
+        })
+    }
+
+    fn handle_decoded(
+        &mut self,
+        io: &mut IoEngine,
+        me: PollerId,
+        head: u16,
+        gate: Gate,
+        req: blk::Request,
+    ) {
         match req.what {
             Decoded::Reject(st) => {
                 if req.status.is_none() {

@@ -854,3 +854,146 @@ fn a_suppressed_publish_is_signalled_late_without_event_idx() {
     p.end_cycle(0);
     assert_eq!(notifies(), 2, "paid before sleeping");
 }
+
+/// One generated chain for the fast-path equivalence property: a header,
+/// data buffers and a status buffer, each with lengths and flags near the
+/// valid ones, directly in a 256-entry ring or in an indirect table.
+#[derive(Clone, Debug)]
+struct NearChain {
+    indirect: bool,
+    ty: u32,
+    sector: u64,
+    hdr: (u32, u16),
+    data: Vec<(u32, u16, bool)>,
+    status: (u32, u16),
+    read_only: bool,
+    /// A descriptor whose `next` points back to the header (a loop).
+    looped: bool,
+}
+
+fn near_chain() -> impl proptest::strategy::Strategy<Value = NearChain> {
+    use proptest::prelude::*;
+    let w = VRING_DESC_F_WRITE;
+    let flags = prop_oneof![8 => Just(0u16), 8 => Just(w), 1 => Just(VRING_DESC_F_INDIRECT)];
+    let data_len = prop_oneof![
+        Just(512u32),
+        Just(4096),
+        Just(LIMITS.size_max),
+        Just(LIMITS.size_max + 512),
+        Just(0),
+        Just(1),
+        Just(1000),
+    ];
+    // (len, flags, address outside guest memory)
+    let seg = (data_len, flags.clone(), proptest::bool::weighted(0.02));
+    let count = prop_oneof![4 => 0usize..5, 1 => 120usize..130];
+    let cap_sectors = (1u64 << 30) / 512;
+    let sector = prop_oneof![
+        Just(0u64),
+        Just(cap_sectors - 8),
+        Just(cap_sectors - 1),
+        Just(cap_sectors),
+        Just(u64::MAX / 512 + 1),
+        any::<u64>(),
+    ];
+    let ty = prop_oneof![8 => Just(blk::VIRTIO_BLK_T_IN), 8 => Just(blk::VIRTIO_BLK_T_OUT),
+        1 => Just(blk::VIRTIO_BLK_T_FLUSH), 1 => Just(blk::VIRTIO_BLK_T_GET_ID),
+        1 => Just(blk::VIRTIO_BLK_T_DISCARD), 1 => Just(99u32)];
+    let hdr = (
+        prop_oneof![8 => Just(16u32), 1 => Just(15), 1 => Just(17)],
+        flags.clone(),
+    );
+    let status = (
+        prop_oneof![8 => Just(1u32), 1 => Just(2), 1 => Just(0)],
+        flags,
+    );
+    (
+        any::<bool>(),
+        ty,
+        sector,
+        hdr,
+        count.prop_flat_map(move |n| proptest::collection::vec(seg.clone(), n)),
+        status,
+        proptest::bool::weighted(0.2),
+        proptest::bool::weighted(0.05),
+    )
+        .prop_map(
+            |(indirect, ty, sector, hdr, data, status, read_only, looped)| NearChain {
+                indirect,
+                ty,
+                sector,
+                hdr,
+                data,
+                status,
+                read_only,
+                looped,
+            },
+        )
+}
+
+proptest::proptest! {
+    /// Whatever `decode_fast` accepts, the general path (`chain` and
+    /// `decode`) decodes to the same request and iovecs; and the plain
+    /// shapes it is for, it does accept.
+    #[test]
+    fn fast_decoding_agrees_with_the_general_path(c in near_chain()) {
+        const RING: u16 = 256;
+        const HDR: u64 = GPA + 0x4000;
+        const TABLE: u64 = GPA + 0x5000;
+        let g = Guest::new();
+        g.header(HDR, c.ty, c.sector);
+        let mut descs: Vec<(u64, u32, u16)> = vec![(HDR, c.hdr.0, c.hdr.1)];
+        for (k, &(len, flags, outside)) in c.data.iter().enumerate() {
+            let addr = if outside { GPA + MEM - 256 } else { BUF + 512 * (k as u64 % 8) };
+            descs.push((addr, len, flags));
+        }
+        descs.push((HDR + 16, c.status.0, c.status.1));
+        let n = descs.len() as u16;
+        let table = if c.indirect { TABLE } else { DESC };
+        for (i, &(addr, len, flags)) in descs.iter().enumerate() {
+            let i = i as u16;
+            let last = i + 1 == n;
+            let next = if c.looped && last { 0 } else { i + 1 };
+            let flags = if last && !c.looped { flags } else { flags | VRING_DESC_F_NEXT };
+            g.desc(table, i, addr, len, flags, next);
+        }
+        let q = g.ring(RING, DESC, AVAIL, USED).unwrap();
+        let head = if c.indirect {
+            g.desc(DESC, 200, TABLE, 16 * u32::from(n), VRING_DESC_F_INDIRECT, 0);
+            200
+        } else {
+            0
+        };
+        let cap = 1u64 << 30;
+        let mut iov = Vec::new();
+        let fast = blk::decode_fast(&q, &g.mem, head, &mut iov, cap, c.read_only, &LIMITS);
+        let mut segs = Vec::new();
+        let walked = q.chain(&g.mem, head, &mut segs, LIMITS.seg_max as usize + 2);
+        let mut slow_iov = Vec::new();
+        let slow = match walked {
+            Ok(Chain::Complete) => Some(decode_with(&segs, &mut slow_iov, cap, c.read_only, &LIMITS)),
+            _ => None,
+        };
+        if let Some(f) = &fast {
+            proptest::prop_assert_eq!(Some(f), slow.as_ref());
+            let key = |v: &[libc::iovec]| -> Vec<(usize, usize)> {
+                v.iter().map(|v| (v.iov_base as usize, v.iov_len)).collect()
+            };
+            proptest::prop_assert_eq!(key(&iov), key(&slow_iov));
+        }
+        // the plain shape: the fast path must take it
+        let plain = !c.looped
+            && !c.data.is_empty()
+            && c.hdr == (16, 0)
+            && c.status == (1, VRING_DESC_F_WRITE)
+            && matches!(c.ty, blk::VIRTIO_BLK_T_IN | blk::VIRTIO_BLK_T_OUT)
+            && !(c.read_only && c.ty == blk::VIRTIO_BLK_T_OUT)
+            && matches!(&slow, Some(r) if matches!(r.what, Decoded::Io { .. }))
+            && c.data.iter().all(|&(len, flags, _)| {
+                len > 0 && flags == if c.ty == blk::VIRTIO_BLK_T_IN { VRING_DESC_F_WRITE } else { 0 }
+            });
+        if plain {
+            proptest::prop_assert!(fast.is_some(), "a plain request took the general path");
+        }
+    }
+}

@@ -138,7 +138,7 @@ unsafe fn wr16(p: *mut u8, v: u16) {
 /// # Safety
 /// `table` is valid for reads of `16 * (i + 1)` bytes.
 #[inline]
-unsafe fn read_desc(table: *const u8, i: u16) -> (u64, u32, u16, u16) {
+pub(crate) unsafe fn read_desc(table: *const u8, i: u16) -> (u64, u32, u16, u16) {
     // SAFETY: the caller's contract.
     let p = unsafe { table.add(16 * i as usize) };
     if (p as usize).is_multiple_of(8) {
@@ -306,6 +306,15 @@ impl SplitQueue {
                 prefetch(unsafe { self.desc.add(16 * next as usize) });
             }
         }
+    }
+
+    /// Descriptor `i` of the ring's own table, if `i` is inside it:
+    /// (addr, len, flags, next).
+    #[inline(always)]
+    pub(crate) fn desc(&self, i: u16) -> Option<(u64, u32, u16, u16)> {
+        // SAFETY: i < size: inside the descriptor table (bounded at
+        // construction).
+        (i < self.size).then(|| unsafe { read_desc(self.desc, i) })
     }
 
     /// Walk the chain at `head` into `out` (cleared first), at most

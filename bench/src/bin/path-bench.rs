@@ -30,6 +30,10 @@ struct Opts {
     /// A check that it runs: 2 rounds of 2,000 requests.
     #[arg(long)]
     smoke: bool,
+    /// Only these variants (for an instruction count under
+    /// `valgrind --tool=cachegrind`, one variant at a time).
+    #[arg(long, value_delimiter = ',')]
+    variant: Vec<String>,
 }
 
 const VARIANTS: [(&str, Features); 5] = [
@@ -82,10 +86,26 @@ fn run(o: &Opts) -> Result<(), String> {
         (o.rounds, o.requests)
     };
     let _ = quern_bench::pin_to_cpu(1.min(quern_bench::online_cpus() - 1));
-    println!("| depth | variant | rounds | ns/request (median) | range | vs bare (median of per-round ratios) |");
+    let chosen: Vec<(&str, Features)> = VARIANTS
+        .iter()
+        .filter(|(name, _)| o.variant.is_empty() || o.variant.iter().any(|v| v == name))
+        .copied()
+        .collect();
+    if chosen.is_empty() {
+        let names: Vec<&str> = VARIANTS.iter().map(|(n, _)| *n).collect();
+        return Err(format!(
+            "--variant {:?}: none of {}",
+            o.variant,
+            names.join(", ")
+        ));
+    }
+    println!(
+        "| depth | variant | rounds | ns/request (median) | range | vs {} (median of per-round ratios) |",
+        chosen[0].0
+    );
     println!("|---:|---|---:|---:|---|---:|");
     for &depth in &o.depth {
-        let mut rigs: Vec<Rig> = VARIANTS
+        let mut rigs: Vec<Rig> = chosen
             .iter()
             .map(|(_, f)| Rig::new(depth, *f).map_err(|e| e.to_string()))
             .collect::<Result<_, _>>()?;
@@ -93,15 +113,15 @@ fn run(o: &Opts) -> Result<(), String> {
         for r in &mut rigs {
             r.run(n / 10 + 1);
         }
-        let mut ns = vec![Vec::new(); VARIANTS.len()];
+        let mut ns = vec![Vec::new(); chosen.len()];
         for round in 0..rounds {
-            for k in 0..VARIANTS.len() {
-                let v = (k + round) % VARIANTS.len();
+            for k in 0..chosen.len() {
+                let v = (k + round) % chosen.len();
                 let t = rigs[v].run(n);
                 ns[v].push(t.as_nanos() as f64 / n as f64);
             }
         }
-        for (v, (name, _)) in VARIANTS.iter().enumerate() {
+        for (v, (name, _)) in chosen.iter().enumerate() {
             let ratios: Vec<f64> = ns[v].iter().zip(&ns[0]).map(|(a, b)| a / b).collect();
             let lo = ns[v].iter().copied().fold(f64::INFINITY, f64::min);
             let hi = ns[v].iter().copied().fold(0.0, f64::max);
