@@ -121,6 +121,16 @@ impl MergePlanner {
     pub fn plan(&mut self, batch: &[MergeInput]) -> (&[u32], &[MergedGroup]) {
         self.order.clear();
         self.groups.clear();
+        if let [r] = batch {
+            // one request (every cycle at queue depth 1): its own group,
+            // as the general path below would plan it
+            self.order.push(0);
+            self.push_group(batch, 0, false);
+            self.stats.requests_in += 1;
+            self.stats.requests_out += 1;
+            self.stats.bytes += r.len;
+            return (&self.order, &self.groups);
+        }
         let mut run_start = 0usize;
         for i in 0..batch.len() {
             if batch[i].kind.is_barrier() {
@@ -346,6 +356,33 @@ mod tests {
             (s.requests_in, s.requests_out, s.bytes, s.merged_ops),
             (3, 1, 12288, 1)
         );
+    }
+
+    #[test]
+    fn a_lone_request_is_planned_as_the_general_path_plans_it() {
+        for enabled in [true, false] {
+            let mut p = planner(1 << 20, 256);
+            p.cfg.enabled = enabled;
+            for (kind, drain) in [
+                (IoKind::Read, false),
+                (IoKind::Write, false),
+                (IoKind::Flush, true),
+            ] {
+                let (order, groups) = p.plan(&[rq(kind, 4096, 4096)]);
+                assert_eq!(order, [0]);
+                assert_eq!(groups.len(), 1);
+                let g = &groups[0];
+                assert_eq!(
+                    (g.start, g.count, g.kind, g.offset, g.len, g.drain),
+                    (0, 1, kind, 4096, 4096, drain)
+                );
+            }
+            let s = p.stats();
+            assert_eq!(
+                (s.requests_in, s.requests_out, s.bytes, s.merged_ops),
+                (3, 3, 12288, 0)
+            );
+        }
     }
 
     #[test]
