@@ -329,7 +329,26 @@ struct Active {
     rate: i64,
     /// Most the bucket holds, thousandths.
     cap: i64,
+    /// What a request of each kind ([`IoKind`] as an index) costs it:
+    /// `per_io + per_byte * bytes`, thousandths ([`cost`], tabulated).
+    per_io: [i64; 5],
+    per_byte: [i64; 5],
 }
+
+impl Active {
+    #[inline(always)]
+    fn cost(&self, kind: usize, bytes: u64) -> i64 {
+        self.per_io[kind] + self.per_byte[kind] * bytes as i64
+    }
+}
+
+const KINDS: [IoKind; 5] = [
+    IoKind::Read,
+    IoKind::Write,
+    IoKind::Flush,
+    IoKind::Discard,
+    IoKind::WriteZeroes,
+];
 
 /// Shortest and longest pause before a waiting queue tries again.
 const RETRY_MIN_NS: u64 = 50_000;
@@ -412,11 +431,14 @@ impl QueueQos {
             for (bi, b) in l.buckets.iter().enumerate() {
                 let rate = b.rate.load(Ordering::Relaxed) as i64;
                 if rate != 0 {
+                    let per_io = KINDS.map(|k| cost(bi, k, 0));
                     self.active.push(Active {
                         li,
                         bi,
                         rate,
                         cap: b.cap.load(Ordering::Relaxed),
+                        per_io,
+                        per_byte: std::array::from_fn(|k| cost(bi, KINDS[k], 1) - per_io[k]),
                     });
                 }
             }
@@ -450,21 +472,19 @@ impl QueueQos {
     /// does not cover the request (the common case reads no clock).
     #[inline]
     pub fn admit_with(&mut self, kind: IoKind, bytes: u64, now: impl FnOnce() -> u64) -> bool {
-        // the common case: local credit covers it (a few compares)
-        let mut j = 0;
-        while j < self.active.len() {
-            let c = cost(self.active[j].bi, kind, bytes);
-            if self.credit[j] < c {
-                break;
+        // the common case: local credit covers it (a few compares, then
+        // the spending; nothing to undo when it does not)
+        let k = kind as usize;
+        let covered = self
+            .active
+            .iter()
+            .zip(&self.credit)
+            .all(|(a, &c)| c >= a.cost(k, bytes));
+        if covered {
+            for (a, c) in self.active.iter().zip(self.credit.iter_mut()) {
+                *c -= a.cost(k, bytes);
             }
-            self.credit[j] -= c;
-            j += 1;
-        }
-        if j == self.active.len() {
             return true;
-        }
-        for k in 0..j {
-            self.credit[k] += cost(self.active[k].bi, kind, bytes);
         }
         self.admit_slow(kind, bytes, now())
     }
@@ -595,6 +615,37 @@ fn take(tokens: &AtomicI64, want: i64) -> i64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn tabulated_costs_are_the_costs() {
+        let lim = Limiter::new(
+            "t",
+            QosLimits {
+                iops: 1,
+                read_iops: 1,
+                write_iops: 1,
+                bps: 1,
+                read_bps: 1,
+                write_bps: 1,
+                ..QosLimits::default()
+            },
+        );
+        let mut q = QueueQos::new(QosBinding::new(lim, None));
+        q.refresh();
+        assert_eq!(q.active.len(), 6, "every bucket limited");
+        for a in &q.active {
+            for kind in KINDS {
+                for bytes in [0, 1, 512, 4096, 1 << 20, u64::from(u32::MAX)] {
+                    assert_eq!(
+                        a.cost(kind as usize, bytes),
+                        cost(a.bi, kind, bytes),
+                        "bucket {} {kind:?} {bytes}",
+                        a.bi
+                    );
+                }
+            }
+        }
+    }
 
     #[test]
     fn a_rate_is_held_and_the_burst_comes_first() {
