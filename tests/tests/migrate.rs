@@ -99,13 +99,45 @@ fn console(q: &Qemu) -> String {
 fn wait_console(q: &Qemu, needle: &str, secs: u64) {
     let t0 = Instant::now();
     while !console(q).contains(needle) {
-        assert!(
-            t0.elapsed() < Duration::from_secs(secs),
-            "no {needle} after {secs} s:\n{}",
-            console(q)
-        );
+        if t0.elapsed() >= Duration::from_secs(secs) {
+            panic!("no {needle} after {secs} s\n{}", diagnose(q));
+        }
         std::thread::sleep(Duration::from_millis(200));
     }
+}
+
+/// What a guest that did not get somewhere in time was doing: its console,
+/// QEMU's run state, vCPUs and block devices, QEMU's stderr, and the logs
+/// of the processes beside it (Quern, qemu-storage-daemon) in its
+/// directory.
+fn diagnose(q: &Qemu) -> String {
+    let mut out = format!("console:\n{}\n", console(q));
+    for cmd in ["query-status", "query-cpus-fast", "query-block"] {
+        let r = q.qmp.execute(cmd, json!({}), Duration::from_secs(10));
+        out += &format!("{cmd}: {r:?}\n");
+    }
+    let dir = q.console.parent().unwrap();
+    if let Ok(entries) = std::fs::read_dir(dir) {
+        let mut names: Vec<PathBuf> = entries
+            .flatten()
+            .map(|e| e.path())
+            .filter(|p| {
+                p.extension().is_some_and(|e| e == "err" || e == "log")
+                    && !p.to_string_lossy().ends_with("-console.log")
+            })
+            .collect();
+        names.sort();
+        for p in names {
+            let text = std::fs::read_to_string(&p).unwrap_or_default();
+            let tail: Vec<&str> = text.lines().rev().take(40).collect();
+            out += &format!("--- {} (last 40 lines)\n", p.display());
+            for l in tail.into_iter().rev() {
+                out += l;
+                out.push('\n');
+            }
+        }
+    }
+    out
 }
 
 const T: Duration = Duration::from_secs(30);
@@ -214,7 +246,7 @@ fn a_guest_running_fio_verify_migrates_live_on_quern_and_on_qsd() {
     q.wait_ready(Duration::from_secs(20));
     let append = "quern.fio=verify-loop quern.secs=30 quern.size=16";
     let (src, dst, uri) = pair(d, append);
-    wait_console(&src, "QUERN-PASS=1", 120);
+    wait_console(&src, "QUERN-PASS=1", 240);
     let quern = migrate(&src, &uri, None);
     // the source device logged while the migration ran, and stopped
     assert!(q.log().contains("dirty page logging on"), "{}", q.log());
@@ -255,7 +287,7 @@ fn a_guest_running_fio_verify_migrates_live_on_quern_and_on_qsd() {
     let uri2 = d.join("mig2.sock");
     let src = qemu(d, "qsrc", &d.join("qsd-src.sock"), append, None);
     let dst = qemu(d, "qdst", &d.join("qsd-dst.sock"), append, Some(&uri2));
-    wait_console(&src, "QUERN-PASS=1", 120);
+    wait_console(&src, "QUERN-PASS=1", 240);
     let qsd = migrate(&src, &uri2, None);
     finishes_clean(&dst, 240);
     drop(src);
@@ -291,7 +323,7 @@ fn heavy_reads_during_migration_leave_no_stale_page() {
         d,
         "init_on_alloc=0 quern.fio=readcheck quern.secs=40 quern.size=32",
     );
-    wait_console(&src, "QUERN-READCHECK-SUM=", 120);
+    wait_console(&src, "QUERN-READCHECK-SUM=", 240);
     std::thread::sleep(Duration::from_secs(3));
     // slow enough that many read passes run while pages are being sent
     let m = migrate(&src, &uri, Some(64 << 20));
@@ -317,7 +349,7 @@ fn a_cancelled_migration_leaves_the_guest_running_and_logging_off() {
     let mut q = QuernProcess::start(d, QUERN);
     q.wait_ready(Duration::from_secs(20));
     let (src, _dst, uri) = pair(d, "quern.fio=verify-loop quern.secs=25 quern.size=16");
-    wait_console(&src, "QUERN-PASS=1", 120);
+    wait_console(&src, "QUERN-PASS=1", 240);
     start_migration(&src, &uri, Some(4 << 20));
     let t0 = Instant::now();
     while !q.log().contains("dirty page logging on") {
