@@ -305,10 +305,15 @@ pub struct QueueQos {
     limiters: Vec<Arc<Limiter>>,
     /// Each limiter's generation when its buckets were copied.
     gens: Vec<u64>,
-    /// The buckets with a limit, flat: what a request is checked against.
+    /// The buckets with a limit, flat: what a grant is taken from.
     active: Vec<Active>,
+    /// What the common case reads, laid out for it: per kind of request,
+    /// each active bucket's cost per request and per byte (thousandths;
+    /// `cost(j) = per_io[kind][j] + per_byte[kind][j] * bytes`).
+    per_io: [[i64; MAX_ACTIVE]; 5],
+    per_byte: [[i64; MAX_ACTIVE]; 5],
     /// Local credit per active bucket, thousandths.
-    credit: Vec<i64>,
+    credit: [i64; MAX_ACTIVE],
     /// The queue's place in each active bucket's line, while it waits for
     /// a turn (it holds at most one at a time).
     ticket: Vec<Option<u64>>,
@@ -317,6 +322,9 @@ pub struct QueueQos {
     /// times a second at most, not once per reactor cycle.
     retry_at: u64,
 }
+
+/// Most buckets a queue checks: its device's six and its group's six.
+const MAX_ACTIVE: usize = 2 * BUCKETS;
 
 /// One bucket with a limit, as a queue sees it.
 #[derive(Clone, Copy, Debug)]
@@ -329,17 +337,6 @@ struct Active {
     rate: i64,
     /// Most the bucket holds, thousandths.
     cap: i64,
-    /// What a request of each kind ([`IoKind`] as an index) costs it:
-    /// `per_io + per_byte * bytes`, thousandths ([`cost`], tabulated).
-    per_io: [i64; 5],
-    per_byte: [i64; 5],
-}
-
-impl Active {
-    #[inline(always)]
-    fn cost(&self, kind: usize, bytes: u64) -> i64 {
-        self.per_io[kind] + self.per_byte[kind] * bytes as i64
-    }
 }
 
 const KINDS: [IoKind; 5] = [
@@ -379,7 +376,9 @@ impl QueueQos {
             limiters: Vec::new(),
             gens: Vec::new(),
             active: Vec::new(),
-            credit: Vec::new(),
+            per_io: [[0; MAX_ACTIVE]; 5],
+            per_byte: [[0; MAX_ACTIVE]; 5],
+            credit: [0; MAX_ACTIVE],
             ticket: Vec::new(),
             retry_at: 0,
         };
@@ -399,7 +398,6 @@ impl QueueQos {
             self.release_all();
             self.active.clear();
             self.ticket.clear();
-            self.credit.clear();
             self.limiters = self
                 .binding
                 .limiters
@@ -431,19 +429,29 @@ impl QueueQos {
             for (bi, b) in l.buckets.iter().enumerate() {
                 let rate = b.rate.load(Ordering::Relaxed) as i64;
                 if rate != 0 {
-                    let per_io = KINDS.map(|k| cost(bi, k, 0));
                     self.active.push(Active {
                         li,
                         bi,
                         rate,
                         cap: b.cap.load(Ordering::Relaxed),
-                        per_io,
-                        per_byte: std::array::from_fn(|k| cost(bi, KINDS[k], 1) - per_io[k]),
                     });
                 }
             }
         }
-        self.credit = vec![0; self.active.len()];
+        // a binding holds its own limiter and at most one group's
+        assert!(
+            self.active.len() <= MAX_ACTIVE,
+            "more limited buckets than a queue checks"
+        );
+        self.per_io = [[0; MAX_ACTIVE]; 5];
+        self.per_byte = [[0; MAX_ACTIVE]; 5];
+        for (j, a) in self.active.iter().enumerate() {
+            for (k, kind) in KINDS.into_iter().enumerate() {
+                self.per_io[k][j] = cost(a.bi, kind, 0);
+                self.per_byte[k][j] = cost(a.bi, kind, 1) - self.per_io[k][j];
+            }
+        }
+        self.credit = [0; MAX_ACTIVE];
         self.ticket = vec![None; self.active.len()];
         self.retry_at = 0;
     }
@@ -472,25 +480,54 @@ impl QueueQos {
     /// does not cover the request (the common case reads no clock).
     #[inline]
     pub fn admit_with(&mut self, kind: IoKind, bytes: u64, now: impl FnOnce() -> u64) -> bool {
-        // the common case: local credit covers it (a few compares, then
-        // the spending; nothing to undo when it does not)
-        let k = kind as usize;
-        let covered = self
-            .active
-            .iter()
-            .zip(&self.credit)
-            .all(|(a, &c)| c >= a.cost(k, bytes));
-        if covered {
-            for (a, c) in self.active.iter().zip(self.credit.iter_mut()) {
-                *c -= a.cost(k, bytes);
+        self.admit_local(kind, bytes) || self.admit_slow(kind, bytes, now())
+    }
+
+    /// The common case of [`QueueQos::admit_with`]: admit the request if
+    /// the local credit covers it (a compare per limited bucket, then the
+    /// spending; nothing to undo when it does not). No clock, no shared
+    /// memory.
+    #[inline(always)]
+    pub fn admit_local(&mut self, kind: IoKind, bytes: u64) -> bool {
+        let (per_io, per_byte) = (&self.per_io[kind as usize], &self.per_byte[kind as usize]);
+        let b = bytes as i64;
+        let c = &mut self.credit;
+        // one or two limits (an IOPS and a bandwidth limit, say) are the
+        // usual case: straight-line code for them, a loop for more
+        match self.active.len() {
+            1 => {
+                let c0 = per_io[0] + per_byte[0] * b;
+                let ok = c[0] >= c0;
+                if ok {
+                    c[0] -= c0;
+                }
+                ok
             }
-            return true;
+            2 => {
+                let (c0, c1) = (per_io[0] + per_byte[0] * b, per_io[1] + per_byte[1] * b);
+                let ok = (c[0] >= c0) & (c[1] >= c1);
+                if ok {
+                    c[0] -= c0;
+                    c[1] -= c1;
+                }
+                ok
+            }
+            n => {
+                let n = n.min(MAX_ACTIVE);
+                let ok = (0..n).all(|j| c[j] >= per_io[j] + per_byte[j] * b);
+                if ok {
+                    for j in 0..n {
+                        c[j] -= per_io[j] + per_byte[j] * b;
+                    }
+                }
+                ok
+            }
         }
-        self.admit_slow(kind, bytes, now())
     }
 
     /// Grants from the shared buckets, by turns.
     #[cold]
+    #[inline(never)]
     fn admit_slow(&mut self, kind: IoKind, bytes: u64, now: u64) -> bool {
         if now < self.retry_at {
             return false;
@@ -616,6 +653,57 @@ fn take(tokens: &AtomicI64, want: i64) -> i64 {
 mod tests {
     use super::*;
 
+    /// The straight-line checks for one and two limits and the loop for
+    /// more answer as the plain rule does (every bucket covers its cost,
+    /// and only then is every cost spent), on credits at and around the
+    /// costs.
+    #[test]
+    fn the_local_check_is_the_plain_rule_for_any_number_of_limits() {
+        let mut q = QueueQos::new(QosBinding::unlimited("t"));
+        let mut seed = 0x9e37_79b9_7f4a_7c15_u64;
+        let mut rand = |m: i64| {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            (seed % m as u64) as i64
+        };
+        for n in 1..=MAX_ACTIVE {
+            for _ in 0..2_000 {
+                q.active = vec![
+                    Active {
+                        li: 0,
+                        bi: 0,
+                        rate: 1,
+                        cap: 1,
+                    };
+                    n
+                ];
+                for k in 0..5 {
+                    for j in 0..n {
+                        q.per_io[k][j] = rand(3) * MILLI;
+                        q.per_byte[k][j] = rand(2) * MILLI;
+                    }
+                }
+                let kind = KINDS[rand(5) as usize];
+                let bytes = [0, 1, 512, 4096][rand(4) as usize];
+                let k = kind as usize;
+                let cost: Vec<i64> = (0..n)
+                    .map(|j| q.per_io[k][j] + q.per_byte[k][j] * bytes)
+                    .collect();
+                for j in 0..n {
+                    q.credit[j] = cost[j] + rand(3) - 1;
+                }
+                let before = q.credit;
+                let want = (0..n).all(|j| before[j] >= cost[j]);
+                assert_eq!(q.admit_local(kind, bytes as u64), want, "{n} limits");
+                for j in 0..n {
+                    let spent = if want { cost[j] } else { 0 };
+                    assert_eq!(q.credit[j], before[j] - spent, "{n} limits, bucket {j}");
+                }
+            }
+        }
+    }
+
     #[test]
     fn tabulated_costs_are_the_costs() {
         let lim = Limiter::new(
@@ -633,11 +721,12 @@ mod tests {
         let mut q = QueueQos::new(QosBinding::new(lim, None));
         q.refresh();
         assert_eq!(q.active.len(), 6, "every bucket limited");
-        for a in &q.active {
+        for (j, a) in q.active.iter().enumerate() {
             for kind in KINDS {
                 for bytes in [0, 1, 512, 4096, 1 << 20, u64::from(u32::MAX)] {
+                    let k = kind as usize;
                     assert_eq!(
-                        a.cost(kind as usize, bytes),
+                        q.per_io[k][j] + q.per_byte[k][j] * bytes as i64,
                         cost(a.bi, kind, bytes),
                         "bucket {} {kind:?} {bytes}",
                         a.bi

@@ -541,22 +541,11 @@ impl QueuePoller {
                     return;
                 }
                 self.op_of[head as usize] = op_index(kind) as u8;
-                if gate == Gate::Check && self.qos.as_ref().is_some_and(QueueQos::active) {
-                    let scale = self.scale;
-                    let waits = !self.held.is_empty();
-                    if let Some(q) = &mut self.qos {
-                        // in order: nothing passes what waits already
-                        if waits || !q.admit_with(kind, len, || scale.ns(io.clock())) {
-                            let since_ns = self.qos_now(io);
-                            self.held.push_back(Held {
-                                head,
-                                kind,
-                                len,
-                                since_ns,
-                            });
-                            return;
-                        }
-                    }
+                if gate == Gate::Check
+                    && self.qos.as_ref().is_some_and(QueueQos::active)
+                    && self.qos_holds(io, head, kind, len)
+                {
+                    return;
                 }
                 let r = IoRequest {
                     dev: self.dev,
@@ -613,6 +602,40 @@ impl QueuePoller {
 
     /// Admit the requests waiting for QoS that the budget covers now, in
     /// order. Returns how many went.
+    /// Whether QoS holds back the request `head` (it then waits in
+    /// `held`); out of line, so a queue without limits pays one test.
+    #[inline(never)]
+    fn qos_holds(&mut self, io: &mut IoEngine, head: u16, kind: IoKind, len: u64) -> bool {
+        // in order: nothing passes what waits already
+        if self.held.is_empty() && self.qos.as_mut().is_some_and(|q| q.admit_local(kind, len)) {
+            return false;
+        }
+        self.qos_holds_slow(io, head, kind, len)
+    }
+
+    /// [`QueuePoller::qos_holds`] when the local credit does not cover the
+    /// request: a grant from the shared buckets, or a wait.
+    #[cold]
+    #[inline(never)]
+    fn qos_holds_slow(&mut self, io: &mut IoEngine, head: u16, kind: IoKind, len: u64) -> bool {
+        let scale = self.scale;
+        if self.held.is_empty() {
+            if let Some(q) = &mut self.qos {
+                if q.admit_with(kind, len, || scale.ns(io.clock())) {
+                    return false;
+                }
+            }
+        }
+        let since_ns = self.qos_now(io);
+        self.held.push_back(Held {
+            head,
+            kind,
+            len,
+            since_ns,
+        });
+        true
+    }
+
     fn admit_held(&mut self, io: &mut IoEngine, me: PollerId) -> usize {
         if self.held.is_empty() {
             return 0;
