@@ -690,8 +690,8 @@ mod tests {
                 let cost: Vec<i64> = (0..n)
                     .map(|j| q.per_io[k][j] + q.per_byte[k][j] * bytes)
                     .collect();
-                for j in 0..n {
-                    q.credit[j] = cost[j] + rand(3) - 1;
+                for (c, &want) in q.credit.iter_mut().zip(&cost) {
+                    *c = want + rand(3) - 1;
                 }
                 let before = q.credit;
                 let want = (0..n).all(|j| before[j] >= cost[j]);
