@@ -10,6 +10,8 @@
 
 use std::mem::MaybeUninit;
 use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use blkio::{Blkio, Completion, ReqFlags};
@@ -35,6 +37,23 @@ struct ThreadOut {
     empty_polls: u64,
     /// The thread's CPU time (user and system) over the measured run.
     cpu_ns: u64,
+    /// Completions per bin of the run's timeline (empty: not kept).
+    timeline: Vec<u64>,
+    /// Latencies of the completions reaped while the timeline's mark was
+    /// down.
+    unmarked: Histogram<u64>,
+}
+
+/// Completions counted in bins of `bin_ticks` TSC ticks from `origin`
+/// (a [`ticks`] reading), to line a run up with events beside it.
+/// While `mark` is up (something beside the run is happening), the
+/// completions reaped are left out of a second latency histogram, which
+/// then holds the run's latencies away from those moments.
+#[derive(Clone, Debug)]
+pub struct TimelineSpec {
+    pub origin: u64,
+    pub bin_ticks: u64,
+    pub mark: Arc<AtomicBool>,
 }
 
 /// This thread's CPU time, user and system, in ns.
@@ -84,6 +103,20 @@ pub fn connect(
 /// backends that need the client's CPU, such as a Ceph on the same host).
 /// Read jobs open the device read-only, so read-only devices serve them.
 pub fn run(job: &Job, socket: &Path, cpu: usize, wait: bool) -> Result<Value, String> {
+    run_with_timeline(job, socket, cpu, wait, None).map(|(v, _)| v)
+}
+
+/// [`run`], also counting completions per bin of `timeline` (summed over
+/// the job's queues; the bins cover the run from the spec's origin), and
+/// with the latency percentiles of the completions reaped while its mark
+/// was down as `jobs[0].<dir>.clat_ns_unmarked`.
+pub fn run_with_timeline(
+    job: &Job,
+    socket: &Path,
+    cpu: usize,
+    wait: bool,
+    timeline: Option<TimelineSpec>,
+) -> Result<(Value, Vec<u64>), String> {
     let scale = ns_per_tick();
     let (mut b, started) = connect(socket, job.numjobs, job.is_read())?;
     let capacity = b.get_u64("capacity").map_err(blkio_err("capacity"))?;
@@ -113,8 +146,11 @@ pub fn run(job: &Job, socket: &Path, cpu: usize, wait: bool) -> Result<Value, St
         .enumerate()
         .map(|(qi, q)| {
             let job = job.clone();
+            let timeline = timeline.clone();
             let base = region.addr + qi * per_q;
-            std::thread::spawn(move || queue_thread(&job, q, qi, base, blocks, cpu, wait, scale))
+            std::thread::spawn(move || {
+                queue_thread(&job, q, qi, base, blocks, cpu, wait, scale, timeline)
+            })
         })
         .collect();
     let mut ios = 0u64;
@@ -125,9 +161,20 @@ pub fn run(job: &Job, socket: &Path, cpu: usize, wait: bool) -> Result<Value, St
     let mut cpu_ns = 0u64;
     let nthreads = threads.len();
     let mut first_err = None;
+    let mut bins: Vec<u64> = Vec::new();
+    let mut unmarked = new_histogram();
     for t in threads {
         match t.join() {
             Ok(Ok((o, el, q))) => {
+                if bins.len() < o.timeline.len() {
+                    bins.resize(o.timeline.len(), 0);
+                }
+                for (b, n) in bins.iter_mut().zip(&o.timeline) {
+                    *b += n;
+                }
+                unmarked
+                    .add(&o.unmarked)
+                    .map_err(|e| format!("histogram: {e}"))?;
                 ios += o.ios;
                 hist.add(&o.hist).map_err(|e| format!("histogram: {e}"))?;
                 busy_ticks += o.busy_ticks;
@@ -152,6 +199,11 @@ pub fn run(job: &Job, socket: &Path, cpu: usize, wait: bool) -> Result<Value, St
     drop(queues);
     drop(b);
     let mut v = fio_json(job, ios, secs, &hist, scale);
+    if timeline.is_some() {
+        let u = fio_json(job, unmarked.len(), secs, &unmarked, scale);
+        let dir = if job.is_read() { "read" } else { "write" };
+        v["jobs"][0][dir]["clat_ns_unmarked"] = u["jobs"][0][dir]["clat_ns"].clone();
+    }
     if nthreads == 1 && wait {
         // each do_io returned after a wake-up (or found completions
         // already there): how many completions the backend's notifications
@@ -166,7 +218,7 @@ pub fn run(job: &Job, socket: &Path, cpu: usize, wait: bool) -> Result<Value, St
         // several threads share one core: wall-clock busy time would count
         // the time each waits for the others; a waiting client's polls
         // include the time blocked in the kernel
-        return Ok(v);
+        return Ok((v, bins));
     }
     v["vhost_bench_client"] = json!({
         "busy_share": busy_ticks as f64 / run_ticks.max(1) as f64,
@@ -175,7 +227,7 @@ pub fn run(job: &Job, socket: &Path, cpu: usize, wait: bool) -> Result<Value, St
         "empty_polls": empty_polls,
         "completions_per_busy_poll": ios as f64 / (polls - empty_polls).max(1) as f64,
     });
-    Ok(v)
+    Ok((v, bins))
 }
 
 fn new_histogram() -> Histogram<u64> {
@@ -194,6 +246,7 @@ fn queue_thread(
     cpu: usize,
     wait: bool,
     scale: f64,
+    timeline: Option<TimelineSpec>,
 ) -> Result<QueueOut, String> {
     let _ = pin_to_cpu(cpu);
     let read = job.is_read();
@@ -238,6 +291,15 @@ fn queue_thread(
     let (mut busy_ticks, mut polls, mut empty_polls) = (0u64, 0u64, 0u64);
     let (tick0, mut tick_end) = (ticks(), 0u64);
     let (cpu0, mut cpu_end) = (thread_cpu_ns(), 0u64);
+    // bins for the run and a second beyond it (allocated before it starts)
+    let mut unmarked = new_histogram();
+    let mut bins = match &timeline {
+        Some(t) => {
+            let run = end.saturating_sub(t.origin) + (1e9 / scale) as u64;
+            vec![0u64; (run / t.bin_ticks.max(1)) as usize + 1]
+        }
+        None => Vec::new(),
+    };
     let mut failed = None;
     while inflight > 0 {
         let t_poll = ticks();
@@ -259,6 +321,10 @@ fn queue_thread(
             tick_end = t_poll;
             cpu_end = thread_cpu_ns();
         }
+        let ios_before = ios;
+        let marked = timeline
+            .as_ref()
+            .is_some_and(|t| t.mark.load(Ordering::Relaxed));
         for c in &comps[..k] {
             // SAFETY: do_io initialised the first k entries.
             let c = unsafe { c.assume_init_read() };
@@ -273,11 +339,21 @@ fn queue_thread(
             }
             let slot = c.user_data;
             ios += 1;
-            hist.saturating_record(now.saturating_sub(t0[slot]).max(1));
+            let lat = now.saturating_sub(t0[slot]).max(1);
+            hist.saturating_record(lat);
+            if timeline.is_some() && !marked {
+                unmarked.saturating_record(lat);
+            }
             t0[slot] = ticks();
             let off = next_off(&mut rng);
             submit(&mut q, slot, off);
             inflight += 1;
+        }
+        if let Some(t) = &timeline {
+            let i = (now.saturating_sub(t.origin) / t.bin_ticks.max(1)) as usize;
+            if let Some(b) = bins.get_mut(i) {
+                *b += ios - ios_before;
+            }
         }
         if !stopping {
             busy_ticks += ticks() - t_poll;
@@ -298,6 +374,8 @@ fn queue_thread(
         polls,
         empty_polls,
         cpu_ns: cpu_end.saturating_sub(cpu0),
+        timeline: bins,
+        unmarked,
     };
     Ok((out, start.elapsed(), q))
 }

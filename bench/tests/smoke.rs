@@ -435,7 +435,9 @@ fn control_bench_runs() {
     let dir = disk_tempdir();
     let o = Command::new(env!("CARGO_BIN_EXE_control-bench"))
         .current_dir(root())
-        .args(["--smoke", "--runs", "3", "--no-neighbour", "--quern"])
+        .args([
+            "--smoke", "--runs", "3", "--pairs", "1", "--secs", "2", "--quern",
+        ])
         .arg(quern_bin())
         .arg("--out")
         .arg(dir.path())
@@ -444,6 +446,13 @@ fn control_bench_runs() {
     assert!(o.status.success(), "{}", show(&o));
     let out = String::from_utf8_lossy(&o.stdout);
     assert!(out.contains("| bdev_create | qcow2 | 3 |"), "{}", show(&o));
+    // the neighbour: one pair, read also on the busy run's timeline
+    assert!(out.contains("| 0 | quiet first |"), "{}", show(&o));
+    assert!(
+        out.contains("on the busy runs' timelines") && out.contains("within the busy runs: p99"),
+        "{}",
+        show(&o)
+    );
 }
 
 #[test]
