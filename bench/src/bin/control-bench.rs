@@ -384,26 +384,20 @@ fn run(o: &Opts) -> Result<(), String> {
         lost_all.cycles += lost.cycles;
     }
     println!(
-        "\nbusy/quiet over {} pairs: IOPS median {:.3} (range {:.3}-{:.3}), p99 median {:.3} (range {:.3}-{:.3})",
+        "\nbusy/quiet over {} pairs: IOPS median {}, p99 median {}",
         o.pairs,
-        median(&iops),
-        iops.iter().copied().fold(f64::INFINITY, f64::min),
-        iops.iter().copied().fold(0.0, f64::max),
-        median(&p99),
-        p99.iter().copied().fold(f64::INFINITY, f64::min),
-        p99.iter().copied().fold(0.0, f64::max),
+        spread(&iops, 1.0),
+        spread(&p99, 1.0),
     );
     println!(
         "on the busy runs' timelines ({BIN_MS} ms bins, each cycle against the same second): \
          the changes cost the neighbour {:.2} % of its I/Os over {} create/delete cycles \
-         (median of runs {:.2} %, range {:.2}-{:.2} %); a cycle (4 changes) took {:.1} ms; \
+         (median of runs {} %); a cycle (4 changes) took {:.1} ms; \
          busy/quiet IOPS by this measure {:.3}; the same estimate on the quiet runs at \
          made-up times (its own error): {:.2} % over {} cycles",
         100.0 * lost_all.fraction(),
         lost_all.cycles,
-        100.0 * median(&lost_runs),
-        100.0 * lost_runs.iter().copied().fold(f64::INFINITY, f64::min),
-        100.0 * lost_runs.iter().copied().fold(f64::NEG_INFINITY, f64::max),
+        spread(&lost_runs, 100.0),
         lost_all.cycle_ms / lost_all.cycles.max(1) as f64,
         1.0 - lost_all.fraction(),
         100.0 * placebo.fraction(),
@@ -411,16 +405,26 @@ fn run(o: &Opts) -> Result<(), String> {
     );
     println!(
         "within the busy runs: p99 of every completion against p99 away from the changes, \
-         median {:.3} (range {:.3}-{:.3}); the same on the quiet runs at made-up times: \
-         median {:.3} (range {:.3}-{:.3})",
-        median(&p99_in_run),
-        p99_in_run.iter().copied().fold(f64::INFINITY, f64::min),
-        p99_in_run.iter().copied().fold(0.0, f64::max),
-        median(&p99_placebo),
-        p99_placebo.iter().copied().fold(f64::INFINITY, f64::min),
-        p99_placebo.iter().copied().fold(0.0, f64::max),
+         median {}; the same on the quiet runs at made-up times: median {}",
+        spread(&p99_in_run, 1.0),
+        spread(&p99_placebo, 1.0),
     );
     Ok(())
+}
+
+/// "median (range min-max)" of `v`, each times `scale`.
+fn spread(v: &[f64], scale: f64) -> String {
+    let (lo, hi) = v
+        .iter()
+        .fold((f64::INFINITY, f64::NEG_INFINITY), |(a, b), &x| {
+            (a.min(x), b.max(x))
+        });
+    format!(
+        "{:.3} (range {:.3}-{:.3})",
+        scale * median(v),
+        scale * lo,
+        scale * hi
+    )
 }
 
 fn main() -> ExitCode {
