@@ -144,13 +144,13 @@ pub fn measure(b: &Backend, job: &Job, s: &Setup) -> Result<Option<Measured>, St
 }
 
 /// A started backend process; stopped (and reaped) on drop.
-struct Proc {
+pub(crate) struct Proc {
     child: Child,
     what: String,
 }
 
 impl Proc {
-    fn spawn(what: &str, cmd: &mut Command, log: &Path) -> Result<Proc, String> {
+    pub(crate) fn spawn(what: &str, cmd: &mut Command, log: &Path) -> Result<Proc, String> {
         let log = File::create(log).map_err(|e| format!("{}: {e}", log.display()))?;
         let child = cmd
             .stderr(log)
@@ -163,13 +163,13 @@ impl Proc {
         })
     }
 
-    fn pid(&self) -> u32 {
+    pub(crate) fn pid(&self) -> u32 {
         self.child.id()
     }
 
     /// Wait until `ready` holds; an error if the process exits first or
     /// after 30 s.
-    fn wait_ready(&mut self, mut ready: impl FnMut() -> bool) -> Result<(), String> {
+    pub(crate) fn wait_ready(&mut self, mut ready: impl FnMut() -> bool) -> Result<(), String> {
         let t = Instant::now();
         while !ready() {
             if let Ok(Some(st)) = self.child.try_wait() {
@@ -216,7 +216,7 @@ impl Drop for Proc {
     }
 }
 
-fn taskset(s: &Setup, bin: &Path) -> Command {
+pub(crate) fn taskset(s: &Setup, bin: &Path) -> Command {
     let mut c = Command::new("taskset");
     c.args(["-c", &s.backend_cpu.to_string()]).arg(bin);
     c

@@ -67,7 +67,7 @@ fn thread_cpu_ns() -> u64 {
     t.tv_sec as u64 * 1_000_000_000 + t.tv_nsec as u64
 }
 
-fn blkio_err(what: &str) -> impl Fn(blkio::Error) -> String + '_ {
+pub(crate) fn blkio_err(what: &str) -> impl Fn(blkio::Error) -> String + '_ {
     move |e| format!("{what}: {e}")
 }
 
@@ -230,7 +230,7 @@ pub fn run_with_timeline(
     Ok((v, bins))
 }
 
-fn new_histogram() -> Histogram<u64> {
+pub(crate) fn new_histogram() -> Histogram<u64> {
     Histogram::<u64>::new_with_bounds(1, 600_000_000_000, 3).expect("valid histogram bounds")
 }
 

@@ -6,6 +6,7 @@ pub mod backends;
 pub mod client;
 pub mod clock;
 pub mod compare;
+pub mod interleave;
 pub mod job;
 pub mod plot;
 pub mod proc;

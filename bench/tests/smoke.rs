@@ -356,6 +356,56 @@ fn vhost_bench_compares_quern_metered_with_bare() {
     );
 }
 
+/// Two flavors interleaved in short windows (`--interleave-ms`): both
+/// rounds run, each backend is measured in its windows, and the ratio is
+/// printed; a third backend is refused with a message.
+#[test]
+fn vhost_bench_interleaves_two_quern_flavors_in_short_windows() {
+    let dir = disk_tempdir();
+    let o = compare(
+        dir.path(),
+        &[
+            "--null",
+            "--backends",
+            "quern-metered,quern-bare",
+            "--interleave-ms",
+            "10",
+        ],
+    );
+    assert!(o.status.success(), "{}", show(&o));
+    let out = String::from_utf8_lossy(&o.stdout);
+    // smoke: two rounds of one pair
+    assert!(
+        out.contains("| quern-busy-mergeon-metered | 2 |")
+            && out.contains("| quern-busy-mergeon-bare | 2 |"),
+        "{}",
+        show(&o)
+    );
+    assert!(
+        out.contains(
+            "quern-busy-mergeon-metered/quern-busy-mergeon-bare: IOPS, median of 2 rounds"
+        ),
+        "{}",
+        show(&o)
+    );
+    let o = compare(
+        dir.path(),
+        &[
+            "--null",
+            "--backends",
+            "quern,quern-metered,quern-bare",
+            "--interleave-ms",
+            "10",
+        ],
+    );
+    assert!(!o.status.success(), "{}", show(&o));
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("compares two backends, not 3"),
+        "{}",
+        show(&o)
+    );
+}
+
 /// A build against another build (`--quern-base`, here the same binary)
 /// with a sleeping client: both run, the summary has their ratio, and the
 /// client's mode is in the header; a missing base is a message.

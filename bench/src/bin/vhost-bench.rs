@@ -132,6 +132,17 @@ struct CompareArgs {
     /// Core the backends run on (the client runs on the other one).
     #[arg(long, default_value_t = 1)]
     backend_cpu: usize,
+    /// Two Quern builds or flavors, both running, measured in alternating
+    /// windows of this many milliseconds (the other stopped), `--pairs`
+    /// pairs of them: adjacent windows share this machine's speed phase.
+    /// Null or file, one queue, a polling client.
+    #[arg(long)]
+    interleave_ms: Option<u64>,
+    /// With --interleave-ms: rounds, each with both backends started
+    /// afresh (one process can be faster than another of the same build
+    /// for its whole life); --pairs pairs of windows per round.
+    #[arg(long, default_value_t = 10)]
+    rounds: usize,
 }
 
 fn size_arg(s: &str) -> Result<u64, String> {
@@ -269,6 +280,13 @@ fn run_compare(a: CompareArgs) -> Result<(), String> {
     }
     if backends.is_empty() {
         return Err("no backend to measure".into());
+    }
+    if let Some(ms) = a.interleave_ms {
+        if !a.smoke {
+            quern_bench::compare::check_alone("vhost-bench compare")?;
+        }
+        let rounds = if a.smoke { 2 } else { a.rounds };
+        return quern_bench::interleave::run(&job, &setup, &backends, rounds, pairs, ms);
     }
     let plan = Plan {
         setup,

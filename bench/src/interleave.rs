@@ -1,0 +1,323 @@
+//! Two Quern builds or flavors measured in short alternating windows
+//! (`vhost-bench compare --interleave-ms N`).
+//!
+//! This machine has speed phases that last a second or more and move any
+//! process's throughput by up to 2×, so passes a second long, one backend
+//! after the other, compare phases as much as backends. Here both backends
+//! run at once on the backend core, the one not being measured stopped
+//! (SIGSTOP), and one client drives them in turn, a window of a few
+//! milliseconds each: start the job's queue depth, keep it full until the
+//! window ends, drain, stop that backend, continue the other. Adjacent
+//! windows fall in the same phase, so the ratio of a pair of windows is
+//! the backends' ratio. The first 2 ms of a window (caches and the TLB
+//! after the switch, the same for both) are not counted.
+//!
+//! One process can also be faster than another of the same build for as
+//! long as it lives (where its memory landed: two instances of one build
+//! measured this way differed by up to 13 %). So the measurement runs in
+//! rounds, each with both backends started afresh (which starts first
+//! alternates), and the figure is the median over rounds of each round's
+//! ratio.
+
+use std::mem::MaybeUninit;
+use std::path::PathBuf;
+
+use blkio::{Blkio, Completion, ReqFlags};
+use hdrhistogram::Histogram;
+
+use crate::backends::{quern_toml, taskset, Backend, Flavor, Proc, Setup};
+use crate::client::{blkio_err, connect, new_histogram};
+use crate::clock::{ns_per_tick, ticks};
+use crate::job::Job;
+use crate::report::median;
+use crate::{pin_to_cpu, Rng};
+
+/// Ticks not counted at the start of a window.
+const WARM_MS: f64 = 2.0;
+
+/// One of the two backends in one round: its process and its client.
+struct Side {
+    label: String,
+    proc: Proc,
+    blkio: Blkio,
+    q: blkio::Blkioq,
+    base: usize,
+}
+
+/// What one backend measured over every round.
+struct Tally {
+    label: String,
+    /// IOPS in each measured window.
+    iops: Vec<f64>,
+    /// Latency of every counted request, ticks.
+    hist: Histogram<u64>,
+}
+
+impl Side {
+    fn signal(&self, sig: i32) {
+        // SAFETY: signalling our own child by pid.
+        unsafe { libc::kill(self.proc.pid() as i32, sig) };
+    }
+}
+
+impl Drop for Side {
+    fn drop(&mut self) {
+        // a stopped process takes its SIGTERM (Proc's drop) only once it runs
+        self.signal(libc::SIGCONT);
+    }
+}
+
+fn start(job: &Job, s: &Setup, b: &Backend, i: usize) -> Result<Side, String> {
+    let (bin, flavor) = match b {
+        Backend::Quern(f) => (s.quern.clone(), *f),
+        Backend::QuernBase(p) => (p.clone(), Flavor::Default),
+        _ => return Err("--interleave-ms compares two Quern builds or flavors".into()),
+    };
+    let dir: PathBuf = s.out.join(format!("interleave-{i}"));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+    let sock = dir.join("bench.sock");
+    let cfg = dir.join("quern.toml");
+    std::fs::write(&cfg, quern_toml(job, s, flavor, &dir.join("state"), &sock))
+        .map_err(|e| format!("{}: {e}", cfg.display()))?;
+    std::fs::create_dir_all(dir.join("state")).map_err(|e| format!("{}: {e}", dir.display()))?;
+    let mut proc = Proc::spawn(
+        "quern",
+        taskset(s, &bin).arg("--config").arg(&cfg),
+        &dir.join("quern.log"),
+    )?;
+    proc.wait_ready(|| sock.exists())?;
+    let (mut blkio, mut started) = connect(&sock, 1, job.is_read())?;
+    let len = (job.iodepth * job.bs).div_ceil(2 << 20) * (2 << 20);
+    let region = blkio
+        .alloc_mem_region(len)
+        .map_err(blkio_err("alloc_mem_region"))?;
+    blkio
+        .map_mem_region(&region)
+        .map_err(blkio_err("map_mem_region"))?;
+    let q = started.queues.pop().ok_or("libblkio started no queue")?;
+    Ok(Side {
+        label: b.label(s),
+        proc,
+        blkio,
+        q,
+        base: region.addr,
+    })
+}
+
+/// One window on `side`: the job's queue depth kept full for `win` ticks.
+#[allow(clippy::too_many_arguments)]
+fn window(
+    side: &mut Side,
+    tally: &mut Tally,
+    job: &Job,
+    blocks: u64,
+    rng: &mut Rng,
+    win: u64,
+    warm: u64,
+    scale: f64,
+) -> Result<(), String> {
+    let read = job.is_read();
+    let mut comps: Vec<MaybeUninit<Completion>> =
+        (0..job.iodepth).map(|_| MaybeUninit::uninit()).collect();
+    let mut t_sub = vec![0u64; job.iodepth];
+    side.signal(libc::SIGCONT);
+    let t0 = ticks();
+    let (t_count, t_end) = (t0 + warm, t0 + win);
+    let submit = |q: &mut blkio::Blkioq, slot: usize, off: u64| {
+        let p = (side.base + slot * job.bs) as *mut u8;
+        if read {
+            q.read(off, p, job.bs, slot, ReqFlags::empty());
+        } else {
+            q.write(off, p, job.bs, slot, ReqFlags::empty());
+        }
+    };
+    for (slot, t) in t_sub.iter_mut().enumerate() {
+        *t = ticks();
+        submit(&mut side.q, slot, rng.below(blocks) * job.bs as u64);
+    }
+    let (mut inflight, mut n) = (job.iodepth, 0u64);
+    let mut failed = None;
+    while inflight > 0 {
+        let k = side
+            .q
+            .do_io(&mut comps, 0, None, None)
+            .map_err(|e| format!("{}: do_io: {e}", side.label))?;
+        if k == 0 {
+            continue;
+        }
+        let now = ticks();
+        for c in &comps[..k] {
+            // SAFETY: do_io initialised the first k entries.
+            let c = unsafe { c.assume_init_read() };
+            inflight -= 1;
+            if c.ret != 0 {
+                failed.get_or_insert(c.ret);
+                continue;
+            }
+            let slot = c.user_data;
+            if now >= t_count && now < t_end {
+                n += 1;
+                tally
+                    .hist
+                    .saturating_record(now.saturating_sub(t_sub[slot]).max(1));
+            }
+            if now < t_end && failed.is_none() {
+                t_sub[slot] = ticks();
+                submit(&mut side.q, slot, rng.below(blocks) * job.bs as u64);
+                inflight += 1;
+            }
+        }
+    }
+    side.signal(libc::SIGSTOP);
+    if let Some(ret) = failed {
+        return Err(format!(
+            "{}: a {} failed with {ret} ({})",
+            side.label,
+            job.direction(),
+            std::io::Error::from_raw_os_error(-ret)
+        ));
+    }
+    tally
+        .iops
+        .push(n as f64 / ((t_end - t_count) as f64 * scale / 1e9));
+    Ok(())
+}
+
+/// Measure `backends` (two Quern builds or flavors) in `rounds` rounds
+/// of `pairs` pairs of windows of `window_ms` each, alternating which goes
+/// first; prints the table and the ratio of the first to the second.
+pub fn run(
+    job: &Job,
+    s: &Setup,
+    backends: &[Backend],
+    rounds: usize,
+    pairs: usize,
+    window_ms: u64,
+) -> Result<(), String> {
+    let [a, b] = backends else {
+        return Err(format!(
+            "--interleave-ms compares two backends, not {}",
+            backends.len()
+        ));
+    };
+    if job.numjobs != 1 {
+        return Err("--interleave-ms drives one queue (numjobs = 1)".into());
+    }
+    if s.client_wait {
+        return Err("--interleave-ms drives a polling client".into());
+    }
+    if !s.null && !s.file.exists() {
+        return Err(format!(
+            "{} does not exist: a compare without --interleave-ms creates and fills it",
+            s.file.display()
+        ));
+    }
+    let scale = ns_per_tick();
+    std::fs::create_dir_all(&s.out).map_err(|e| format!("{}: {e}", s.out.display()))?;
+    let _ = pin_to_cpu(s.client_cpu);
+    let win = (window_ms as f64 * 1e6 / scale) as u64;
+    let warm = (WARM_MS * 1e6 / scale) as u64;
+    if win <= warm {
+        return Err(format!("--interleave-ms must exceed {WARM_MS} ms"));
+    }
+    let mut tallies = [a, b].map(|x| Tally {
+        label: x.label(s),
+        iops: Vec::new(),
+        hist: new_histogram(),
+    });
+    let mut ratios = Vec::new();
+    let mut rng = Rng::new(7);
+    for round in 0..rounds.max(1) {
+        // fresh processes, started in turn first
+        let mut sides = if round % 2 == 0 {
+            let x = start(job, s, a, 0)?;
+            [x, start(job, s, b, 1)?]
+        } else {
+            let y = start(job, s, b, 1)?;
+            [start(job, s, a, 0)?, y]
+        };
+        // (asks the backend: before it is stopped)
+        let capacity = sides[0]
+            .blkio
+            .get_u64("capacity")
+            .map_err(blkio_err("capacity"))?;
+        for side in &sides {
+            side.signal(libc::SIGSTOP);
+        }
+        let blocks = job.size.unwrap_or(capacity).min(capacity) / job.bs as u64;
+        if blocks == 0 {
+            return Err(format!("the device's {capacity} bytes hold no block"));
+        }
+        let from = tallies[0].iops.len();
+        for p in 0..pairs.max(1) {
+            let order = if p % 2 == 0 { [0, 1] } else { [1, 0] };
+            for i in order {
+                window(
+                    &mut sides[i],
+                    &mut tallies[i],
+                    job,
+                    blocks,
+                    &mut rng,
+                    win,
+                    warm,
+                    scale,
+                )?;
+            }
+        }
+        let sum = |t: &Tally| t.iops[from..].iter().sum::<f64>();
+        let r = sum(&tallies[0]) / sum(&tallies[1]);
+        eprintln!(
+            "round {round}: {}/{} {r:.3}",
+            tallies[0].label, tallies[1].label
+        );
+        ratios.push(r);
+    }
+    let mut sorted = ratios.clone();
+    sorted.sort_by(f64::total_cmp);
+    let q = |f: f64| sorted[((sorted.len() - 1) as f64 * f).round() as usize];
+    let windows: Vec<f64> = tallies[0]
+        .iops
+        .iter()
+        .zip(&tallies[1].iops)
+        .map(|(x, y)| x / y)
+        .collect();
+    let us = |h: &Histogram<u64>, p: f64| h.value_at_quantile(p) as f64 * scale / 1000.0;
+    println!(
+        "\n{} ({}): {} rounds (both backends started afresh) of {} pairs of {window_ms} ms \
+         windows, alternating, the first {WARM_MS} ms of each not counted\n",
+        job.name,
+        if s.null { "null" } else { "file" },
+        ratios.len(),
+        pairs.max(1)
+    );
+    println!("| backend | windows | IOPS (median of windows) | p50 µs | p99 µs |");
+    println!("|---|---:|---:|---:|---:|");
+    for t in &tallies {
+        println!(
+            "| {} | {} | {:.0} | {:.2} | {:.2} |",
+            t.label,
+            t.iops.len(),
+            median(&t.iops),
+            us(&t.hist, 0.5),
+            us(&t.hist, 0.99)
+        );
+    }
+    println!(
+        "\n{}/{}: IOPS, median of {} rounds {:.3} (quartiles {:.3}-{:.3}; range {:.3}-{:.3}); \
+         median of {} window pairs {:.3}; p50 {:+.3} µs, p99 {:+.3} µs",
+        tallies[0].label,
+        tallies[1].label,
+        ratios.len(),
+        median(&ratios),
+        q(0.25),
+        q(0.75),
+        q(0.0),
+        q(1.0),
+        windows.len(),
+        median(&windows),
+        us(&tallies[0].hist, 0.5) - us(&tallies[1].hist, 0.5),
+        us(&tallies[0].hist, 0.99) - us(&tallies[1].hist, 0.99),
+    );
+    Ok(())
+}
