@@ -349,39 +349,30 @@ fn run_qsd(bin: &Path, job: &Job, s: &Setup) -> Result<Measured, String> {
 
 /// SPDK's vhost target in poll mode without hugepages, with a null bdev
 /// (or an aio bdev on the file) and one vhost-blk controller.
-fn run_spdk(vhost: &Path, rpc: &Path, job: &Job, s: &Setup) -> Result<Measured, String> {
-    let dir = s.out.join("spdk");
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+/// Start SPDK's vhost application in `dir` with a null (or aio) bdev and a
+/// vhost-blk controller on the backend core; its process, the
+/// controller's socket and the RPC socket.
+pub(crate) fn start_spdk(
+    vhost: &Path,
+    rpc: &Path,
+    s: &Setup,
+    dir: &Path,
+) -> Result<(Proc, PathBuf, PathBuf), String> {
+    let _ = std::fs::remove_dir_all(dir);
+    std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
     let rpc_sock = dir.join("rpc.sock");
     let mask = format!("{:#x}", 1u64 << s.backend_cpu);
     let mut p = Proc::spawn(
         "spdk vhost",
         Command::new(vhost)
             .args(["-m", &mask, "--no-huge", "-s", "1024", "-S"])
-            .arg(&dir)
+            .arg(dir)
             .arg("-r")
             .arg(&rpc_sock),
-        &s.out.join("spdk.log"),
+        &dir.with_extension("log"),
     )?;
     p.wait_ready(|| rpc_sock.exists())?;
-    let call = |args: &[&str]| -> Result<Value, String> {
-        let out = Command::new(rpc)
-            .arg("-s")
-            .arg(&rpc_sock)
-            .args(args)
-            .output()
-            .map_err(|e| format!("{}: {e}", rpc.display()))?;
-        if !out.status.success() {
-            return Err(format!(
-                "rpc.py {}: {}",
-                args.join(" "),
-                String::from_utf8_lossy(&out.stderr).trim()
-            ));
-        }
-        let text = String::from_utf8_lossy(&out.stdout);
-        Ok(serde_json::from_str(&text).unwrap_or(Value::String(text.trim().into())))
-    };
+    let call = |args: &[&str]| spdk_rpc(rpc, &rpc_sock, args);
     if s.null {
         let mib = (s.size >> 20).max(1).to_string();
         call(&["bdev_null_create", "Null0", &mib, "512"])?;
@@ -398,6 +389,31 @@ fn run_spdk(vhost: &Path, rpc: &Path, job: &Job, s: &Setup) -> Result<Measured, 
     ])?;
     let sock = dir.join("vhost.0");
     p.wait_ready(|| sock.exists())?;
+    Ok((p, sock, rpc_sock))
+}
+
+/// One `rpc.py` call to the SPDK application on `rpc_sock`.
+fn spdk_rpc(rpc: &Path, rpc_sock: &Path, args: &[&str]) -> Result<Value, String> {
+    let out = Command::new(rpc)
+        .arg("-s")
+        .arg(rpc_sock)
+        .args(args)
+        .output()
+        .map_err(|e| format!("{}: {e}", rpc.display()))?;
+    if !out.status.success() {
+        return Err(format!(
+            "rpc.py {}: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr).trim()
+        ));
+    }
+    let text = String::from_utf8_lossy(&out.stdout);
+    Ok(serde_json::from_str(&text).unwrap_or(Value::String(text.trim().into())))
+}
+
+fn run_spdk(vhost: &Path, rpc: &Path, job: &Job, s: &Setup) -> Result<Measured, String> {
+    let (mut p, sock, rpc_sock) = start_spdk(vhost, rpc, s, &s.out.join("spdk"))?;
+    let call = |args: &[&str]| spdk_rpc(rpc, &rpc_sock, args);
     let before = call(&["framework_get_reactors"])?;
     let mut m = drive(job, s, p.pid(), &sock)?;
     let after = call(&["framework_get_reactors"])?;

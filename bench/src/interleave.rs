@@ -1,5 +1,5 @@
-//! Two Quern builds or flavors measured in short alternating windows
-//! (`vhost-bench compare --interleave-ms N`).
+//! Two backends (Quern builds or flavors, or SPDK) measured in short
+//! alternating windows (`vhost-bench compare --interleave-ms N`).
 //!
 //! This machine has speed phases that last a second or more and move any
 //! process's throughput by up to 2×, so passes a second long, one backend
@@ -25,7 +25,7 @@ use std::path::PathBuf;
 use blkio::{Blkio, Completion, ReqFlags};
 use hdrhistogram::Histogram;
 
-use crate::backends::{quern_toml, taskset, Backend, Flavor, Proc, Setup};
+use crate::backends::{quern_toml, start_spdk, taskset, Backend, Flavor, Proc, Setup};
 use crate::client::{blkio_err, connect, new_histogram};
 use crate::clock::{ns_per_tick, ticks};
 use crate::job::Job;
@@ -68,25 +68,40 @@ impl Drop for Side {
 }
 
 fn start(job: &Job, s: &Setup, b: &Backend, i: usize) -> Result<Side, String> {
-    let (bin, flavor) = match b {
-        Backend::Quern(f) => (s.quern.clone(), *f),
-        Backend::QuernBase(p) => (p.clone(), Flavor::Default),
-        _ => return Err("--interleave-ms compares two Quern builds or flavors".into()),
-    };
     let dir: PathBuf = s.out.join(format!("interleave-{i}"));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
-    let sock = dir.join("bench.sock");
-    let cfg = dir.join("quern.toml");
-    std::fs::write(&cfg, quern_toml(job, s, flavor, &dir.join("state"), &sock))
-        .map_err(|e| format!("{}: {e}", cfg.display()))?;
-    std::fs::create_dir_all(dir.join("state")).map_err(|e| format!("{}: {e}", dir.display()))?;
-    let mut proc = Proc::spawn(
-        "quern",
-        taskset(s, &bin).arg("--config").arg(&cfg),
-        &dir.join("quern.log"),
-    )?;
-    proc.wait_ready(|| sock.exists())?;
+    let (proc, sock) =
+        match b {
+            Backend::Spdk { vhost, rpc } => {
+                let (p, sock, _) = start_spdk(vhost, rpc, s, &dir)?;
+                (p, sock)
+            }
+            Backend::Quern(_) | Backend::QuernBase(_) => {
+                let (bin, flavor) = match b {
+                    Backend::QuernBase(p) => (p.clone(), Flavor::Default),
+                    Backend::Quern(f) => (s.quern.clone(), *f),
+                    _ => unreachable!("matched above"),
+                };
+                let _ = std::fs::remove_dir_all(&dir);
+                std::fs::create_dir_all(dir.join("state"))
+                    .map_err(|e| format!("{}: {e}", dir.display()))?;
+                let sock = dir.join("bench.sock");
+                let cfg = dir.join("quern.toml");
+                std::fs::write(&cfg, quern_toml(job, s, flavor, &dir.join("state"), &sock))
+                    .map_err(|e| format!("{}: {e}", cfg.display()))?;
+                let mut proc = Proc::spawn(
+                    "quern",
+                    taskset(s, &bin).arg("--config").arg(&cfg),
+                    &dir.join("quern.log"),
+                )?;
+                proc.wait_ready(|| sock.exists())?;
+                (proc, sock)
+            }
+            _ => return Err(
+                "--interleave-ms compares Quern builds or flavors and SPDK (quern, quern-bare, \
+                 quern-metered, quern-noevidx, quern-base, spdk)"
+                    .into(),
+            ),
+        };
     let (mut blkio, mut started) = connect(&sock, 1, job.is_read())?;
     let len = (job.iodepth * job.bs).div_ceil(2 << 20) * (2 << 20);
     let region = blkio
