@@ -139,6 +139,7 @@ fn window(
     side.signal(libc::SIGCONT);
     let t0 = ticks();
     let (t_count, t_end) = (t0 + warm, t0 + win);
+    let give_up = (5e9 / scale) as u64;
     let submit = |q: &mut blkio::Blkioq, slot: usize, off: u64| {
         let p = (side.base + slot * job.bs) as *mut u8;
         if read {
@@ -159,6 +160,13 @@ fn window(
             .do_io(&mut comps, 0, None, None)
             .map_err(|e| format!("{}: do_io: {e}", side.label))?;
         if k == 0 {
+            if ticks() > t_end + give_up {
+                side.signal(libc::SIGSTOP);
+                return Err(format!(
+                    "{}: {inflight} requests unanswered 5 s after the window ended",
+                    side.label
+                ));
+            }
             continue;
         }
         let now = ticks();
@@ -199,7 +207,8 @@ fn window(
     Ok(())
 }
 
-/// Measure `backends` (two Quern builds or flavors) in `rounds` rounds
+/// Measure `backends` (two Quern builds or flavors, or Quern and SPDK) in
+/// `rounds` rounds
 /// of `pairs` pairs of windows of `window_ms` each, alternating which goes
 /// first; prints the table and the ratio of the first to the second.
 pub fn run(
@@ -252,11 +261,15 @@ pub fn run(
             let y = start(job, s, b, 1)?;
             [start(job, s, a, 0)?, y]
         };
-        // (asks the backend: before it is stopped)
-        let capacity = sides[0]
-            .blkio
-            .get_u64("capacity")
-            .map_err(blkio_err("capacity"))?;
+        // (asks the backends: before they are stopped)
+        let mut capacity = u64::MAX;
+        for side in &sides {
+            capacity = capacity.min(
+                side.blkio
+                    .get_u64("capacity")
+                    .map_err(blkio_err("capacity"))?,
+            );
+        }
         for side in &sides {
             side.signal(libc::SIGSTOP);
         }
