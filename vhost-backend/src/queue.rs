@@ -600,8 +600,6 @@ impl QueuePoller {
         self.counts.notifies += 1;
     }
 
-    /// Admit the requests waiting for QoS that the budget covers now, in
-    /// order. Returns how many went.
     /// Whether QoS holds back the request `head` (it then waits in
     /// `held`); out of line, so a queue without limits pays one test.
     #[inline(never)]
@@ -636,6 +634,8 @@ impl QueuePoller {
         true
     }
 
+    /// Admit the requests waiting for QoS that the budget covers now, in
+    /// order. Returns how many went.
     fn admit_held(&mut self, io: &mut IoEngine, me: PollerId) -> usize {
         if self.held.is_empty() {
             return 0;
