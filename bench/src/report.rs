@@ -90,7 +90,8 @@ pub fn median(v: &[f64]) -> f64 {
     }
 }
 
-fn range(v: &[f64]) -> (f64, f64) {
+/// Smallest and largest finite value of a list.
+pub fn range(v: &[f64]) -> (f64, f64) {
     v.iter()
         .filter(|x| x.is_finite())
         .fold((f64::INFINITY, f64::NEG_INFINITY), |(lo, hi), &x| {

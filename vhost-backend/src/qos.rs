@@ -528,7 +528,7 @@ impl QueueQos {
     /// Grants from the shared buckets, by turns.
     #[cold]
     #[inline(never)]
-    fn admit_slow(&mut self, kind: IoKind, bytes: u64, now: u64) -> bool {
+    pub(crate) fn admit_slow(&mut self, kind: IoKind, bytes: u64, now: u64) -> bool {
         if now < self.retry_at {
             return false;
         }

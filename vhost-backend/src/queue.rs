@@ -612,19 +612,20 @@ impl QueuePoller {
     }
 
     /// [`QueuePoller::qos_holds`] when the local credit does not cover the
-    /// request: a grant from the shared buckets, or a wait.
+    /// request (checked there already): a grant from the shared buckets,
+    /// or a wait.
     #[cold]
     #[inline(never)]
     fn qos_holds_slow(&mut self, io: &mut IoEngine, head: u16, kind: IoKind, len: u64) -> bool {
-        let scale = self.scale;
-        if self.held.is_empty() {
-            if let Some(q) = &mut self.qos {
-                if q.admit_with(kind, len, || scale.ns(io.clock())) {
-                    return false;
-                }
-            }
-        }
         let since_ns = self.qos_now(io);
+        if self.held.is_empty()
+            && self
+                .qos
+                .as_mut()
+                .is_some_and(|q| q.admit_slow(kind, len, since_ns))
+        {
+            return false;
+        }
         self.held.push_back(Held {
             head,
             kind,

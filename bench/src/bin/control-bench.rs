@@ -18,7 +18,7 @@ use quern_bench::client::TimelineSpec;
 use quern_bench::clock::ticks;
 use quern_bench::job::Job;
 use quern_bench::quern::{call, QuernChild};
-use quern_bench::report::median;
+use quern_bench::report::{median, range};
 use serde_json::json;
 
 #[derive(Parser)]
@@ -414,11 +414,7 @@ fn run(o: &Opts) -> Result<(), String> {
 
 /// "median (range min-max)" of `v`, each times `scale`.
 fn spread(v: &[f64], scale: f64) -> String {
-    let (lo, hi) = v
-        .iter()
-        .fold((f64::INFINITY, f64::NEG_INFINITY), |(a, b), &x| {
-            (a.min(x), b.max(x))
-        });
+    let (lo, hi) = range(v);
     format!(
         "{:.3} (range {:.3}-{:.3})",
         scale * median(v),
