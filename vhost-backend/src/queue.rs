@@ -153,6 +153,9 @@ pub struct QueuePoller {
     /// QoS, and the requests waiting for its budget, in order.
     qos: Option<QueueQos>,
     held: VecDeque<Held>,
+    /// Whether any limit applies (taken up from `qos` once per cycle): the
+    /// one test a queue without limits pays per request.
+    limited: bool,
     /// Dirty logging for live migration: the device's log and whether it
     /// is on, the used ring's guest-physical address (u64::MAX: unknown),
     /// and room to walk a chain again when its request completes.
@@ -321,6 +324,7 @@ impl QueuePoller {
             late_ticks: (LATE_SIGNAL_NS as f64 / clock::scale().ns_per_tick.max(1e-3)) as u64,
             qos: Some(QueueQos::new(p.qos)),
             held: VecDeque::with_capacity(size),
+            limited: false,
             dirty: p.dirty,
             used_gpa: p.used_gpa,
             log_segs: Vec::with_capacity(size),
@@ -541,10 +545,7 @@ impl QueuePoller {
                     return;
                 }
                 self.op_of[head as usize] = op_index(kind) as u8;
-                if gate == Gate::Check
-                    && self.qos.as_ref().is_some_and(QueueQos::active)
-                    && self.qos_holds(io, head, kind, len)
-                {
+                if self.limited && gate == Gate::Check && self.qos_holds(io, head, kind, len) {
                     return;
                 }
                 let r = IoRequest {
@@ -601,8 +602,9 @@ impl QueuePoller {
     }
 
     /// Whether QoS holds back the request `head` (it then waits in
-    /// `held`); out of line, so a queue without limits pays one test.
-    #[inline(never)]
+    /// `held`): inline, the fast check a few instructions; the rest out
+    /// of line.
+    #[inline(always)]
     fn qos_holds(&mut self, io: &mut IoEngine, head: u16, kind: IoKind, len: u64) -> bool {
         // in order: nothing passes what waits already
         if self.held.is_empty() && self.qos.as_mut().is_some_and(|q| q.admit_local(kind, len)) {
@@ -646,6 +648,12 @@ impl QueuePoller {
             return 0;
         };
         let now = self.qos_now(io);
+        if !self.failing && !q.may_retry(now) {
+            // refused a moment ago and nothing granted since: not before
+            // the time the buckets named
+            self.qos = Some(q);
+            return 0;
+        }
         let mut n = 0;
         while io.free_slots() > 0 {
             let Some(&h) = self.held.front() else { break };
@@ -699,6 +707,7 @@ impl IoPoller for QueuePoller {
         // limits changed by the control plane (a load or two per cycle)
         if let Some(q) = &mut self.qos {
             q.refresh();
+            self.limited = q.active();
         }
         // waiting requests first (also while quiesced: they are in flight);
         // they were counted when they were taken
