@@ -297,6 +297,8 @@ impl Work for ReactorIo {
         for p in self.pollers.iter_mut().flatten() {
             p.end_cycle(now);
         }
+        // what is recorded after the completions are out
+        self.io.end_cycle();
         work + done
     }
 

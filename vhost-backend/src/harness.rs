@@ -219,6 +219,7 @@ impl Rig {
             self.io.reap(|c, r| p.on_complete(c.tag(), r));
             let now = self.io.last_clock();
             self.poller.end_cycle(now);
+            self.io.end_cycle();
             // the guest: take completions, offer the heads again
             let used = read16(&self.mem, USED + 2);
             while self.used_seen != used {

@@ -44,8 +44,13 @@ fn op_index(kind: IoKind) -> usize {
     }
 }
 
+/// A head's stamp: which operation it is in the low bits, when it was
+/// taken (ticks, with those bits cleared: a few ns coarser) above them,
+/// or 0 there when histograms are off. One word per head, written once
+/// when the request is decoded and read once when it completes.
+const OP_BITS: u64 = 0b111;
 /// No operation recorded for a head (rejected before it became one).
-const NO_OP: u8 = u8::MAX;
+const NO_OP: u64 = OP_BITS;
 
 /// Without EVENT_IDX, a driver re-enables interrupts by clearing
 /// VRING_AVAIL_F_NO_INTERRUPT and must then fence before it looks at the
@@ -138,11 +143,13 @@ pub struct QueuePoller {
     returned_list: Vec<u16>,
     /// Warnings a guest can cause once per request, at a bounded rate.
     log: GuestLog,
-    /// Latency histograms on: per head, when it was taken (ticks) and
-    /// which operation it is.
+    /// Latency histograms on.
     timing: bool,
-    taken_at: Vec<u64>,
-    op_of: Vec<u8>,
+    /// Per head, its operation and when it was taken (see [`OP_BITS`]).
+    stamp: Vec<u64>,
+    /// The take time of the requests being decoded now, as stamped (0
+    /// with histograms off).
+    taking: u64,
     /// Ticks to histogram units.
     scale: clock::Scale,
     /// Without EVENT_IDX: when (TSC) to signal the driver anyway after a
@@ -317,8 +324,8 @@ impl QueuePoller {
             returned_list: Vec::with_capacity(size),
             log: GuestLog::default(),
             timing: p.timing,
-            taken_at: vec![0; size],
-            op_of: vec![NO_OP; size],
+            stamp: vec![NO_OP; size],
+            taking: 0,
             scale: clock::scale(),
             late_signal: 0,
             late_ticks: (LATE_SIGNAL_NS as f64 / clock::scale().ns_per_tick.max(1e-3)) as u64,
@@ -544,7 +551,11 @@ impl QueuePoller {
                     self.finish(head, req.status, blk::VIRTIO_BLK_S_IOERR, 1);
                     return;
                 }
-                self.op_of[head as usize] = op_index(kind) as u8;
+                if gate == Gate::Check {
+                    // (an admitted request keeps the stamp of its first
+                    // pass: when it was taken, not when it was admitted)
+                    self.stamp[head as usize] = self.taking | op_index(kind) as u64;
+                }
                 if self.limited && gate == Gate::Check && self.qos_holds(io, head, kind, len) {
                     return;
                 }
@@ -671,10 +682,12 @@ impl QueuePoller {
         n
     }
 
-    /// Record a run of `n` requests of one operation taken at one time.
+    /// Record a run of `n` requests with one stamp (one operation, taken
+    /// at one time).
     #[inline]
-    fn record_run(&self, (op, taken, n): (u8, u64, u64), now: u64) {
-        if let Some(hist) = self.stats.latency.get(op as usize) {
+    fn record_run(&self, (stamp, n): (u64, u64), now: u64) {
+        if let Some(hist) = self.stats.latency.get((stamp & OP_BITS) as usize) {
+            let taken = stamp & !OP_BITS;
             hist.record_n(self.scale.units(now.wrapping_sub(taken)), n);
         }
     }
@@ -722,9 +735,11 @@ impl IoPoller for QueuePoller {
             self.resubmit_next += 1;
             n += 1;
             if !self.slots[head as usize].busy {
-                if self.timing {
-                    self.taken_at[head as usize] = io.clock();
-                }
+                self.taking = if self.timing {
+                    io.clock() & !OP_BITS
+                } else {
+                    0
+                };
                 self.handle(io, me, head, Gate::Check);
             }
         }
@@ -737,7 +752,11 @@ impl IoPoller for QueuePoller {
             self.counts.requests += n as u64;
             return n + admitted;
         }
-        let taken = if self.timing { io.clock() } else { 0 };
+        self.taking = if self.timing {
+            io.clock() & !OP_BITS
+        } else {
+            0
+        };
         self.q.prefetch(&self.mem, avail, io.free_slots());
         while io.free_slots() > 0 {
             let Some(head) = self.q.pop(avail) else { break };
@@ -770,9 +789,6 @@ impl IoPoller for QueuePoller {
             if let Some(r) = &mut self.inflight_region {
                 r.begin(head);
             }
-            if self.timing {
-                self.taken_at[head as usize] = taken;
-            }
             self.handle(io, me, head, Gate::Check);
         }
         self.counts.requests += n as u64;
@@ -802,8 +818,8 @@ impl IoPoller for QueuePoller {
         };
         self.finish(head, Some(s.status), st, s.written);
         self.counts.completed += 1;
-        let op = self.op_of[head as usize];
-        if let Some(c) = self.counts.ops.get_mut(op as usize) {
+        let op = (self.stamp[head as usize] & OP_BITS) as usize;
+        if let Some(c) = self.counts.ops.get_mut(op) {
             *c += 1;
         }
     }
@@ -819,29 +835,6 @@ impl IoPoller for QueuePoller {
                 .store((self.inflight + self.held.len()) as u64, Ordering::Relaxed);
             self.published = c;
         }
-        if self.timing && !self.returned_list.is_empty() {
-            // completions are visible to the guest from now: the cycle's
-            // latest reading (taken when they were reaped)
-            let now = if now != 0 { now } else { clock::ticks() };
-            // requests taken in one cycle and completed in one have one
-            // latency: recorded once per run of them, not once each
-            let mut run: (u8, u64, u64) = (NO_OP, 0, 0);
-            for &h in &self.returned_list {
-                let op = std::mem::replace(&mut self.op_of[h as usize], NO_OP);
-                let taken = self.taken_at[h as usize];
-                if (op, taken) == (run.0, run.1) {
-                    run.2 += 1;
-                    continue;
-                }
-                self.record_run(run, now);
-                run = (op, taken, 1);
-            }
-            self.record_run(run, now);
-        } else {
-            for &h in &self.returned_list {
-                self.op_of[h as usize] = NO_OP;
-            }
-        }
         if let Some(log) = self.dirty.active() {
             self.log_used(log);
         }
@@ -856,9 +849,34 @@ impl IoPoller for QueuePoller {
         if let Some(r) = &mut self.inflight_region {
             r.published(self.q.used_idx);
         }
-        for h in self.returned_list.drain(..) {
-            self.returned[h as usize] = false;
+        // one pass over the cycle's completions: their heads may be taken
+        // again, and, with histograms on, their latencies are recorded,
+        // after the used ring is published so the recording is not in the
+        // guest's way; the time is when they became visible, the cycle's
+        // latest reading (taken when they were reaped)
+        if self.timing && !self.returned_list.is_empty() {
+            let now = if now != 0 { now } else { clock::ticks() };
+            // requests taken in one cycle and completed in one have one
+            // latency: recorded once per run of them, not once each
+            let mut run: (u64, u64) = (NO_OP, 0);
+            for &h in &self.returned_list {
+                self.returned[h as usize] = false;
+                let st = std::mem::replace(&mut self.stamp[h as usize], NO_OP);
+                if st == run.0 {
+                    run.1 += 1;
+                    continue;
+                }
+                self.record_run(run, now);
+                run = (st, 1);
+            }
+            self.record_run(run, now);
+        } else {
+            for &h in &self.returned_list {
+                self.returned[h as usize] = false;
+                self.stamp[h as usize] = NO_OP;
+            }
         }
+        self.returned_list.clear();
     }
 
     fn prepare_sleep(&mut self) -> bool {
