@@ -289,18 +289,70 @@ fn a_guest_running_fio_verify_migrates_live_on_quern_and_on_qsd() {
     let dst = qemu(d, "qdst", &d.join("qsd-dst.sock"), append, Some(&uri2));
     wait_console(&src, "QUERN-PASS=1", 240);
     let qsd = migrate(&src, &uri2, None);
-    finishes_clean(&dst, 240);
+    // The peer has a defect of its own: its source side once ended with
+    // `vu_panic: Error writing eventfd: Bad file descriptor` as the
+    // migration finished, and the requests it held never completed (the
+    // guest's fio stalled on the destination). That is reported as the
+    // peer's failure, its figures left out; Quern's leg above has been
+    // checked in full either way.
+    let peer_broke = || {
+        ["qsd-src.log", "qsd-dst.log"].iter().find_map(|f| {
+            let log = std::fs::read_to_string(d.join(f)).unwrap_or_default();
+            log.contains("vu_panic")
+                .then(|| format!("{f}: {}", log.trim()))
+        })
+    };
+    let t0 = Instant::now();
+    let mut broke = None;
+    // how many markers the guest has printed, and when the last one came:
+    // a guest whose disk stopped answering still prints fio's status
+    // line, so stalled means no new marker for 30 s
+    let mut progress = (0usize, Instant::now());
+    while !console(&dst).contains("QUERN-GUEST-END") {
+        broke = peer_broke();
+        let markers = console(&dst).matches("QUERN-").count();
+        if markers != progress.0 {
+            progress = (markers, Instant::now());
+        }
+        if broke.is_some() && progress.1.elapsed() > Duration::from_secs(30) {
+            break;
+        }
+        if t0.elapsed() >= Duration::from_secs(240) {
+            panic!("no QUERN-GUEST-END after 240 s\n{}", diagnose(&dst));
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let peer_failed = match broke {
+        Some(why) if !console(&dst).contains("QUERN-GUEST-END") => {
+            eprintln!(
+                "qemu-storage-daemon failed the migration itself (a peer defect, not Quern's); \
+                 its figures are left out: {why}"
+            );
+            true
+        }
+        _ => {
+            finishes_clean(&dst, 1);
+            false
+        }
+    };
     drop(src);
     drop(dst);
     for c in &mut daemons {
         let _ = c.kill();
         let _ = c.wait();
     }
-    eprintln!(
-        "live migration under fio verify (TCG guest, 512 MiB): Quern total {} ms, downtime {} ms; \
-         qemu-storage-daemon total {} ms, downtime {} ms",
-        quern.total_ms, quern.downtime_ms, qsd.total_ms, qsd.downtime_ms
-    );
+    if peer_failed {
+        eprintln!(
+            "live migration under fio verify (TCG guest, 512 MiB): Quern total {} ms, downtime {} ms",
+            quern.total_ms, quern.downtime_ms
+        );
+    } else {
+        eprintln!(
+            "live migration under fio verify (TCG guest, 512 MiB): Quern total {} ms, downtime {} ms; \
+             qemu-storage-daemon total {} ms, downtime {} ms",
+            quern.total_ms, quern.downtime_ms, qsd.total_ms, qsd.downtime_ms
+        );
+    }
 }
 
 /// A guest that reads its disk all the time, so Quern writes guest RAM all
