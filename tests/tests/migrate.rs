@@ -27,6 +27,18 @@ impl Drop for Qemu {
     }
 }
 
+/// A peer process killed when the test ends, a failed one too (a
+/// qemu-storage-daemon left running made the next benchmark refuse to
+/// measure).
+struct Peer(Child);
+
+impl Drop for Peer {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 /// Start a guest on vhost-user-blk `sock`: the fio initramfs with
 /// `append`; `incoming`: wait for a migration there.
 fn qemu(dir: &Path, name: &str, sock: &Path, append: &str, incoming: Option<&Path>) -> Qemu {
@@ -276,7 +288,7 @@ fn a_guest_running_fio_verify_migrates_live_on_quern_and_on_qsd() {
             .spawn()
             .expect("qemu-storage-daemon")
     };
-    let mut daemons = [qsd("qsd-src"), qsd("qsd-dst")];
+    let daemons = [Peer(qsd("qsd-src")), Peer(qsd("qsd-dst"))];
     for s in ["qsd-src.sock", "qsd-dst.sock"] {
         let t0 = Instant::now();
         while !d.join(s).exists() {
@@ -337,10 +349,7 @@ fn a_guest_running_fio_verify_migrates_live_on_quern_and_on_qsd() {
     };
     drop(src);
     drop(dst);
-    for c in &mut daemons {
-        let _ = c.kill();
-        let _ = c.wait();
-    }
+    drop(daemons);
     if peer_failed {
         eprintln!(
             "live migration under fio verify (TCG guest, 512 MiB): Quern total {} ms, downtime {} ms",
