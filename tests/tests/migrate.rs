@@ -315,34 +315,38 @@ fn a_guest_running_fio_verify_migrates_live_on_quern_and_on_qsd() {
         })
     };
     let t0 = Instant::now();
-    let mut broke = None;
     // how many markers the guest has printed, and when the last one came:
     // a guest whose disk stopped answering still prints fio's status
     // line, so stalled means no new marker for 30 s
     let mut progress = (0usize, Instant::now());
-    while !console(&dst).contains("QUERN-GUEST-END") {
-        broke = peer_broke();
-        let markers = console(&dst).matches("QUERN-").count();
+    let peer_failure = loop {
+        let out = console(&dst);
+        if out.contains("QUERN-GUEST-END") {
+            break None;
+        }
+        let markers = out.matches("QUERN-").count();
         if markers != progress.0 {
             progress = (markers, Instant::now());
         }
-        if broke.is_some() && progress.1.elapsed() > Duration::from_secs(30) {
-            break;
+        if progress.1.elapsed() > Duration::from_secs(30) {
+            if let Some(why) = peer_broke() {
+                break Some(why);
+            }
         }
         if t0.elapsed() >= Duration::from_secs(240) {
             panic!("no QUERN-GUEST-END after 240 s\n{}", diagnose(&dst));
         }
         std::thread::sleep(Duration::from_millis(200));
-    }
-    let peer_failed = match broke {
-        Some(why) if !console(&dst).contains("QUERN-GUEST-END") => {
+    };
+    let peer_failed = match peer_failure {
+        Some(why) => {
             eprintln!(
                 "qemu-storage-daemon failed the migration itself (a peer defect, not Quern's); \
                  its figures are left out: {why}"
             );
             true
         }
-        _ => {
+        None => {
             finishes_clean(&dst, 1);
             false
         }

@@ -551,13 +551,13 @@ impl QueuePoller {
                     self.finish(head, req.status, blk::VIRTIO_BLK_S_IOERR, 1);
                     return;
                 }
+                // (an admitted request keeps the stamp of its first pass:
+                // when it was taken, not when it was admitted)
                 if gate == Gate::Check {
-                    // (an admitted request keeps the stamp of its first
-                    // pass: when it was taken, not when it was admitted)
                     self.stamp[head as usize] = self.taking | op_index(kind) as u64;
-                }
-                if self.limited && gate == Gate::Check && self.qos_holds(io, head, kind, len) {
-                    return;
+                    if self.limited && self.qos_holds(io, head, kind, len) {
+                        return;
+                    }
                 }
                 let r = IoRequest {
                     dev: self.dev,
@@ -682,6 +682,17 @@ impl QueuePoller {
         n
     }
 
+    /// The take time of requests taken now, as stamped (0 with histograms
+    /// off: no clock read).
+    #[inline]
+    fn take_time(&self, io: &mut IoEngine) -> u64 {
+        if self.timing {
+            io.clock() & !OP_BITS
+        } else {
+            0
+        }
+    }
+
     /// Record a run of `n` requests with one stamp (one operation, taken
     /// at one time).
     #[inline]
@@ -735,11 +746,7 @@ impl IoPoller for QueuePoller {
             self.resubmit_next += 1;
             n += 1;
             if !self.slots[head as usize].busy {
-                self.taking = if self.timing {
-                    io.clock() & !OP_BITS
-                } else {
-                    0
-                };
+                self.taking = self.take_time(io);
                 self.handle(io, me, head, Gate::Check);
             }
         }
@@ -752,11 +759,7 @@ impl IoPoller for QueuePoller {
             self.counts.requests += n as u64;
             return n + admitted;
         }
-        self.taking = if self.timing {
-            io.clock() & !OP_BITS
-        } else {
-            0
-        };
+        self.taking = self.take_time(io);
         self.q.prefetch(&self.mem, avail, io.free_slots());
         while io.free_slots() > 0 {
             let Some(head) = self.q.pop(avail) else { break };
