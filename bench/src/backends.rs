@@ -74,7 +74,13 @@ pub enum Backend {
         vhost: PathBuf,
         rpc: PathBuf,
     },
-    Fio,
+    /// fio on the backend's core. `spin`: with a thread spinning on the
+    /// client's core for the run, as a polling client keeps it busy (on a
+    /// VM, a busy vCPU can slow the virtual disk itself: `fio-spin` is what
+    /// the disk gives fio under the load the vhost backends run under).
+    Fio {
+        spin: bool,
+    },
 }
 
 impl Backend {
@@ -99,7 +105,8 @@ impl Backend {
             ),
             Backend::Qsd { version, .. } => format!("qsd-{version}"),
             Backend::Spdk { .. } => "spdk".into(),
-            Backend::Fio => "fio".into(),
+            Backend::Fio { spin: false } => "fio".into(),
+            Backend::Fio { spin: true } => "fio-spin".into(),
         }
     }
 
@@ -134,8 +141,8 @@ pub struct Measured {
 /// null device).
 pub fn measure(b: &Backend, job: &Job, s: &Setup) -> Result<Option<Measured>, String> {
     match b {
-        Backend::Fio if s.null => Ok(None),
-        Backend::Fio => run_fio(job, s).map(Some),
+        Backend::Fio { .. } if s.null => Ok(None),
+        Backend::Fio { spin } => run_fio(job, s, *spin).map(Some),
         Backend::Quern(f) => run_quern(&s.quern, job, s, *f).map(Some),
         Backend::QuernBase(bin) => run_quern(bin, job, s, Flavor::Default).map(Some),
         Backend::Qsd { bin, .. } => run_qsd(bin, job, s).map(Some),
@@ -469,7 +476,41 @@ fn fio_args(job: &Job, s: &Setup) -> Vec<String> {
     a
 }
 
-fn run_fio(job: &Job, s: &Setup) -> Result<Measured, String> {
+/// A thread spinning on one core until dropped.
+struct Spinner {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Spinner {
+    fn start(cpu: usize) -> Spinner {
+        use std::sync::atomic::{AtomicBool, Ordering};
+        let stop = std::sync::Arc::new(AtomicBool::new(false));
+        let flag = stop.clone();
+        let thread = std::thread::spawn(move || {
+            let _ = crate::pin_to_cpu(cpu);
+            while !flag.load(Ordering::Relaxed) {
+                std::hint::spin_loop();
+            }
+        });
+        Spinner {
+            stop,
+            thread: Some(thread),
+        }
+    }
+}
+
+impl Drop for Spinner {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+fn run_fio(job: &Job, s: &Setup, spin: bool) -> Result<Measured, String> {
+    let _spinner = spin.then(|| Spinner::start(s.client_cpu));
     let mut child = Command::new("fio")
         .args(fio_args(job, s))
         .stdout(Stdio::piped())

@@ -189,15 +189,17 @@ fn vhost_bench_compares_quern_with_fio_on_a_file() {
             "--size",
             "16M",
             "--backends",
-            "quern,fio",
+            "quern,fio,fio-spin",
         ],
     );
     assert!(o.status.success(), "{}", show(&o));
     let s = summary(dir.path(), "randread-4k-qd32-file-summary.json");
-    let r = s["ratios"]["quern-busy-mergeon/fio"]["IOPS"]["median"]
-        .as_f64()
-        .expect("quern/fio ratio");
-    assert!(r > 0.0, "{}", show(&o));
+    for peer in ["fio", "fio-spin"] {
+        let r = s["ratios"][format!("quern-busy-mergeon/{peer}")]["IOPS"]["median"]
+            .as_f64()
+            .unwrap_or_else(|| panic!("no quern/{peer} ratio: {}", show(&o)));
+        assert!(r > 0.0, "{}", show(&o));
+    }
 }
 
 #[test]

@@ -85,7 +85,9 @@ struct CompareArgs {
     /// quern-bare (no histograms, no QoS) and quern-metered (histograms and a QoS limit that
     /// never binds) measure what those features cost; quern-noevidx is
     /// Quern not offering EVENT_IDX (`event_idx = false`); quern-base runs the
-    /// `--quern-base` build, to measure a change against the build before it.
+    /// `--quern-base` build, to measure a change against the build before it;
+    /// fio-spin is fio with a thread spinning on the client's core, the load
+    /// a polling client puts on it (a busy vCPU can slow a VM's own disk).
     #[arg(long, default_value = "quern,qsd,spdk,fio", value_delimiter = ',')]
     backends: Vec<String>,
     #[arg(long, default_value = "target/release/quern")]
@@ -264,16 +266,18 @@ fn run_compare(a: CompareArgs) -> Result<(), String> {
                     "skipping spdk: give --spdk-vhost and --spdk-rpc (or SPDK_VHOST and SPDK_RPC)"
                 ),
             },
-            "fio" => {
+            "fio" | "fio-spin" => {
                 if which("fio") {
-                    backends.push(Backend::Fio)
+                    backends.push(Backend::Fio {
+                        spin: name == "fio-spin",
+                    })
                 } else {
                     eprintln!("skipping fio: not in PATH (apt-get install fio)")
                 }
             }
             other => {
                 return Err(format!(
-                    "unknown backend `{other}` (quern, quern-bare, quern-metered, quern-noevidx, quern-base, qsd, spdk or fio)"
+                    "unknown backend `{other}` (quern, quern-bare, quern-metered, quern-noevidx, quern-base, qsd, spdk, fio or fio-spin)"
                 ))
             }
         }
