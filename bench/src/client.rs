@@ -57,7 +57,7 @@ pub struct TimelineSpec {
 }
 
 /// This thread's CPU time, user and system, in ns.
-fn thread_cpu_ns() -> u64 {
+pub(crate) fn thread_cpu_ns() -> u64 {
     let mut t = libc::timespec {
         tv_sec: 0,
         tv_nsec: 0,

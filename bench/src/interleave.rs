@@ -18,15 +18,21 @@
 //! rounds, each with both backends started afresh (which starts first
 //! alternates), and the figure is the median over rounds of each round's
 //! ratio.
+//!
+//! The client polls, or (`--client-wait`) sleeps in `do_io` until a
+//! completion comes, as a guest does. Either way its CPU time per I/O in
+//! each window is kept too: with a sleeping client the client is not the
+//! bottleneck, so IOPS alone does not show what a backend makes it pay.
 
 use std::mem::MaybeUninit;
 use std::path::PathBuf;
+use std::time::Duration;
 
 use blkio::{Blkio, Completion, ReqFlags};
 use hdrhistogram::Histogram;
 
 use crate::backends::{quern_toml, start_spdk, taskset, Backend, Flavor, Proc, Setup};
-use crate::client::{blkio_err, connect, new_histogram};
+use crate::client::{blkio_err, connect, new_histogram, thread_cpu_ns};
 use crate::clock::{ns_per_tick, ticks};
 use crate::job::Job;
 use crate::report::median;
@@ -49,6 +55,8 @@ struct Tally {
     label: String,
     /// IOPS in each measured window.
     iops: Vec<f64>,
+    /// The client's CPU ns per I/O in each measured window.
+    cpu_ns: Vec<f64>,
     /// Latency of every counted request, ticks.
     hist: Histogram<u64>,
 }
@@ -120,7 +128,8 @@ fn start(job: &Job, s: &Setup, b: &Backend, i: usize) -> Result<Side, String> {
     })
 }
 
-/// One window on `side`: the job's queue depth kept full for `win` ticks.
+/// One window on `side`: the job's queue depth kept full for `win` ticks;
+/// `wait`: sleep in `do_io` for completions instead of polling.
 #[allow(clippy::too_many_arguments)]
 fn window(
     side: &mut Side,
@@ -131,6 +140,7 @@ fn window(
     win: u64,
     warm: u64,
     scale: f64,
+    wait: bool,
 ) -> Result<(), String> {
     let read = job.is_read();
     let mut comps: Vec<MaybeUninit<Completion>> =
@@ -154,11 +164,21 @@ fn window(
     }
     let (mut inflight, mut n) = (job.iodepth, 0u64);
     let mut failed = None;
+    // the client's CPU time over the counted part of the window
+    let (mut cpu_from, mut cpu_to) = (None, None);
     while inflight > 0 {
-        let k = side
-            .q
-            .do_io(&mut comps, 0, None, None)
-            .map_err(|e| format!("{}: do_io: {e}", side.label))?;
+        let k = if wait {
+            let mut limit = Duration::from_millis(100);
+            match side.q.do_io(&mut comps, 1, Some(&mut limit), None) {
+                Ok(k) => k,
+                Err(e) if e.errno() == blkio::Errno::TIME => 0,
+                Err(e) => return Err(format!("{}: do_io: {e}", side.label)),
+            }
+        } else {
+            side.q
+                .do_io(&mut comps, 0, None, None)
+                .map_err(|e| format!("{}: do_io: {e}", side.label))?
+        };
         if k == 0 {
             if ticks() > t_end + give_up {
                 side.signal(libc::SIGSTOP);
@@ -170,6 +190,12 @@ fn window(
             continue;
         }
         let now = ticks();
+        if now >= t_count && cpu_from.is_none() {
+            cpu_from = Some((thread_cpu_ns(), n));
+        }
+        if now >= t_end && cpu_to.is_none() {
+            cpu_to = Some((thread_cpu_ns(), n));
+        }
         for c in &comps[..k] {
             // SAFETY: do_io initialised the first k entries.
             let c = unsafe { c.assume_init_read() };
@@ -204,6 +230,11 @@ fn window(
     tally
         .iops
         .push(n as f64 / ((t_end - t_count) as f64 * scale / 1e9));
+    if let (Some((c0, n0)), Some((c1, n1))) = (cpu_from, cpu_to) {
+        if n1 > n0 {
+            tally.cpu_ns.push((c1 - c0) as f64 / (n1 - n0) as f64);
+        }
+    }
     Ok(())
 }
 
@@ -228,9 +259,6 @@ pub fn run(
     if job.numjobs != 1 {
         return Err("--interleave-ms drives one queue (numjobs = 1)".into());
     }
-    if s.client_wait {
-        return Err("--interleave-ms drives a polling client".into());
-    }
     if !s.null && !s.file.exists() {
         return Err(format!(
             "{} does not exist: a compare without --interleave-ms creates and fills it",
@@ -248,9 +276,11 @@ pub fn run(
     let mut tallies = [a, b].map(|x| Tally {
         label: x.label(s),
         iops: Vec::new(),
+        cpu_ns: Vec::new(),
         hist: new_histogram(),
     });
     let mut ratios = Vec::new();
+    let mut cpu_ratios = Vec::new();
     let mut rng = Rng::new(7);
     for round in 0..rounds.max(1) {
         // fresh processes, started in turn first
@@ -278,6 +308,7 @@ pub fn run(
             return Err(format!("the device's {capacity} bytes hold no block"));
         }
         let from = tallies[0].iops.len();
+        let cpu_from = [tallies[0].cpu_ns.len(), tallies[1].cpu_ns.len()];
         for p in 0..pairs.max(1) {
             let order = if p % 2 == 0 { [0, 1] } else { [1, 0] };
             for i in order {
@@ -290,20 +321,33 @@ pub fn run(
                     win,
                     warm,
                     scale,
+                    s.client_wait,
                 )?;
             }
         }
         let sum = |t: &Tally| t.iops[from..].iter().sum::<f64>();
         let r = sum(&tallies[0]) / sum(&tallies[1]);
+        let cpu = |i: usize| {
+            let w = &tallies[i].cpu_ns[cpu_from[i]..];
+            w.iter().sum::<f64>() / w.len().max(1) as f64
+        };
+        let rc = cpu(0) / cpu(1);
         eprintln!(
-            "round {round}: {}/{} {r:.3}",
+            "round {round}: {}/{} IOPS {r:.3}, client CPU per I/O {rc:.3}",
             tallies[0].label, tallies[1].label
         );
         ratios.push(r);
+        if rc.is_finite() {
+            cpu_ratios.push(rc);
+        }
     }
-    let mut sorted = ratios.clone();
-    sorted.sort_by(f64::total_cmp);
-    let q = |f: f64| sorted[((sorted.len() - 1) as f64 * f).round() as usize];
+    let quartiles = |v: &[f64]| {
+        let mut sorted = v.to_vec();
+        sorted.sort_by(f64::total_cmp);
+        let q = |f: f64| sorted[((sorted.len() - 1) as f64 * f).round() as usize];
+        [q(0.25), q(0.75), q(0.0), q(1.0)]
+    };
+    let [q25, q75, q0, q100] = quartiles(&ratios);
     let windows: Vec<f64> = tallies[0]
         .iops
         .iter()
@@ -319,16 +363,19 @@ pub fn run(
         ratios.len(),
         pairs.max(1)
     );
-    println!("| backend | windows | IOPS (median of windows) | p50 µs | p99 µs |");
-    println!("|---|---:|---:|---:|---:|");
+    println!(
+        "| backend | windows | IOPS (median of windows) | p50 µs | p99 µs | client CPU ns/IO (median of windows) |"
+    );
+    println!("|---|---:|---:|---:|---:|---:|");
     for t in &tallies {
         println!(
-            "| {} | {} | {:.0} | {:.2} | {:.2} |",
+            "| {} | {} | {:.0} | {:.2} | {:.2} | {:.0} |",
             t.label,
             t.iops.len(),
             median(&t.iops),
             us(&t.hist, 0.5),
-            us(&t.hist, 0.99)
+            us(&t.hist, 0.99),
+            median(&t.cpu_ns)
         );
     }
     println!(
@@ -338,14 +385,29 @@ pub fn run(
         tallies[1].label,
         ratios.len(),
         median(&ratios),
-        q(0.25),
-        q(0.75),
-        q(0.0),
-        q(1.0),
+        q25,
+        q75,
+        q0,
+        q100,
         windows.len(),
         median(&windows),
         us(&tallies[0].hist, 0.5) - us(&tallies[1].hist, 0.5),
         us(&tallies[0].hist, 0.99) - us(&tallies[1].hist, 0.99),
     );
+    if !cpu_ratios.is_empty() {
+        let [c25, c75, c0, c100] = quartiles(&cpu_ratios);
+        println!(
+            "{}/{}: the {} client's CPU per I/O, median of {} rounds {:.3} (quartiles {:.3}-{:.3}; range {:.3}-{:.3})",
+            tallies[0].label,
+            tallies[1].label,
+            if s.client_wait { "sleeping" } else { "polling" },
+            cpu_ratios.len(),
+            median(&cpu_ratios),
+            c25,
+            c75,
+            c0,
+            c100,
+        );
+    }
     Ok(())
 }

@@ -358,9 +358,10 @@ fn vhost_bench_compares_quern_metered_with_bare() {
     );
 }
 
-/// Two flavors interleaved in short windows (`--interleave-ms`): both
-/// rounds run, each backend is measured in its windows, and the ratio is
-/// printed; a third backend is refused with a message.
+/// Two flavors interleaved in short windows (`--interleave-ms`), with a
+/// polling and with a sleeping client: both rounds run, each backend is
+/// measured in its windows, the IOPS and client CPU ratios are printed; a
+/// third backend is refused with a message.
 #[test]
 fn vhost_bench_interleaves_two_quern_flavors_in_short_windows() {
     let dir = disk_tempdir();
@@ -387,6 +388,32 @@ fn vhost_bench_interleaves_two_quern_flavors_in_short_windows() {
         out.contains(
             "quern-busy-mergeon-metered/quern-busy-mergeon-bare: IOPS, median of 2 rounds"
         ),
+        "{}",
+        show(&o)
+    );
+    // the polling client's CPU per I/O is compared as well
+    assert!(
+        out.contains("the polling client's CPU per I/O, median of 2 rounds"),
+        "{}",
+        show(&o)
+    );
+    // a sleeping client, interleaved the same way
+    let o = compare(
+        dir.path(),
+        &[
+            "--null",
+            "--client-wait",
+            "--backends",
+            "quern,quern-noevidx",
+            "--interleave-ms",
+            "10",
+        ],
+    );
+    assert!(o.status.success(), "{}", show(&o));
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(
+        out.contains("| quern-busy-mergeon-noevidx | 2 |")
+            && out.contains("the sleeping client's CPU per I/O, median of 2 rounds"),
         "{}",
         show(&o)
     );

@@ -137,7 +137,7 @@ struct CompareArgs {
     /// Two Quern builds or flavors, both running, measured in alternating
     /// windows of this many milliseconds (the other stopped), `--pairs`
     /// pairs of them: adjacent windows share this machine's speed phase.
-    /// Null or file, one queue, a polling client.
+    /// Null or file, one queue, a polling client or (`--client-wait`) a sleeping one.
     #[arg(long)]
     interleave_ms: Option<u64>,
     /// With --interleave-ms: rounds, each with both backends started
