@@ -30,7 +30,7 @@ use crate::config::{
     resolve_under, BdevScope, BdevSection, Config, ConfigError, DeviceScope, Driver, KnownBdev,
     QosGroupSection, VhostBlkSection,
 };
-use crate::state::{Persisted, StateStore, STATE_VERSION};
+use crate::state::{Persisted, StateLock, StateStore, STATE_VERSION};
 
 /// Why a management call failed: a JSON-RPC error code and a message.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -137,6 +137,8 @@ pub struct Engine {
     pub io_stats: Vec<Arc<IoStats>>,
     objects: Mutex<Objects>,
     store: StateStore,
+    /// This engine's hold on its state directory.
+    _state_lock: StateLock,
     /// When the engine started (metrics' creation time).
     pub started: std::time::SystemTime,
     /// The VMs Quern knows.
@@ -214,6 +216,11 @@ impl Engine {
             path: cfg.state_dir.clone(),
             source,
         })?;
+        let state_lock =
+            StateLock::acquire(&cfg.state_dir).map_err(|source| StartError::StateDir {
+                path: cfg.state_dir.clone(),
+                source,
+            })?;
         let store = StateStore::new(&cfg.state_dir);
         if opts.reset_state {
             store.remove().map_err(|source| StartError::StateDir {
@@ -260,6 +267,7 @@ impl Engine {
             io_stats: reactors.into_iter().map(|(_, s)| s).collect(),
             objects: Mutex::new(Objects::default()),
             store,
+            _state_lock: state_lock,
             started: std::time::SystemTime::now(),
             vms: vm_manager,
             link,

@@ -404,12 +404,9 @@ impl MetricsServer {
                 if let Some(d) = p.parent() {
                     std::fs::create_dir_all(d)?;
                 }
-                // a socket left by an earlier run
-                if std::fs::symlink_metadata(p)
-                    .is_ok_and(|m| std::os::unix::fs::FileTypeExt::is_socket(&m.file_type()))
-                {
-                    std::fs::remove_file(p)?;
-                }
+                // a socket left by an earlier run is replaced; one another
+                // process serves, or a file that is not a socket, refused
+                quern_reactor::sys::claim_socket_path(p)?;
                 tiny_http::Server::http_unix(p)
             }
         }

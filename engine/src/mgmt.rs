@@ -19,6 +19,7 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use quern_reactor::sys::{claim_socket_path, wake_listener, SocketId};
 use serde_json::Value;
 
 use crate::engine::{codes, ApiError, Engine};
@@ -36,14 +37,20 @@ pub const IDLE_TIMEOUT: Duration = Duration::from_secs(300);
 /// The running management socket.
 pub struct Management {
     socket: PathBuf,
+    /// The socket file bound (removed at the end only if still there).
+    socket_id: Option<SocketId>,
+    /// A second handle on the listening socket, to wake the accept.
+    listener: UnixListener,
     shutdown: Arc<AtomicBool>,
     thread: Mutex<Option<std::thread::JoinHandle<()>>>,
 }
 
 impl Management {
-    /// Listen on `socket` (a stale socket file is replaced), owner-only or
-    /// for group `gid`. The socket appears under its name only once its
-    /// mode is set (bound under a temporary name, then renamed).
+    /// Listen on `socket` (a stale socket file is replaced; one another
+    /// process serves, or a file that is not a socket, is refused),
+    /// owner-only or for group `gid`. The socket appears under its name
+    /// only once its mode is set (bound under a temporary name, then
+    /// renamed).
     pub fn serve(
         socket: &Path,
         gid: Option<u32>,
@@ -52,11 +59,14 @@ impl Management {
         if let Some(d) = socket.parent() {
             std::fs::create_dir_all(d)?;
         }
+        claim_socket_path(socket)?;
         let tmp = socket.with_extension(format!("tmp{}", std::process::id()));
         let _ = std::fs::remove_file(&tmp);
         let listener = UnixListener::bind(&tmp)?;
         crate::sys::restrict_socket(&tmp, gid)?;
         std::fs::rename(&tmp, socket)?;
+        let socket_id = SocketId::of(socket);
+        let wake = listener.try_clone()?;
         let shutdown = Arc::new(AtomicBool::new(false));
         let thread = {
             let shutdown = shutdown.clone();
@@ -67,6 +77,8 @@ impl Management {
         tracing::info!(socket = %socket.display(), mode = if gid.is_some() { "0660" } else { "0600" }, "management socket listening");
         Ok(Management {
             socket: socket.to_path_buf(),
+            socket_id,
+            listener: wake,
             shutdown,
             thread: Mutex::new(Some(thread)),
         })
@@ -74,11 +86,14 @@ impl Management {
 
     pub fn stop(&self) {
         self.shutdown.store(true, Ordering::Release);
-        let _ = UnixStream::connect(&self.socket); // wake accept()
+        // wake accept(), whatever the path names now
+        wake_listener(&self.listener);
         if let Some(t) = self.thread.lock().unwrap_or_else(|e| e.into_inner()).take() {
             let _ = t.join();
         }
-        let _ = std::fs::remove_file(&self.socket);
+        if let Some(id) = self.socket_id {
+            id.remove_if_ours(&self.socket);
+        }
     }
 }
 

@@ -40,6 +40,50 @@ pub struct Persisted {
     pub vms: Vec<quern_vm::VmRecord>,
 }
 
+/// One process's hold on a state directory: `<state_dir>/lock`, locked
+/// with `flock` for as long as this lives (the kernel lets go when the
+/// process dies, SIGKILL included). Two engines on one state directory
+/// would overwrite each other's `state.toml` and take each other's
+/// sockets, so the second one is refused.
+#[derive(Debug)]
+pub struct StateLock {
+    _file: std::fs::File,
+}
+
+impl StateLock {
+    pub fn acquire(dir: &Path) -> std::io::Result<StateLock> {
+        use std::io::{Read, Seek};
+        let path = dir.join("lock");
+        let mut f = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(&path)?;
+        if !crate::sys::try_lock_exclusive(&f)? {
+            let mut pid = String::new();
+            let _ = f.read_to_string(&mut pid);
+            let pid = pid.trim();
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::WouldBlock,
+                format!(
+                    "in use by another quern{}; stop it first, or give this one its own state_dir",
+                    if pid.is_empty() {
+                        String::new()
+                    } else {
+                        format!(" (pid {pid})")
+                    }
+                ),
+            ));
+        }
+        // who holds it, for the message above (not needed for the lock)
+        f.set_len(0)?;
+        f.rewind()?;
+        writeln!(f, "{}", std::process::id())?;
+        Ok(StateLock { _file: f })
+    }
+}
+
 /// `state.toml` in one state directory.
 #[derive(Debug, Clone)]
 pub struct StateStore {

@@ -1,6 +1,7 @@
 //! Every kernel interface the engine program uses, in one place: the stop
-//! signals, file durability (fsync of files and folders), socket
-//! ownership and permissions, and the credentials of a socket's peer.
+//! signals, file durability (fsync of files and folders), the state
+//! directory's lock, socket ownership and permissions, and the credentials
+//! of a socket's peer.
 
 use std::ffi::CString;
 use std::io;
@@ -33,6 +34,22 @@ pub fn wait_for_stop_signal(set: &libc::sigset_t) -> i32 {
 /// fsync a folder (after a rename into it, so the new name is durable).
 pub fn sync_dir(dir: &Path) -> io::Result<()> {
     std::fs::File::open(dir)?.sync_all()
+}
+
+/// Take an exclusive advisory lock on `f` without waiting: false if
+/// another open file description holds it. Released when `f` closes
+/// (including when the process dies).
+pub fn try_lock_exclusive(f: &std::fs::File) -> io::Result<bool> {
+    // SAFETY: flock on a file we own.
+    if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } == 0 {
+        return Ok(true);
+    }
+    let e = io::Error::last_os_error();
+    if e.raw_os_error() == Some(libc::EWOULDBLOCK) {
+        Ok(false)
+    } else {
+        Err(e)
+    }
 }
 
 /// The gid of group `name`, if it exists.

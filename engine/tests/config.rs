@@ -471,3 +471,103 @@ fn start_up_failure_starts_nothing() {
     let log = String::from_utf8_lossy(&out.stderr);
     assert!(log.contains("bdev `u`"), "{log}");
 }
+
+/// A second quern with the same configuration is refused (its state
+/// directory is held) and takes nothing from the first; a device socket
+/// another process serves, or a path that is not a socket, is refused;
+/// and a quern whose socket paths someone else took since still stops at
+/// once on SIGTERM, leaving their sockets alone. (Stopping used to wake
+/// its accept loops by connecting to the socket paths: with the paths
+/// taken, SIGTERM never returned, and the stop removed the other
+/// process's socket files.)
+#[test]
+fn a_second_quern_on_the_same_state_is_refused_and_stop_never_depends_on_socket_paths() {
+    let dir = tempfile::Builder::new()
+        .prefix("quern-second")
+        .tempdir_in("/var/tmp")
+        .unwrap();
+    let d = dir.path();
+    let config = |state: &str, socket: &str| {
+        format!(
+            "state_dir = \"{}/{state}\"\n[reactor]\ncores = [0]\n[[bdev]]\nname = \"m0\"\ndriver = \"malloc\"\nsize = \"16M\"\n[[vhost_blk]]\nname = \"d0\"\nbdev = \"m0\"\nsocket = \"{socket}\"\n",
+            d.display()
+        )
+    };
+    let dev = d.join("d0.sock");
+    let first_cfg = d.join("first.toml");
+    std::fs::write(&first_cfg, config("state", dev.to_str().unwrap())).unwrap();
+    let first = quern()
+        .args(["--config", first_cfg.to_str().unwrap()])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let _guard = KillOnDrop(first.id() as i32);
+    let mgmt = d.join("state/quern.sock");
+    let t = Instant::now();
+    while !(dev.exists() && mgmt.exists()) && t.elapsed() < Duration::from_secs(20) {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(dev.exists() && mgmt.exists(), "the first quern serves");
+
+    let second = |cfg: &str| {
+        let p = d.join("second.toml");
+        std::fs::write(&p, cfg).unwrap();
+        let out = quern()
+            .args(["--config", p.to_str().unwrap()])
+            .output()
+            .unwrap();
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stderr).to_string(),
+        )
+    };
+    // the same configuration: the state directory is held
+    let (code, log) = second(&config("state", dev.to_str().unwrap()));
+    assert_eq!(code, Some(1), "{log}");
+    assert!(
+        log.contains("in use by another quern") && log.contains(&format!("pid {}", first.id())),
+        "{log}"
+    );
+    // its own state directory, the first's device socket
+    let (code, log) = second(&config("state2", dev.to_str().unwrap()));
+    assert_eq!(code, Some(1), "{log}");
+    assert!(log.contains("served by another process"), "{log}");
+    // a device socket path that names a file: refused, the file kept
+    let image = d.join("image.raw");
+    std::fs::write(&image, b"not a socket").unwrap();
+    let (code, log) = second(&config("state3", image.to_str().unwrap()));
+    assert_eq!(code, Some(1), "{log}");
+    assert!(log.contains("is not a socket"), "{log}");
+    assert_eq!(std::fs::read(&image).unwrap(), b"not a socket");
+
+    // the first still serves its disk
+    {
+        let mut b = blkio::Blkio::new("virtio-blk-vhost-user").unwrap();
+        b.set_str("path", dev.to_str().unwrap()).unwrap();
+        b.connect().unwrap();
+        b.start().unwrap();
+        assert_eq!(b.get_u64("capacity").unwrap(), 16 << 20);
+    }
+
+    // someone else takes both of the first's socket paths
+    std::fs::remove_file(&dev).unwrap();
+    std::fs::remove_file(&mgmt).unwrap();
+    let other_dev = std::os::unix::net::UnixListener::bind(&dev).unwrap();
+    let other_mgmt = std::os::unix::net::UnixListener::bind(&mgmt).unwrap();
+    // SAFETY: signalling our own child.
+    unsafe { libc::kill(first.id() as i32, libc::SIGTERM) };
+    let t = Instant::now();
+    let out = first.wait_with_output().unwrap();
+    assert!(
+        t.elapsed() < Duration::from_secs(10),
+        "SIGTERM took {:?}",
+        t.elapsed()
+    );
+    let log = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{log}");
+    assert!(log.contains("quern stopped"), "{log}");
+    // their sockets are still there
+    assert!(dev.exists() && mgmt.exists(), "{log}");
+    drop((other_dev, other_mgmt));
+}

@@ -1,5 +1,7 @@
 //! Every kernel interface the reactor uses, in one place: eventfds, epoll
-//! and CPU pinning. Nothing above this module builds a raw syscall.
+//! and CPU pinning; and the listening UNIX sockets every server in Quern
+//! binds (devices, the management API, the metrics endpoint). Nothing
+//! above this module builds a raw syscall.
 
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
@@ -104,5 +106,149 @@ pub fn available_cores() -> Vec<usize> {
 impl std::os::fd::AsRawFd for Epoll {
     fn as_raw_fd(&self) -> RawFd {
         self.0.as_raw_fd()
+    }
+}
+
+/// A UNIX socket path this process bound, told apart from whatever may
+/// later take the same path (another process's socket, a new file).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SocketId {
+    dev: u64,
+    ino: u64,
+    /// (an inode number can be reused once the path is unlinked)
+    ctime: (i64, i64),
+}
+
+impl SocketId {
+    /// The identity of what is at `path` now, if anything.
+    pub fn of(path: &std::path::Path) -> Option<SocketId> {
+        use std::os::unix::fs::MetadataExt;
+        std::fs::symlink_metadata(path).ok().map(|m| SocketId {
+            dev: m.dev(),
+            ino: m.ino(),
+            ctime: (m.ctime(), m.ctime_nsec()),
+        })
+    }
+
+    /// Remove `path` if it is still the socket this id names: never
+    /// another process's socket that took the path since.
+    pub fn remove_if_ours(self, path: &std::path::Path) {
+        if SocketId::of(path) == Some(self) {
+            let _ = std::fs::remove_file(path);
+        }
+    }
+}
+
+/// Make `path` free for a new listening socket. Nothing there: fine. A
+/// socket nobody listens on (left by a process that died): removed. A
+/// socket another process serves (a second Quern with the same
+/// configuration): refused, as is anything that is not a socket, which
+/// is never removed (a path mistyped onto a disk image must not delete
+/// it).
+pub fn claim_socket_path(path: &std::path::Path) -> io::Result<()> {
+    use std::os::unix::fs::FileTypeExt;
+    let meta = match std::fs::symlink_metadata(path) {
+        Ok(m) => m,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(e),
+    };
+    if !meta.file_type().is_socket() {
+        return Err(io::Error::new(
+            io::ErrorKind::AlreadyExists,
+            format!(
+                "{} exists and is not a socket; not replacing it",
+                path.display()
+            ),
+        ));
+    }
+    match std::os::unix::net::UnixStream::connect(path) {
+        Ok(_) => Err(io::Error::new(
+            io::ErrorKind::AddrInUse,
+            format!(
+                "{} is served by another process (another quern with the same configuration?)",
+                path.display()
+            ),
+        )),
+        Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => {
+            match std::fs::remove_file(path) {
+                Err(e) if e.kind() != io::ErrorKind::NotFound => Err(e),
+                _ => Ok(()),
+            }
+        }
+        Err(e) => Err(io::Error::new(
+            e.kind(),
+            format!("{}: cannot tell whether it is in use: {e}", path.display()),
+        )),
+    }
+}
+
+/// Wake every `accept` blocked on `listener` (a second handle on the
+/// socket, from `try_clone`): they fail with EINVAL. It does not depend on
+/// the socket's path, which may be gone or belong to someone else by now.
+pub fn wake_listener(listener: &std::os::unix::net::UnixListener) {
+    // SAFETY: shutdown on a socket fd we own; the result is not needed
+    // (a socket already shut down stays so).
+    unsafe { libc::shutdown(listener.as_raw_fd(), libc::SHUT_RDWR) };
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::net::{UnixListener, UnixStream};
+
+    #[test]
+    fn a_socket_path_is_claimed_only_from_nothing_or_a_dead_socket() {
+        let dir = std::env::temp_dir().join(format!("quern-sys-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let p = dir.join("s.sock");
+        // nothing there
+        claim_socket_path(&p).unwrap();
+        // a live socket: refused, and left alone
+        let live = UnixListener::bind(&p).unwrap();
+        let e = claim_socket_path(&p).unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::AddrInUse);
+        assert!(e.to_string().contains("served by another process"), "{e}");
+        assert!(p.exists());
+        // the same socket once its listener is gone: stale, removed
+        drop(live);
+        claim_socket_path(&p).unwrap();
+        assert!(!p.exists());
+        // not a socket: refused, never removed
+        std::fs::write(&p, b"a disk image").unwrap();
+        let e = claim_socket_path(&p).unwrap_err();
+        assert!(e.to_string().contains("is not a socket"), "{e}");
+        assert_eq!(std::fs::read(&p).unwrap(), b"a disk image");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn a_listener_wakes_and_leaves_a_path_someone_else_took() {
+        let dir = std::env::temp_dir().join(format!("quern-sys-wake-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let p = dir.join("s.sock");
+        let ours = UnixListener::bind(&p).unwrap();
+        let id = SocketId::of(&p).unwrap();
+        let handle = ours.try_clone().unwrap();
+        let t = std::thread::spawn(move || ours.accept().map(|_| ()));
+        std::thread::sleep(std::time::Duration::from_millis(50));
+        // someone else takes the path: a connection to it no longer
+        // reaches our accept
+        std::fs::remove_file(&p).unwrap();
+        let theirs = UnixListener::bind(&p).unwrap();
+        let _ = UnixStream::connect(&p);
+        wake_listener(&handle);
+        let r = t.join().unwrap();
+        assert!(r.is_err(), "accept woke with an error");
+        // and their socket stays
+        id.remove_if_ours(&p);
+        assert!(p.exists());
+        let theirs_id = SocketId::of(&p).unwrap();
+        assert_ne!(theirs_id, id);
+        theirs_id.remove_if_ours(&p);
+        assert!(!p.exists());
+        drop(theirs);
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }

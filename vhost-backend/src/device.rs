@@ -17,6 +17,7 @@ use std::time::Duration;
 
 use quern_bdev::poller::{remove_when_idle, RemoveError};
 use quern_bdev::{BdevRef, IoReactor, PollerId};
+use quern_reactor::sys::{claim_socket_path, wake_listener, SocketId};
 use vhost::vhost_user::message::*;
 use vhost::vhost_user::{
     Backend, BackendReqHandler, Error as VuError, GpuBackend, Result as VuResult,
@@ -106,6 +107,11 @@ pub struct DeviceHandle {
     /// How long stopping a queue waits for its requests, in ms.
     drain_ms: Arc<AtomicU64>,
     socket: PathBuf,
+    /// The socket file this device bound (removed at the end only if the
+    /// path still names it).
+    socket_id: Option<SocketId>,
+    /// A second handle on the listening socket, to wake the accept.
+    listener: UnixListener,
     dev: Arc<Mutex<BlkDevice>>,
     thread: Mutex<Option<std::thread::JoinHandle<()>>>,
 }
@@ -134,12 +140,19 @@ impl DeviceHandle {
                 let _ = c.shutdown(std::net::Shutdown::Both);
             }
         }
-        // wake the accept() with a throwaway connection
-        let _ = UnixStream::connect(&self.socket);
+        // wake the accept(), whatever its path names now
+        wake_listener(&self.listener);
         if let Some(t) = self.thread.lock().unwrap_or_else(|e| e.into_inner()).take() {
             let _ = t.join();
         }
-        let _ = std::fs::remove_file(&self.socket);
+        self.remove_socket();
+    }
+
+    /// Remove the socket file, if the path still names the one we bound.
+    fn remove_socket(&self) {
+        if let Some(id) = self.socket_id {
+            id.remove_if_ours(&self.socket);
+        }
     }
 
     /// [`DeviceHandle::stop_within`] the default drain limit.
@@ -174,8 +187,8 @@ impl DeviceHandle {
         }
         // wake an accept() (the thread leaves when the connection, if any,
         // has ended)
-        let _ = UnixStream::connect(&self.socket);
-        let _ = std::fs::remove_file(&self.socket);
+        wake_listener(&self.listener);
+        self.remove_socket();
         tracing::info!(device = %self.name, connected = self.connected(), "device retired: its requests fail until the frontend lets go");
     }
 
@@ -810,13 +823,15 @@ pub fn serve(
     reactors: Vec<Arc<IoReactor>>,
     dev_handles: Vec<u16>,
 ) -> std::io::Result<DeviceHandle> {
-    if cfg.socket.exists() {
-        std::fs::remove_file(&cfg.socket)?;
-    }
     if let Some(d) = cfg.socket.parent() {
         std::fs::create_dir_all(d)?;
     }
+    // a socket left by a process that died is replaced; one another
+    // process serves, or a file that is not a socket, is refused
+    claim_socket_path(&cfg.socket)?;
     let listener = UnixListener::bind(&cfg.socket)?;
+    let socket_id = SocketId::of(&cfg.socket);
+    let wake = listener.try_clone()?;
     let mut serial = [0u8; ID_BYTES];
     let n = cfg.serial.len().min(ID_BYTES);
     serial[..n].copy_from_slice(&cfg.serial.as_bytes()[..n]);
@@ -925,6 +940,8 @@ pub fn serve(
         conn,
         drain_ms,
         socket: cfg.socket.clone(),
+        socket_id,
+        listener: wake,
         dev: handle_dev,
         thread: Mutex::new(Some(thread)),
     })
