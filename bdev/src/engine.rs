@@ -223,10 +223,11 @@ pub struct IoEngine {
     /// Completions of one reap pass waiting to be recorded: device, start
     /// time, how many.
     lat_run: (u16, u64, u64),
-    /// Runs of service times waiting to be recorded after the cycle's
-    /// completions are published (device, ticks, how many): the recording
-    /// is not in the guest's way. Preallocated; full, a run is recorded at
-    /// once.
+    /// Runs of completed operations waiting for their service time to be
+    /// recorded after the cycle's completions are published (device, start
+    /// time, how many): neither the clock reading that ends them nor the
+    /// recording is in the guest's way. Preallocated; full, a run is
+    /// recorded at once.
     lat_done: Vec<(u16, u64, u64)>,
     /// The reactor cycle's clock reading (0: not read yet this cycle):
     /// pollers, the start of operations and QoS share one reading.
@@ -519,27 +520,38 @@ impl IoEngine {
         self.defer_latency(run);
     }
 
-    /// Keep a run of service times (device, start, how many; reaped at
-    /// `now_ticks`) for [`IoEngine::end_cycle`].
+    /// Keep a run of reaped operations (device, start, how many) for
+    /// [`IoEngine::end_cycle`], which ends their service time.
     #[inline]
-    fn defer_latency(&mut self, (dev, t0, n): (u16, u64, u64)) {
-        if n == 0 {
+    fn defer_latency(&mut self, run: (u16, u64, u64)) {
+        if run.2 == 0 {
             return;
         }
-        let run = (dev, self.now_ticks.wrapping_sub(t0), n);
         if self.lat_done.len() < self.lat_done.capacity() {
             self.lat_done.push(run);
         } else {
-            record_latency(&self.devs, self.scale, run);
+            let (dev, t0, n) = run;
+            let ticks = clock::ticks().wrapping_sub(t0);
+            record_latency(&self.devs, self.scale, (dev, ticks, n));
         }
     }
 
     /// The end of a reactor cycle, after the pollers have published their
-    /// completions: record the service times reaped in it. (Not calling
-    /// it loses nothing: the next `reap` records them first.)
-    pub fn end_cycle(&mut self) {
-        for &run in &self.lat_done {
-            record_latency(&self.devs, self.scale, run);
+    /// completions: record the service times of the operations reaped in
+    /// it, ended at `now` (read here if 0, and left there for whoever
+    /// records next). Reading the clock here rather than at the reap keeps
+    /// it out of the guest's way; the publish (a few stores) is counted in
+    /// the device's time. (Not calling it loses nothing: the next `reap`
+    /// records them first.)
+    pub fn end_cycle(&mut self, now: &mut u64) {
+        if self.lat_done.is_empty() {
+            return;
+        }
+        if *now == 0 {
+            *now = clock::ticks();
+        }
+        for &(dev, t0, n) in &self.lat_done {
+            record_latency(&self.devs, self.scale, (dev, now.wrapping_sub(t0), n));
         }
         self.lat_done.clear();
     }
@@ -557,13 +569,6 @@ impl IoEngine {
         if self.cycle_ticks == 0 {
             self.cycle_ticks = clock::ticks();
         }
-        self.cycle_ticks
-    }
-
-    /// The cycle's latest clock reading (0: none): after completions were
-    /// reaped, their time.
-    #[inline]
-    pub fn last_clock(&self) -> u64 {
         self.cycle_ticks
     }
 
@@ -678,7 +683,7 @@ impl IoEngine {
         let mut completed = 0;
         if !self.lat_done.is_empty() {
             // a caller that does not call end_cycle
-            self.end_cycle();
+            self.end_cycle(&mut 0);
         }
         if self.ring.submission().taskrun() {
             // completions are waiting for task work: one enter runs it all
@@ -700,11 +705,8 @@ impl IoEngine {
             if self.done.is_empty() {
                 return completed;
             }
-            if self.cfg.timing {
-                // completions: a fresh reading, the cycle's from now on
-                self.cycle_ticks = clock::ticks();
-                self.now_ticks = self.cycle_ticks;
-            }
+            // (no clock reading for the completions here: their service
+            // time ends in end_cycle, after they are published)
             // index loop: finishing an op may queue retries but never grows `done`
             let mut i = 0;
             while i < self.done.len() {

@@ -58,10 +58,13 @@ pub trait IoPoller: Send {
     fn poll(&mut self, io: &mut IoEngine, me: PollerId) -> usize;
     /// A request this poller submitted completed (its cookie's tag).
     fn on_complete(&mut self, tag: u64, result: IoResult);
-    /// Publish what completed this cycle (once per cycle, not per request);
-    /// `now` is the cycle's latest clock reading ([`IoEngine::last_clock`],
-    /// 0 if none was taken).
-    fn end_cycle(&mut self, now: u64) {
+    /// Publish what completed this cycle (once per cycle, not per request).
+    /// `now` is the clock reading of the end of the cycle, taken after the
+    /// first publish that needs it: 0 until then; a poller that needs the
+    /// time reads the clock (`quern_reactor::clock::ticks`) into it, after
+    /// publishing, and the pollers after it and [`IoEngine::end_cycle`]
+    /// share that reading.
+    fn end_cycle(&mut self, now: &mut u64) {
         let _ = now;
     }
     /// About to sleep: arm notifications. Return false if work showed up.
@@ -293,12 +296,12 @@ impl Work for ReactorIo {
             // them too
             self.publish_stats();
         }
-        let now = self.io.last_clock();
+        let mut now = 0;
         for p in self.pollers.iter_mut().flatten() {
-            p.end_cycle(now);
+            p.end_cycle(&mut now);
         }
         // what is recorded after the completions are out
-        self.io.end_cycle();
+        self.io.end_cycle(&mut now);
         work + done
     }
 

@@ -827,7 +827,7 @@ impl IoPoller for QueuePoller {
         }
     }
 
-    fn end_cycle(&mut self, now: u64) {
+    fn end_cycle(&mut self, now: &mut u64) {
         // statistics before the used ring, so a client that sees its
         // completion sees it counted
         let c = self.counts;
@@ -846,19 +846,25 @@ impl IoPoller for QueuePoller {
             self.signal();
             self.late_signal = 0;
         } else if publishing && !self.q.event_idx && self.late_signal == 0 {
-            let now = if now != 0 { now } else { clock::ticks() };
-            self.late_signal = now + self.late_ticks;
+            if *now == 0 {
+                *now = clock::ticks();
+            }
+            self.late_signal = *now + self.late_ticks;
         }
         if let Some(r) = &mut self.inflight_region {
             r.published(self.q.used_idx);
         }
         // one pass over the cycle's completions: their heads may be taken
         // again, and, with histograms on, their latencies are recorded,
-        // after the used ring is published so the recording is not in the
-        // guest's way; the time is when they became visible, the cycle's
-        // latest reading (taken when they were reaped)
+        // after the used ring is published so neither the clock reading
+        // nor the recording is in the guest's way; the time is when they
+        // became visible (a reading after the publish, shared with the
+        // other pollers of the cycle)
         if self.timing && !self.returned_list.is_empty() {
-            let now = if now != 0 { now } else { clock::ticks() };
+            if *now == 0 {
+                *now = clock::ticks();
+            }
+            let now = *now;
             // requests taken in one cycle and completed in one have one
             // latency: recorded once per run of them, not once each
             let mut run: (u64, u64) = (NO_OP, 0);

@@ -175,7 +175,7 @@ pub(crate) fn cycle(p: &mut crate::queue::QueuePoller, io: &mut quern_bdev::IoEn
     p.poll(io, quern_bdev::PollerId(0));
     io.flush();
     io.reap(|cookie, res| p.on_complete(cookie.tag(), res));
-    p.end_cycle(0);
+    p.end_cycle(&mut 0);
 }
 
 fn chain(g: &Guest, head: u16) -> Result<Vec<Seg>, ChainError> {
@@ -851,7 +851,7 @@ fn a_suppressed_publish_is_signalled_late_without_event_idx() {
     assert_eq!(g.read(USED + 2, 2), [2, 0], "completed");
     assert_eq!(notifies(), 1);
     assert!(p.prepare_sleep(), "nothing left to do");
-    p.end_cycle(0);
+    p.end_cycle(&mut 0);
     assert_eq!(notifies(), 2, "paid before sleeping");
 }
 
