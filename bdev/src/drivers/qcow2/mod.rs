@@ -112,7 +112,16 @@ impl Qcow2Bdev {
         let (data_file, _) = super::open_data_file(&o.name, &o.path, o.read_only, o.direct)?;
         let shared = Arc::new(shared);
         let (tx, rx) = crossbeam_channel::bounded(JOB_QUEUE);
-        let worker = Worker::spawn(&o.name, meta, shared.clone(), o.base.clone(), rx)?;
+        // the worker's guest data goes the same way as the reactors'
+        let worker_data = data_file.try_clone()?;
+        let worker = Worker::spawn(
+            &o.name,
+            meta,
+            worker_data,
+            shared.clone(),
+            o.base.clone(),
+            rx,
+        )?;
         let direct_align = if o.direct { 512 } else { 1 };
         Ok(Qcow2Bdev {
             info: BdevInfo {

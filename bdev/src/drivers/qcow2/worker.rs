@@ -233,6 +233,20 @@ struct Reply {
 
 pub(super) struct Worker {
     meta: Meta,
+    /// The image file for guest data in mapped clusters, opened as the
+    /// reactors' data I/O is: O_DIRECT when the bdev is direct. What the
+    /// reactors can reach at the same time must not go through the page
+    /// cache: reading or writing a mapped cluster buffered beside the
+    /// reactors' O_DIRECT writes to the same page made the kernel fail to
+    /// drop its cached copy after a direct write ("Page cache invalidation
+    /// failure on direct I/O"); it then failed the next fsync with EIO
+    /// (which failed the image: every later allocating write got EIO) and
+    /// could serve or write back stale data. Metadata (header, L1, L2 and
+    /// refcount tables) and the contents of clusters not yet mapped stay
+    /// buffered through `meta.file`: the reactors never touch those
+    /// clusters (mapped ones only after the publish has synced them), and
+    /// clusters are whole pages, so no page is shared.
+    data: File,
     shared: Arc<Shared>,
     base: BaseReader,
     buf: AlignedBuf,
@@ -253,6 +267,7 @@ impl Worker {
     pub fn spawn(
         name: &str,
         meta: Meta,
+        data: File,
         shared: Arc<Shared>,
         base: BdevRef,
         rx: Receiver<Job>,
@@ -269,6 +284,7 @@ impl Worker {
                 let _ = tx.send(Ok(()));
                 let w = Worker {
                     meta,
+                    data,
                     shared,
                     base,
                     buf: AlignedBuf::new(cs),
@@ -415,7 +431,7 @@ impl Worker {
             if let Some(host) = self.lookup(g) {
                 let buf = &mut self.buf.get()[..n_us];
                 gather(iov, pos, buf);
-                self.meta.file.write_all_at(buf, host + in_off)?;
+                self.data.write_all_at(buf, host + in_off)?;
                 continue;
             }
             if self.failed {
@@ -502,9 +518,7 @@ impl Worker {
         let mut done = 0;
         while done < len {
             let n = (len - done).min(buf.len() as u64);
-            self.meta
-                .file
-                .write_all_at(&buf[..n as usize], off + done)?;
+            self.data.write_all_at(&buf[..n as usize], off + done)?;
             done += n;
         }
         Ok(())
@@ -516,7 +530,7 @@ impl Worker {
             let zero = self.is_zero(g);
             let buf = &mut self.buf.get()[..n as usize];
             match host {
-                Some(host) => self.meta.file.read_exact_at(buf, host + in_off)?,
+                Some(host) => self.data.read_exact_at(buf, host + in_off)?,
                 None if zero => buf.fill(0),
                 None => self.base.read(offset + pos as u64, buf)?,
             }
@@ -553,6 +567,8 @@ impl Worker {
     fn place_buffered(&mut self, g: u64) -> io::Result<()> {
         self.ensure_l2(g)?;
         let host = self.alloc_cluster()?;
+        // buffered: nobody else can reach a cluster before it is mapped,
+        // and the publish syncs it before mapping it
         self.meta.file.write_all_at(self.buf.get(), host)?;
         self.pending.insert(g, host);
         Ok(())
