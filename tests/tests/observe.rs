@@ -194,17 +194,25 @@ fn latency_histograms_show_a_known_device_delay() {
     // within a bucket (a factor 2^(1/8) either side; the API gives bucket
     // upper bounds)
     let near = |got: f64, want: f64| (got / want).log2().abs() <= 1.0 / 8.0 + 0.02;
-    assert!(p50 >= 200.0, "the delay is not in the p50: {p50}");
-    assert!(
-        near(p50, 200.0 + own50),
-        "p50 {p50} µs, expected 200 + {own50}"
-    );
-    // the bdev's own service time shows the delay with its timer's
-    // jitter; the device's p99 is within a bucket of that plus Quern's
-    // own time on the same load
+    // the bdev's own service time shows the delay as the kernel delivered
+    // it: its 200 µs timer can fire late on a loaded or virtual machine
+    // (35-45 µs late on this one some days, at p50)
     let b = q.ok("bdev_latency", json!({"name": "slow"}));
     let (b50, b99) = (us(&b["bdevs"][0]["p50"]), us(&b["bdevs"][0]["p99"]));
     eprintln!("slow bdev p50 {b50} p99 {b99}");
+    assert!(p50 >= 200.0, "the delay is not in the p50: {p50}");
+    assert!(
+        b50 >= 200.0 && b50 <= 300.0,
+        "the bdev's p50 {b50} µs is not the 200 µs delay (or its timer is more than 100 µs late)"
+    );
+    // the device's p50 is the delay plus the device's own time: 200 µs
+    // when the timer is punctual, what the bdev measured when it is not
+    assert!(
+        near(p50, 200.0 + own50) || near(p50, b50 + own50),
+        "p50 {p50} µs, expected 200 + {own50} (or the bdev's {b50} + {own50})"
+    );
+    // the device's p99 is within a bucket of the bdev's plus Quern's own
+    // time on the same load
     // (the bdev's histogram has every operation: compared with the
     // device's "all", since the writes among them may be slower than the
     // reads; each operation's device time includes its bdev time)
