@@ -202,7 +202,7 @@ fn latency_histograms_show_a_known_device_delay() {
     eprintln!("slow bdev p50 {b50} p99 {b99}");
     assert!(p50 >= 200.0, "the delay is not in the p50: {p50}");
     assert!(
-        b50 >= 200.0 && b50 <= 300.0,
+        (200.0..=300.0).contains(&b50),
         "the bdev's p50 {b50} µs is not the 200 µs delay (or its timer is more than 100 µs late)"
     );
     // the device's p50 is the delay plus the device's own time: 200 µs
