@@ -547,9 +547,7 @@ impl IoEngine {
         if self.lat_done.is_empty() {
             return;
         }
-        if *now == 0 {
-            *now = clock::ticks();
-        }
+        let now = clock::ticks_once(now);
         for &(dev, t0, n) in &self.lat_done {
             record_latency(&self.devs, self.scale, (dev, now.wrapping_sub(t0), n));
         }
@@ -566,10 +564,7 @@ impl IoEngine {
     /// cycle and shared by everything after it.
     #[inline]
     pub fn clock(&mut self) -> u64 {
-        if self.cycle_ticks == 0 {
-            self.cycle_ticks = clock::ticks();
-        }
-        self.cycle_ticks
+        clock::ticks_once(&mut self.cycle_ticks)
     }
 
     /// Start pending operations in order, stopping at a drain point while

@@ -14,12 +14,12 @@
 
 use std::io::{ErrorKind, Read, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use quern_reactor::sys::{claim_socket_path, wake_listener, SocketId};
+use quern_reactor::sys::{claim_socket_path, BoundSocket};
 use serde_json::Value;
 
 use crate::engine::{codes, ApiError, Engine};
@@ -36,11 +36,7 @@ pub const IDLE_TIMEOUT: Duration = Duration::from_secs(300);
 
 /// The running management socket.
 pub struct Management {
-    socket: PathBuf,
-    /// The socket file bound (removed at the end only if still there).
-    socket_id: Option<SocketId>,
-    /// A second handle on the listening socket, to wake the accept.
-    listener: UnixListener,
+    socket: BoundSocket,
     shutdown: Arc<AtomicBool>,
     thread: Mutex<Option<std::thread::JoinHandle<()>>>,
 }
@@ -65,8 +61,7 @@ impl Management {
         let listener = UnixListener::bind(&tmp)?;
         crate::sys::restrict_socket(&tmp, gid)?;
         std::fs::rename(&tmp, socket)?;
-        let socket_id = SocketId::of(socket);
-        let wake = listener.try_clone()?;
+        let bound = BoundSocket::new(socket, &listener)?;
         let shutdown = Arc::new(AtomicBool::new(false));
         let thread = {
             let shutdown = shutdown.clone();
@@ -76,9 +71,7 @@ impl Management {
         };
         tracing::info!(socket = %socket.display(), mode = if gid.is_some() { "0660" } else { "0600" }, "management socket listening");
         Ok(Management {
-            socket: socket.to_path_buf(),
-            socket_id,
-            listener: wake,
+            socket: bound,
             shutdown,
             thread: Mutex::new(Some(thread)),
         })
@@ -87,13 +80,11 @@ impl Management {
     pub fn stop(&self) {
         self.shutdown.store(true, Ordering::Release);
         // wake accept(), whatever the path names now
-        wake_listener(&self.listener);
+        self.socket.wake();
         if let Some(t) = self.thread.lock().unwrap_or_else(|e| e.into_inner()).take() {
             let _ = t.join();
         }
-        if let Some(id) = self.socket_id {
-            id.remove_if_ours(&self.socket);
-        }
+        self.socket.remove();
     }
 }
 

@@ -23,6 +23,16 @@ pub fn ticks() -> u64 {
     }
 }
 
+/// One reading shared by whoever needs it: `*reading`, taken from the
+/// clock first if it is 0 (not read yet).
+#[inline]
+pub fn ticks_once(reading: &mut u64) -> u64 {
+    if *reading == 0 {
+        *reading = ticks();
+    }
+    *reading
+}
+
 /// How ticks convert: `units = ticks * mul >> SHIFT` (units of 2^-30 s),
 /// and nanoseconds per tick.
 #[derive(Clone, Copy, Debug)]

@@ -109,10 +109,48 @@ impl std::os::fd::AsRawFd for Epoll {
     }
 }
 
+/// The file of a listening UNIX socket this process serves: wakes the
+/// socket's accept loop without going through the path, and removes the
+/// file only while the path still names it (never another process's
+/// socket that took the path since).
+#[derive(Debug)]
+pub struct BoundSocket {
+    path: std::path::PathBuf,
+    id: Option<SocketId>,
+    /// A second handle on the listening socket.
+    wake: std::os::unix::net::UnixListener,
+}
+
+impl BoundSocket {
+    /// `listener` listens at `path` now (bound there, or renamed there).
+    pub fn new(
+        path: &std::path::Path,
+        listener: &std::os::unix::net::UnixListener,
+    ) -> io::Result<BoundSocket> {
+        Ok(BoundSocket {
+            path: path.to_path_buf(),
+            id: SocketId::of(path),
+            wake: listener.try_clone()?,
+        })
+    }
+
+    /// Wake every `accept` blocked on the socket: they fail with EINVAL.
+    pub fn wake(&self) {
+        wake_listener(&self.wake);
+    }
+
+    /// Remove the socket file, if the path still names it.
+    pub fn remove(&self) {
+        if let Some(id) = self.id {
+            id.remove_if_ours(&self.path);
+        }
+    }
+}
+
 /// A UNIX socket path this process bound, told apart from whatever may
 /// later take the same path (another process's socket, a new file).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct SocketId {
+struct SocketId {
     dev: u64,
     ino: u64,
     /// (an inode number can be reused once the path is unlinked)
@@ -121,7 +159,7 @@ pub struct SocketId {
 
 impl SocketId {
     /// The identity of what is at `path` now, if anything.
-    pub fn of(path: &std::path::Path) -> Option<SocketId> {
+    fn of(path: &std::path::Path) -> Option<SocketId> {
         use std::os::unix::fs::MetadataExt;
         std::fs::symlink_metadata(path).ok().map(|m| SocketId {
             dev: m.dev(),
@@ -132,7 +170,7 @@ impl SocketId {
 
     /// Remove `path` if it is still the socket this id names: never
     /// another process's socket that took the path since.
-    pub fn remove_if_ours(self, path: &std::path::Path) {
+    fn remove_if_ours(self, path: &std::path::Path) {
         if SocketId::of(path) == Some(self) {
             let _ = std::fs::remove_file(path);
         }
@@ -185,7 +223,7 @@ pub fn claim_socket_path(path: &std::path::Path) -> io::Result<()> {
 /// Wake every `accept` blocked on `listener` (a second handle on the
 /// socket, from `try_clone`): they fail with EINVAL. It does not depend on
 /// the socket's path, which may be gone or belong to someone else by now.
-pub fn wake_listener(listener: &std::os::unix::net::UnixListener) {
+fn wake_listener(listener: &std::os::unix::net::UnixListener) {
     // SAFETY: shutdown on a socket fd we own; the result is not needed
     // (a socket already shut down stays so).
     unsafe { libc::shutdown(listener.as_raw_fd(), libc::SHUT_RDWR) };

@@ -17,7 +17,7 @@ use std::time::Duration;
 
 use quern_bdev::poller::{remove_when_idle, RemoveError};
 use quern_bdev::{BdevRef, IoReactor, PollerId};
-use quern_reactor::sys::{claim_socket_path, wake_listener, SocketId};
+use quern_reactor::sys::{claim_socket_path, BoundSocket};
 use vhost::vhost_user::message::*;
 use vhost::vhost_user::{
     Backend, BackendReqHandler, Error as VuError, GpuBackend, Result as VuResult,
@@ -106,12 +106,8 @@ pub struct DeviceHandle {
     conn: Arc<Mutex<Option<UnixStream>>>,
     /// How long stopping a queue waits for its requests, in ms.
     drain_ms: Arc<AtomicU64>,
-    socket: PathBuf,
-    /// The socket file this device bound (removed at the end only if the
-    /// path still names it).
-    socket_id: Option<SocketId>,
-    /// A second handle on the listening socket, to wake the accept.
-    listener: UnixListener,
+    /// The socket file this device listens on.
+    socket: BoundSocket,
     dev: Arc<Mutex<BlkDevice>>,
     thread: Mutex<Option<std::thread::JoinHandle<()>>>,
 }
@@ -141,18 +137,11 @@ impl DeviceHandle {
             }
         }
         // wake the accept(), whatever its path names now
-        wake_listener(&self.listener);
+        self.socket.wake();
         if let Some(t) = self.thread.lock().unwrap_or_else(|e| e.into_inner()).take() {
             let _ = t.join();
         }
-        self.remove_socket();
-    }
-
-    /// Remove the socket file, if the path still names the one we bound.
-    fn remove_socket(&self) {
-        if let Some(id) = self.socket_id {
-            id.remove_if_ours(&self.socket);
-        }
+        self.socket.remove();
     }
 
     /// [`DeviceHandle::stop_within`] the default drain limit.
@@ -187,8 +176,8 @@ impl DeviceHandle {
         }
         // wake an accept() (the thread leaves when the connection, if any,
         // has ended)
-        wake_listener(&self.listener);
-        self.remove_socket();
+        self.socket.wake();
+        self.socket.remove();
         tracing::info!(device = %self.name, connected = self.connected(), "device retired: its requests fail until the frontend lets go");
     }
 
@@ -830,8 +819,7 @@ pub fn serve(
     // process serves, or a file that is not a socket, is refused
     claim_socket_path(&cfg.socket)?;
     let listener = UnixListener::bind(&cfg.socket)?;
-    let socket_id = SocketId::of(&cfg.socket);
-    let wake = listener.try_clone()?;
+    let socket = BoundSocket::new(&cfg.socket, &listener)?;
     let mut serial = [0u8; ID_BYTES];
     let n = cfg.serial.len().min(ID_BYTES);
     serial[..n].copy_from_slice(&cfg.serial.as_bytes()[..n]);
@@ -939,9 +927,7 @@ pub fn serve(
         shutdown,
         conn,
         drain_ms,
-        socket: cfg.socket.clone(),
-        socket_id,
-        listener: wake,
+        socket,
         dev: handle_dev,
         thread: Mutex::new(Some(thread)),
     })

@@ -846,10 +846,7 @@ impl IoPoller for QueuePoller {
             self.signal();
             self.late_signal = 0;
         } else if publishing && !self.q.event_idx && self.late_signal == 0 {
-            if *now == 0 {
-                *now = clock::ticks();
-            }
-            self.late_signal = *now + self.late_ticks;
+            self.late_signal = clock::ticks_once(now) + self.late_ticks;
         }
         if let Some(r) = &mut self.inflight_region {
             r.published(self.q.used_idx);
@@ -861,10 +858,7 @@ impl IoPoller for QueuePoller {
         // became visible (a reading after the publish, shared with the
         // other pollers of the cycle)
         if self.timing && !self.returned_list.is_empty() {
-            if *now == 0 {
-                *now = clock::ticks();
-            }
-            let now = *now;
+            let now = clock::ticks_once(now);
             // requests taken in one cycle and completed in one have one
             // latency: recorded once per run of them, not once each
             let mut run: (u64, u64) = (NO_OP, 0);
