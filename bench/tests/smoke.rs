@@ -391,9 +391,11 @@ fn vhost_bench_interleaves_two_quern_flavors_in_short_windows() {
         "{}",
         show(&o)
     );
-    // the polling client's CPU per I/O is compared as well
+    // the polling client's CPU per I/O is compared as well (in the rounds
+    // where both sides counted requests: a 10 ms window on a loaded
+    // machine can count none)
     assert!(
-        out.contains("the polling client's CPU per I/O, median of 2 rounds"),
+        out.contains("the polling client's CPU per I/O, median of "),
         "{}",
         show(&o)
     );
@@ -413,7 +415,7 @@ fn vhost_bench_interleaves_two_quern_flavors_in_short_windows() {
     let out = String::from_utf8_lossy(&o.stdout);
     assert!(
         out.contains("| quern-busy-mergeon-noevidx | 2 |")
-            && out.contains("the sleeping client's CPU per I/O, median of 2 rounds"),
+            && out.contains("the sleeping client's CPU per I/O, median of "),
         "{}",
         show(&o)
     );
