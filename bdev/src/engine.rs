@@ -411,6 +411,23 @@ impl IoEngine {
         self.stats
     }
 
+    /// Whether service-time histograms are kept.
+    pub fn timing(&self) -> bool {
+        self.cfg.timing
+    }
+
+    /// Keep service-time histograms from now on, or stop. Operations in
+    /// flight when they are switched on have no start time and are not
+    /// recorded; what was reaped before they are switched off still is.
+    pub fn set_timing(&mut self, on: bool) {
+        if on && !self.cfg.timing {
+            for op in self.ops.iter_mut().filter(|op| op.started) {
+                op.t0 = 0;
+            }
+        }
+        self.cfg.timing = on;
+    }
+
     pub fn merge_stats(&self) -> MergeStats {
         self.planner.stats()
     }
@@ -524,7 +541,8 @@ impl IoEngine {
     /// [`IoEngine::end_cycle`], which ends their service time.
     #[inline]
     fn defer_latency(&mut self, run: (u16, u64, u64)) {
-        if run.2 == 0 {
+        // (no start time: started before the histograms were switched on)
+        if run.2 == 0 || run.1 == 0 {
             return;
         }
         if self.lat_done.len() < self.lat_done.capacity() {
@@ -648,7 +666,7 @@ impl IoEngine {
         );
         if ok {
             op.started = true;
-            op.t0 = self.now_ticks;
+            op.t0 = if self.cfg.timing { self.now_ticks } else { 0 };
             self.inflight_ops += 1;
             self.stats.ops_started += 1;
         } else if op.bounce != NONE && op.piece_start == 0 {

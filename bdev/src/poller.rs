@@ -92,6 +92,11 @@ pub trait IoPoller: Send {
     fn resume_index(&self) -> Option<u16> {
         None
     }
+    /// Keep latency histograms from now on, or stop (the reactor's
+    /// setting, given to each poller when it is added and when it changes).
+    fn set_timing(&mut self, on: bool) {
+        let _ = on;
+    }
     /// Work that is waiting for time to pass (a QoS budget to refill): the
     /// reactor sleeps at most this long.
     fn wake_within_ms(&self) -> Option<u32> {
@@ -187,6 +192,7 @@ impl ReactorIo {
         if self.failed {
             p.fail();
         }
+        p.set_timing(self.io.timing());
         let slot = match self.pollers.iter().position(Option::is_none) {
             Some(i) => i,
             None if self.pollers.len() < MAX_POLLERS => {
@@ -199,6 +205,15 @@ impl ReactorIo {
         self.poller_generation += 1;
         self.stats.pollers.fetch_add(1, Ordering::Relaxed);
         Ok(PollerId(slot as u16))
+    }
+
+    /// Keep latency histograms (the engine's service times and every
+    /// poller's) from now on, or stop.
+    pub fn set_timing(&mut self, on: bool) {
+        self.io.set_timing(on);
+        for p in self.pollers.iter_mut().flatten() {
+            p.set_timing(on);
+        }
     }
 
     /// Unregister a poller. The caller must first let its requests drain

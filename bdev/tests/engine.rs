@@ -644,8 +644,8 @@ proptest! {
     }
 }
 
-#[test]
-fn injected_delay_holds_each_request_and_keeps_data() {
+/// A 1 MiB O_DIRECT uring bdev that delays every operation by `delay_us`.
+fn slow_uring(delay_us: u32) -> (tempfile::TempDir, UringBdev) {
     let dir = tempfile::Builder::new()
         .prefix("quern-bdev")
         .tempdir_in("/var/tmp")
@@ -657,9 +657,15 @@ fn injected_delay_holds_each_request_and_keeps_data() {
         direct: true,
         read_only: false,
         block_size: None,
-        delay_us: 30_000,
+        delay_us,
     })
     .unwrap();
+    (dir, b)
+}
+
+#[test]
+fn injected_delay_holds_each_request_and_keeps_data() {
+    let (_dir, b) = slow_uring(30_000);
     let mut e = engine(true);
     let d = e.add_device(Arc::new(b)).unwrap();
     let mut w = vec![0x3cu8; 4096];
@@ -675,4 +681,53 @@ fn injected_delay_holds_each_request_and_keeps_data() {
     );
     assert!(t0.elapsed() >= std::time::Duration::from_millis(60));
     assert_eq!(r, w);
+}
+
+/// Service-time histograms switched on while an operation is in flight:
+/// that operation, which has no start time, is not recorded (it would
+/// otherwise count from tick 0 and land in the top bucket); the next one
+/// is, with its real time (the device's 20 ms delay).
+#[test]
+fn timing_switched_on_mid_flight_records_only_what_started_after() {
+    let (_dir, b) = slow_uring(20_000);
+    let mut e = IoEngine::new(EngineConfig {
+        timing: false,
+        ..EngineConfig::default()
+    })
+    .expect("io_uring");
+    let d = e.add_device(Arc::new(b)).unwrap();
+    let hist = e.device_latency(d).unwrap();
+    let mut r = Aligned::new(4096, 0);
+    let read = |e: &mut IoEngine, r: &mut Aligned, switch_on: bool| {
+        e.put(&IoRequest {
+            dev: d,
+            kind: IoKind::Read,
+            offset: 0,
+            len: 4096,
+            iov: &[iov(r.buf())],
+            fua: false,
+            cookie: ck(1),
+        })
+        .unwrap();
+        e.flush();
+        assert_eq!(e.in_flight(), 1);
+        if switch_on {
+            e.set_timing(true);
+        }
+        let mut done = 0;
+        e.run_until_idle(|_, res| {
+            assert_eq!(res, Ok(4096));
+            done += 1
+        });
+        e.end_cycle(&mut 0);
+        assert_eq!(done, 1);
+    };
+    read(&mut e, &mut r, true);
+    assert!(e.timing());
+    assert_eq!(hist.snapshot().count(), 0, "{:?}", hist.snapshot().max());
+    read(&mut e, &mut r, false);
+    let s = hist.snapshot();
+    assert_eq!(s.count(), 1);
+    let max = s.max().unwrap();
+    assert!((0.019..0.1).contains(&max), "{max} s");
 }

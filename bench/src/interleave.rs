@@ -106,7 +106,7 @@ fn start(job: &Job, s: &Setup, b: &Backend, i: usize) -> Result<Side, String> {
             }
             _ => return Err(
                 "--interleave-ms compares Quern builds or flavors and SPDK (quern, quern-bare, \
-                 quern-metered, quern-noevidx, quern-base, spdk)"
+                 quern-hist, quern-metered, quern-noevidx, quern-base, spdk)"
                     .into(),
             ),
         };

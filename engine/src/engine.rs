@@ -125,6 +125,8 @@ struct Objects {
     /// Devices removed while a frontend was attached, still failing its
     /// requests until it lets go.
     retired: Vec<Arc<DeviceHandle>>,
+    /// Latency histograms as switched at run time (None: as the file says).
+    histograms_set: Option<bool>,
 }
 
 /// A running engine.
@@ -258,14 +260,22 @@ impl Engine {
         if kept.is_some() && (cfg.bdevs != bdevs || !same_devices || cfg.qos_groups != groups) {
             tracing::info!(state = %store.path().display(), "bdevs and devices come from the state directory; the configuration file's differ and are not used (--reset-state starts from them)");
         }
-        let reactors = spawn_reactors(cfg)?;
+        let histograms_set = kept.as_ref().and_then(|p| p.histograms);
+        let histograms = histograms_set.unwrap_or(cfg.metrics.histograms);
+        if histograms != cfg.metrics.histograms {
+            tracing::info!(state = %store.path().display(), histograms, "latency histograms as last switched at run time (metrics_set_histograms), not as the configuration file says");
+        }
+        let reactors = spawn_reactors(cfg, histograms)?;
         let link = Arc::new(EngineLink(std::sync::OnceLock::new()));
         let vm_manager = VmManager::new(&cfg.state_dir, link.clone());
         let engine = Arc::new(Engine {
             cfg: cfg.clone(),
             reactors: reactors.iter().map(|(r, _)| r.clone()).collect(),
             io_stats: reactors.into_iter().map(|(_, s)| s).collect(),
-            objects: Mutex::new(Objects::default()),
+            objects: Mutex::new(Objects {
+                histograms_set,
+                ..Objects::default()
+            }),
             store,
             _state_lock: state_lock,
             started: std::time::SystemTime::now(),
@@ -316,6 +326,7 @@ impl Engine {
     fn persist(&self, o: &Objects) -> Result<(), ApiError> {
         let p = Persisted {
             version: STATE_VERSION,
+            histograms: o.histograms_set,
             bdevs: o.bdevs.iter().map(|b| b.section.clone()).collect(),
             qos_groups: o.qos_groups.iter().map(|g| g.section.clone()).collect(),
             vhost_blk: o.devices.iter().map(|d| d.section.clone()).collect(),
@@ -334,6 +345,43 @@ impl Engine {
 
     pub fn state_dir(&self) -> &Path {
         &self.cfg.state_dir
+    }
+
+    /// Whether latency histograms are kept now.
+    fn histograms(&self, o: &Objects) -> bool {
+        o.histograms_set.unwrap_or(self.cfg.metrics.histograms)
+    }
+
+    /// Whether latency histograms are kept now (the metrics endpoint).
+    pub fn histograms_on(&self) -> bool {
+        self.histograms(&self.lock())
+    }
+
+    /// Switch the latency histograms (every device queue's and every
+    /// bdev's) on or off (`metrics_set_histograms`), on every reactor, and
+    /// keep the choice in the state directory: it outlives a restart, and
+    /// wins over the file's `[metrics] histograms` until `--reset-state`.
+    /// What they hold stays; while off they do not grow.
+    pub fn metrics_set_histograms(&self, on: bool) -> Result<Value, ApiError> {
+        let mut o = self.lock();
+        let was = self.histograms(&o);
+        let before = o.histograms_set;
+        o.histograms_set = Some(on);
+        if let Err(e) = self.persist(&o) {
+            o.histograms_set = before;
+            return Err(e);
+        }
+        let mut gone = Vec::new();
+        for (i, r) in self.reactors.iter().enumerate() {
+            if r.call(move |w| w.set_timing(on)).is_err() {
+                gone.push(i);
+            }
+        }
+        if !gone.is_empty() {
+            tracing::warn!(reactors = ?gone, "histograms not switched on reactors that have stopped");
+        }
+        tracing::info!(histograms = on, "latency histograms switched");
+        Ok(json!({"histograms": on, "was": was}))
     }
 
     /// Create a bdev (`bdev_create`): checked as a `[[bdev]]` table is,
@@ -504,7 +552,7 @@ impl Engine {
                 .clone()
                 .unwrap_or_else(|| quern_vm::serial_of(d.uuid.as_deref().unwrap_or_default())),
             binding: d.binding(&self.cfg.reactor.cores),
-            timing: self.cfg.metrics.histograms,
+            timing: self.histograms(&o),
             event_idx: d.event_idx,
             qos: QosBinding::new(Limiter::new(&d.name, d.qos.unwrap_or_default()), group),
         };
@@ -917,7 +965,9 @@ impl Engine {
                 }
             }
         }
+        let histograms = self.histograms(&self.lock());
         json!({
+            "histograms": histograms,
             "reactors": self.reactor_list(),
             "bdevs": self.bdev_list(),
             "qos_groups": self.qos_group_list(),
@@ -930,6 +980,7 @@ impl Engine {
     pub fn config_save(&self) -> String {
         let o = self.lock();
         let mut c = self.cfg.clone();
+        c.metrics.histograms = self.histograms(&o);
         c.bdevs = o.bdevs.iter().map(|b| b.section.clone()).collect();
         c.qos_groups = o.qos_groups.iter().map(|g| g.section.clone()).collect();
         c.vhost_blk = o.devices.iter().map(|d| d.section.clone()).collect();
@@ -1142,7 +1193,7 @@ impl DeviceScope for LiveScope<'_> {
 /// A reactor and its I/O counters.
 type Reactor = (Arc<IoReactor>, Arc<IoStats>);
 
-fn spawn_reactors(cfg: &Config) -> Result<Vec<Reactor>, StartError> {
+fn spawn_reactors(cfg: &Config, histograms: bool) -> Result<Vec<Reactor>, StartError> {
     let engine_cfg = EngineConfig {
         max_requests: cfg.reactor.max_requests,
         submit_batch: cfg.reactor.submit_batch,
@@ -1151,7 +1202,7 @@ fn spawn_reactors(cfg: &Config) -> Result<Vec<Reactor>, StartError> {
             max_bytes: cfg.merge.max_bytes,
             max_segments: cfg.merge.max_segments,
         },
-        timing: cfg.metrics.histograms,
+        timing: histograms,
         ..EngineConfig::default()
     };
     // the clock's rate is measured once, here, before any reactor runs

@@ -111,6 +111,7 @@ impl Collector for EngineCollector {
     fn encode(&self, mut enc: DescriptorEncoder) -> std::fmt::Result {
         let e = &self.0;
         let enc = &mut enc;
+        let histograms_on = e.histograms_on();
         gauges(
             enc,
             "build_info",
@@ -241,7 +242,7 @@ impl Collector for EngineCollector {
                 };
                 for (k, op) in OPS.iter().enumerate() {
                     reqs.push((ql(Some(("op", op.to_string()))), load(&q.ops[k])));
-                    if e.cfg.metrics.histograms {
+                    if histograms_on {
                         lat.push((ql(Some(("op", op.to_string()))), q.latency[k].snapshot()));
                     }
                 }
@@ -339,7 +340,7 @@ impl Collector for EngineCollector {
         )?;
 
         // bdevs
-        if e.cfg.metrics.histograms {
+        if histograms_on {
             let b: Vec<(Labels, Snapshot)> = e
                 .bdev_names()
                 .into_iter()

@@ -99,6 +99,13 @@ pub struct StatsParams {
 
 #[derive(Debug, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
+pub struct SetHistogramsParams {
+    /// Keep latency histograms (true) or stop (false).
+    pub enabled: bool,
+}
+
+#[derive(Debug, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
 pub struct VmAttachParams {
     /// The name Quern will know the VM by.
     pub name: String,
@@ -271,6 +278,12 @@ pub fn methods() -> &'static [Method] {
                 "The bdevs' own service time (µs percentiles), since creation or reset",
                 false,
                 |e, p| e.bdev_latency(p.name.as_deref(), p.reset),
+            ),
+            Method::new::<SetHistogramsParams>(
+                "metrics_set_histograms",
+                "Switch the latency histograms of every device and bdev on or off (kept across restarts)",
+                true,
+                |e, p| e.metrics_set_histograms(p.enabled),
             ),
             Method::new::<QosGroupSection>(
                 "qos_group_create",

@@ -29,6 +29,10 @@ pub const STATE_VERSION: u32 = 1;
 #[serde(deny_unknown_fields)]
 pub struct Persisted {
     pub version: u32,
+    /// Latency histograms as switched at run time
+    /// (`metrics_set_histograms`); absent: as the file's `[metrics]` says.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub histograms: Option<bool>,
     #[serde(default, rename = "bdev", skip_serializing_if = "Vec::is_empty")]
     pub bdevs: Vec<BdevSection>,
     #[serde(default, rename = "qos_group", skip_serializing_if = "Vec::is_empty")]
@@ -159,6 +163,7 @@ mod tests {
         assert_eq!(s.load().unwrap(), None);
         let p = Persisted {
             version: STATE_VERSION,
+            histograms: Some(true),
             bdevs: vec![BdevSection {
                 size: Some(Size::Text("16M".into())),
                 ..BdevSection::new("m", Driver::Malloc)

@@ -277,6 +277,10 @@ pub fn render(prev: &Sample, cur: &Sample) -> String {
         ],
         rows,
     );
+    if cur.stats["histograms"] == false {
+        out += "\nlatency histograms are off (P50 and P99 show -): \
+                `quern ctl metrics_set_histograms --enabled true` switches them on\n";
+    }
     out
 }
 
@@ -388,5 +392,15 @@ mod tests {
         let q: Vec<&str> = lines[quiet].split_whitespace().collect();
         assert_eq!(q[3], "0", "{s}");
         assert!(q.contains(&"-"), "{s}");
+        assert!(!s.contains("histograms are off"), "{s}");
+        // with the histograms off, the screen says why there is no latency
+        let mut off = b;
+        off.stats["histograms"] = false.into();
+        let s = render(&a, &off);
+        assert!(
+            s.contains("latency histograms are off")
+                && s.contains("metrics_set_histograms --enabled true"),
+            "{s}"
+        );
     }
 }

@@ -344,7 +344,7 @@ fn runs_the_default_config_serves_a_disk_and_stops_cleanly_on_sigterm() {
         assert_eq!(q[0]["completed"], 1, "{text}");
         assert_eq!(q[1]["completed"], 1, "{text}");
         // and so does the Prometheus endpoint
-        let scrape = {
+        let scrape = || {
             use std::io::{Read, Write};
             let mut s = std::net::TcpStream::connect(&metrics).unwrap();
             write!(s, "GET /metrics HTTP/1.0\r\n\r\n").unwrap();
@@ -352,14 +352,28 @@ fn runs_the_default_config_serves_a_disk_and_stops_cleanly_on_sigterm() {
             s.read_to_string(&mut out).unwrap();
             out
         };
+        let text = scrape();
         for line in [
             "quern_requests_total{device=\"vm0-disk0\",queue=\"0\",op=\"write\"} 1",
             "quern_requests_total{device=\"vm0-disk0\",queue=\"1\",op=\"read\"} 1",
             "quern_request_bytes_total{device=\"vm0-disk0\",queue=\"1\",op=\"read\"} 65536",
-            "quern_request_duration_seconds_count{device=\"vm0-disk0\",queue=\"0\",op=\"write\"} 1",
         ] {
-            assert!(scrape.contains(line), "no `{line}` in:\n{scrape}");
+            assert!(text.contains(line), "no `{line}` in:\n{text}");
         }
+        // latency histograms are off by default, and switched on at run
+        // time (the requests before that are not in them)
+        assert!(
+            !text.contains("quern_request_duration_seconds_count{"),
+            "{text}"
+        );
+        let (code, text) = ctl(&["--json", "metrics_set_histograms", "--enabled", "true"]);
+        assert_eq!(code, Some(0), "{text}");
+        let v: serde_json::Value = serde_json::from_str(&text).unwrap();
+        assert_eq!(v, serde_json::json!({"histograms": true, "was": false}));
+        let text = scrape();
+        let line =
+            "quern_request_duration_seconds_count{device=\"vm0-disk0\",queue=\"0\",op=\"write\"} 0";
+        assert!(text.contains(line), "no `{line}` in:\n{text}");
         let (code, text) = ctl(&["--json", "stats"]);
         assert_eq!(code, Some(0));
         let v: serde_json::Value = serde_json::from_str(&text).unwrap();

@@ -178,6 +178,18 @@ fn latency_histograms_show_a_known_device_delay() {
     // wakes up
     let mut q = QuernProcess::start(dir.path(), &config("cores = [1]\npoll_mode = \"busy\"", ""));
     q.wait_ready(Duration::from_secs(20));
+    // off by default: requests are counted, their latency is not
+    assert_eq!(q.ok("stats", json!({}))["histograms"], false);
+    let before = closed_loop(&dir.path().join("fast.sock"), 1, 1, 0.3, 0);
+    let f = q.ok("vhost_blk_latency", json!({"name": "fast"}));
+    assert_eq!(f["device"]["read"]["count"], 0, "{f}");
+    assert!(f["device"]["read"]["p50"].is_null(), "{f}");
+    let r = q.ok("vhost_blk_latency", json!({"name": "fast", "reset": true}));
+    assert!(!before.done.is_empty());
+    // switched on at run time, on the reactor that serves the devices
+    let on = q.ok("metrics_set_histograms", json!({"enabled": true}));
+    assert_eq!(on, json!({"histograms": true, "was": false}), "{r}");
+    assert_eq!(q.ok("stats", json!({}))["histograms"], true);
     // the device's own time: the same kind of file (page cache, so its
     // time is steady) and the same load without the delay
     let fast = closed_loop(&dir.path().join("fast.sock"), 1, 1, 3.0, 10);
@@ -258,6 +270,22 @@ fn latency_histograms_show_a_known_device_delay() {
         q.err("vhost_blk_latency", json!({"name": "nope"})).code,
         codes::NOT_FOUND
     );
+    // the switch is kept: after a restart the histograms are still on,
+    // and switched off they stop growing
+    assert!(q.stop());
+    q.restart();
+    q.wait_ready(Duration::from_secs(20));
+    assert_eq!(q.ok("stats", json!({}))["histograms"], true);
+    let on = closed_loop(&dir.path().join("fast.sock"), 1, 1, 0.3, 0);
+    let f = q.ok("vhost_blk_latency", json!({"name": "fast", "reset": true}));
+    assert_eq!(f["device"]["read"]["count"], on.done.len() as u64, "{f}");
+    let off = q.ok("metrics_set_histograms", json!({"enabled": false}));
+    assert_eq!(off, json!({"histograms": false, "was": true}));
+    closed_loop(&dir.path().join("fast.sock"), 1, 1, 0.3, 0);
+    let f = q.ok("vhost_blk_latency", json!({"name": "fast"}));
+    assert_eq!(f["device"]["read"]["count"], 0, "{f}");
+    let bad = q.err("metrics_set_histograms", json!({"enabled": "yes"}));
+    assert!(bad.message.contains("enabled"), "{}", bad.message);
     assert!(q.stop());
 }
 
@@ -273,7 +301,10 @@ fn prometheus_rate_and_quantiles_match_the_client() {
     let target = format!("127.0.0.1:{port}");
     let mut q = QuernProcess::start(
         dir.path(),
-        &config(ADAPTIVE, &format!("[metrics]\nlisten = \"{target}\"\n")),
+        &config(
+            ADAPTIVE,
+            &format!("[metrics]\nlisten = \"{target}\"\nhistograms = true\n"),
+        ),
     );
     q.wait_ready(Duration::from_secs(20));
     // the endpoint itself: text by default, protobuf when asked
@@ -377,7 +408,10 @@ fn prometheus_rate_and_quantiles_match_the_client() {
 fn ctl_top_shows_the_load() {
     let _t = timed();
     let dir = disk_tempdir("quern-top");
-    let mut q = QuernProcess::start(dir.path(), &config(ADAPTIVE, ""));
+    let mut q = QuernProcess::start(
+        dir.path(),
+        &config(ADAPTIVE, "[metrics]\nhistograms = true\n"),
+    );
     q.wait_ready(Duration::from_secs(20));
     let sock = dir.path().join("fast.sock");
     let loader = std::thread::spawn(move || closed_loop(&sock, 1, 8, 4.0, 0));

@@ -697,8 +697,12 @@ impl QueuePoller {
     /// at one time).
     #[inline]
     fn record_run(&self, (stamp, n): (u64, u64), now: u64) {
+        let taken = stamp & !OP_BITS;
+        if taken == 0 {
+            // taken before the histograms were switched on
+            return;
+        }
         if let Some(hist) = self.stats.latency.get((stamp & OP_BITS) as usize) {
-            let taken = stamp & !OP_BITS;
             hist.record_n(self.scale.units(now.wrapping_sub(taken)), n);
         }
     }
@@ -880,6 +884,10 @@ impl IoPoller for QueuePoller {
             }
         }
         self.returned_list.clear();
+    }
+
+    fn set_timing(&mut self, on: bool) {
+        self.timing = on;
     }
 
     fn prepare_sleep(&mut self) -> bool {

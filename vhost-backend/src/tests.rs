@@ -997,3 +997,80 @@ proptest::proptest! {
         }
     }
 }
+
+/// Latency histograms switched on while a request is in flight: that
+/// request (taken with no time) is not recorded; one taken after the
+/// switch is, with the device's 20 ms delay. Switched off, nothing more is.
+#[test]
+fn histograms_switched_at_run_time_record_only_requests_taken_while_on() {
+    use std::sync::Arc;
+
+    use quern_bdev::drivers::{UringBdev, UringOptions};
+    use quern_bdev::{EngineConfig, IoEngine, IoPoller};
+
+    let dir = tempfile::Builder::new()
+        .prefix("quern-vq")
+        .tempdir_in("/var/tmp")
+        .unwrap();
+    let slow = UringBdev::open(&UringOptions {
+        name: "slow".into(),
+        path: dir.path().join("disk.img"),
+        create_size: Some(1 << 20),
+        direct: false,
+        read_only: false,
+        block_size: None,
+        delay_us: 20_000,
+    })
+    .unwrap();
+    let g = Guest::new();
+    let mut io = IoEngine::new(EngineConfig {
+        timing: false,
+        ..EngineConfig::default()
+    })
+    .unwrap();
+    let dev = io.add_device(Arc::new(slow)).unwrap();
+    let mut p = test_poller(g.queue(), &g.mem, dev, 1 << 20, false, None);
+    p.set_timing(false);
+    let reads = p.stats_for_test();
+    // head 0: a 4 KiB read, offered as avail entry `n`
+    g.header(BUF, blk::VIRTIO_BLK_T_IN, 0);
+    g.desc(DESC, 0, BUF, 16, VRING_DESC_F_NEXT, 1);
+    g.desc(
+        DESC,
+        1,
+        BUF + 0x1000,
+        4096,
+        VRING_DESC_F_NEXT | VRING_DESC_F_WRITE,
+        2,
+    );
+    g.desc(DESC, 2, BUF + 0x100, 1, VRING_DESC_F_WRITE, 0);
+    let run = |n: u16, p: &mut crate::queue::QueuePoller, io: &mut IoEngine, on: Option<bool>| {
+        g.write(AVAIL + 4 + 2 * u64::from(n % QSIZE), &[0, 0]);
+        g.write(AVAIL + 2, &(n + 1).to_le_bytes());
+        cycle(p, io);
+        assert_eq!(p.in_flight(), 1, "the read waits for the device");
+        if let Some(on) = on {
+            // what a reactor does on `metrics_set_histograms`
+            io.set_timing(on);
+            p.set_timing(on);
+        }
+        for _ in 0..10_000 {
+            cycle(p, io);
+            if p.in_flight() == 0 {
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_micros(200));
+        }
+        assert_eq!(g.read(USED + 2, 2), (n + 1).to_le_bytes(), "completed");
+    };
+    run(0, &mut p, &mut io, Some(true));
+    let count = || reads.latency[0].snapshot().count();
+    assert_eq!(count(), 0, "taken before the switch: not recorded");
+    run(1, &mut p, &mut io, None);
+    let s = reads.latency[0].snapshot();
+    assert_eq!(s.count(), 1);
+    assert!((0.019..0.1).contains(&s.max().unwrap()), "{:?}", s.max());
+    run(2, &mut p, &mut io, Some(false));
+    run(3, &mut p, &mut io, None);
+    assert_eq!(count(), 1, "nothing recorded while off");
+}

@@ -82,7 +82,8 @@ struct CompareArgs {
     #[arg(long)]
     null: bool,
     /// Backends in the order of the first pass: quern, qsd (every --qsd binary), spdk, fio;
-    /// quern-bare (no histograms, no QoS) and quern-metered (histograms and a QoS limit that
+    /// quern-bare (no histograms, no QoS: the default, said explicitly), quern-hist
+    /// (latency histograms on) and quern-metered (histograms and a QoS limit that
     /// never binds) measure what those features cost; quern-noevidx is
     /// Quern not offering EVENT_IDX (`event_idx = false`); quern-base runs the
     /// `--quern-base` build, to measure a change against the build before it;
@@ -230,7 +231,7 @@ fn run_compare(a: CompareArgs) -> Result<(), String> {
     let mut backends = Vec::new();
     for name in &a.backends {
         match name.as_str() {
-            "quern" | "quern-bare" | "quern-metered" | "quern-noevidx" => {
+            "quern" | "quern-bare" | "quern-hist" | "quern-metered" | "quern-noevidx" => {
                 if !setup.quern.exists() {
                     return Err(format!(
                         "{} missing: cargo build --release -p quern",
@@ -239,6 +240,7 @@ fn run_compare(a: CompareArgs) -> Result<(), String> {
                 }
                 backends.push(Backend::Quern(match name.as_str() {
                     "quern-bare" => Flavor::Bare,
+                    "quern-hist" => Flavor::Histograms,
                     "quern-metered" => Flavor::Metered,
                     "quern-noevidx" => Flavor::NoEventIdx,
                     _ => Flavor::Default,
@@ -277,7 +279,7 @@ fn run_compare(a: CompareArgs) -> Result<(), String> {
             }
             other => {
                 return Err(format!(
-                    "unknown backend `{other}` (quern, quern-bare, quern-metered, quern-noevidx, quern-base, qsd, spdk, fio or fio-spin)"
+                    "unknown backend `{other}` (quern, quern-bare, quern-hist, quern-metered, quern-noevidx, quern-base, qsd, spdk, fio or fio-spin)"
                 ))
             }
         }
