@@ -505,6 +505,7 @@ fn qos_bench_runs() {
         "| write_bps |",
         "iops 5000 → 2000",
         "neighbour loaded/alone",
+        "neighbour loaded/alone in windows: median of 2 pairs",
         "QoS targets:",
     ] {
         assert!(out.contains(needle), "no `{needle}`:\n{}", show(&o));

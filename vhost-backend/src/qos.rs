@@ -359,6 +359,10 @@ const KINDS: [IoKind; 5] = [
     IoKind::WriteZeroes,
 ];
 
+/// A grant from a shared bucket is this many milliseconds of its rate (or
+/// what a request is missing, if more).
+const GRANT_MS: i64 = 4;
+
 /// Shortest and longest pause before a waiting queue tries again.
 const RETRY_MIN_NS: u64 = 50_000;
 const RETRY_MAX_NS: u64 = 1_000_000;
@@ -637,8 +641,26 @@ impl QueueQos {
             }
             let lim = &self.limiters[a.li];
             lim.refill(now);
-            // a grant: what is missing, or a millisecond's worth
-            let want = (need - self.credit[j]).max(a.rate.max(1));
+            // a grant: what is missing, or GRANT_MS' worth
+            let want = (need - self.credit[j]).max(a.rate.max(1) * GRANT_MS);
+            // A queue that is being throttled waits (keeping its turn)
+            // until the bucket holds its whole grant, and then takes it
+            // at once: its requests go, complete and are signalled in
+            // batches, not one wake-up of the guest per request. (The
+            // rate is the same; what changes is how many completions
+            // each interrupt carries: at 5,000 IOPS a one-token grant
+            // meant a wake-up per 3.5 requests, costing an unlimited
+            // neighbour on this two-core machine 7 % of its IOPS.)
+            let batch = want.min(a.cap.max(MILLI));
+            let have = lim.buckets[a.bi].tokens.load(Ordering::Relaxed);
+            if have < batch {
+                let wait = (batch - have.max(0)) as u64 * 1_000_000 / a.rate.max(1) as u64;
+                self.retry_at = now + wait.clamp(RETRY_MIN_NS, RETRY_MAX_NS);
+                return false;
+            }
+            // (less than a batch would be left: take that too, so that a
+            // burst is not cut short by a remainder that waits)
+            let want = if have - want < batch { have } else { want };
             self.credit[j] += take(&lim.buckets[a.bi].tokens, want);
             if self.credit[j] < need {
                 // still short: keep the turn until the bucket has accrued
@@ -924,6 +946,45 @@ mod tests {
             }
         }
         assert!((1900..=2100).contains(&n), "{n}");
+    }
+
+    /// A queue held at its limit gets its requests in batches of a
+    /// grant's worth (GRANT_MS of the rate), not one at a time as tokens
+    /// trickle in: the same rate, a few hundred wake-ups of the guest a
+    /// second instead of thousands.
+    #[test]
+    fn a_throttled_queue_is_granted_in_batches() {
+        let lim = Limiter::new(
+            "t",
+            QosLimits {
+                iops: 5000,
+                burst_ms: 10,
+                ..Default::default()
+            },
+        );
+        let mut q = QueueQos::new(QosBinding::new(lim, None));
+        let t0 = now_ns();
+        let (mut n, mut batches) = (0, 0);
+        // a queue that always has requests waiting, polled every 20 µs
+        // for a simulated second
+        for step in 1..=50_000u64 {
+            let now = t0 + step * 20_000;
+            if !q.may_retry(now) {
+                continue;
+            }
+            let mut got = 0;
+            while q.admit_at(IoKind::Read, 4096, now) {
+                got += 1;
+            }
+            n += got;
+            batches += usize::from(got > 0);
+        }
+        assert!((4900..=5150).contains(&n), "{n} admitted in 1 s");
+        let per_batch = n as f64 / batches as f64;
+        assert!(
+            per_batch >= 0.9 * (5 * GRANT_MS) as f64,
+            "{per_batch:.1} requests per batch ({batches} batches)"
+        );
     }
 
     /// A request bigger than the whole burst still passes, and pays.
