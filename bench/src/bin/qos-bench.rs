@@ -2,9 +2,10 @@
 //! reactors with a QD32 libblkio client on each, measured against its
 //! limit; a limit lowered at run time, timed until it holds; and an
 //! unlimited neighbour on the same reactors, its IOPS with the limited
-//! device loaded (at `--neighbour-limit` IOPS, 5,000) against alone: in alternating pairs of runs, and in
-//! alternating windows of one run (the limited device's client, a
-//! process of its own, stopped in one window and running in the next).
+//! device loaded (at `--neighbour-limit` IOPS, 5,000) against alone: in
+//! alternating pairs of runs, and in alternating windows of one run (the
+//! limited device's client, a process of its own, stopped in one window
+//! and running in the next).
 //!
 //! Prints a table per part and a verdict per target (within 5 %, holds
 //! within 1 s, neighbour at least 95 %). See bench/README.md; figures in
@@ -406,7 +407,8 @@ fn neighbour_windows(
     let mut c = q.client()?;
     limit_the_limited(&mut c, json!({"iops": limit}))?;
     let total_ms = 1000 + 2 * pairs as u64 * window_ms;
-    let secs = total_ms.div_ceil(1000) + 1;
+    // (each window also waits for two management calls: a margin)
+    let secs = total_ms.div_ceil(1000) + 2;
     let limited = LimitedClient::start(&q.dir, secs + 2)?;
     let scale = quern_bench::clock::ns_per_tick();
     let to_ticks = |ms: u64| (ms as f64 * 1e6 / scale) as u64;
@@ -457,10 +459,12 @@ fn neighbour_windows(
         let done: u64 = bins.iter().skip(first).take(n).sum();
         done as f64 / (n.max(1) as f64 * BIN_MS as f64 / 1000.0)
     };
+    // a window past the end of the neighbour's run is not counted
+    windows.retain(|w| w.1 + w.2 <= bins.len() && w.2 > 0);
     let mut ratios = Vec::new();
     let (mut alone, mut loaded, mut lim_on, mut lim_off) = (vec![], vec![], vec![], vec![]);
     let secs_of = |w: &(bool, usize, usize, u64)| w.2 as f64 * BIN_MS as f64 / 1000.0;
-    for w in windows.chunks(2) {
+    for w in windows.chunks_exact(2) {
         let (l, a) = if w[0].0 {
             (&w[0], &w[1])
         } else {
@@ -471,6 +475,18 @@ fn neighbour_windows(
         alone.push(iops(a));
         lim_on.push(l.3 as f64 / secs_of(l).max(1e-3));
         lim_off.push(a.3 as f64 / secs_of(a).max(1e-3));
+    }
+    if ratios.is_empty() {
+        return Err("no pair of windows inside the neighbour's run".into());
+    }
+    // the load is what is measured: a limited client that did not run
+    // (or a limit that did not hold) is an error, not a verdict
+    if median(&lim_on) < 0.5 * limit as f64 || median(&lim_off) > 0.1 * limit as f64 {
+        return Err(format!(
+            "the limited device ran {:.0} IOPS in its loaded windows and {:.0} in its stopped ones, not about {limit} and 0",
+            median(&lim_on),
+            median(&lim_off)
+        ));
     }
     let mut sorted = ratios.clone();
     sorted.sort_by(f64::total_cmp);
