@@ -218,6 +218,33 @@ fn misaligned_rings_are_refused() {
     }
 }
 
+/// Rings aligned as the frontend gives them but not where they land in
+/// Quern's mapping (a region whose mmap offset is 2: no real frontend
+/// sends one, the frontend fuzzer did) are refused, not accessed with
+/// misaligned loads and stores (std's checks abort a debug build there).
+#[test]
+fn rings_misaligned_by_their_regions_mmap_offset_are_refused() {
+    // SAFETY: memfd_create with a static name; checked below.
+    let fd = unsafe { libc::memfd_create(c"quern-test".as_ptr(), 0) };
+    assert!(fd >= 0);
+    // SAFETY: fresh fd.
+    let f = unsafe { File::from_raw_fd(fd) };
+    f.set_len(MEM + 4096).unwrap();
+    let mem = MemTable::default()
+        .with_region(GuestAddress(GPA), MEM, FrontendAddress(UVA), 2, &f)
+        .unwrap();
+    let uva = |gpa: u64| FrontendAddress(gpa - GPA + UVA);
+    // SAFETY: `mem` outlives the (refused) queue.
+    let r = unsafe { SplitQueue::new(&mem, QSIZE, uva(DESC), uva(AVAIL), uva(USED), 0, false) };
+    match r {
+        Err(e @ RingError::MisalignedMapping { ring, .. }) => {
+            assert_eq!(ring, "descriptor table");
+            assert!(e.to_string().contains("mmap offset"), "{e}");
+        }
+        other => panic!("{:?}", other.err()),
+    }
+}
+
 /// An indirect table sits wherever the guest put it; its descriptors are
 /// read byte-wise, so an odd address works (std's alignment checks in
 /// debug builds would catch a wide load).

@@ -66,6 +66,15 @@ pub enum RingError {
         addr: u64,
         align: u64,
     },
+    /// Aligned as the frontend sees it, but not where the region is
+    /// mapped here: a region whose mmap offset is not a multiple of the
+    /// ring's alignment (no real frontend sends one).
+    #[error("{ring} at {addr:#x} is not aligned to {align} bytes where its region is mapped (its mmap offset)")]
+    MisalignedMapping {
+        ring: &'static str,
+        addr: u64,
+        align: u64,
+    },
     #[error("{ring} at {addr:#x} ({len} bytes) is outside the memory table")]
     Outside {
         ring: &'static str,
@@ -200,11 +209,21 @@ impl SplitQueue {
                     align,
                 });
             }
-            mem.uva(a, len).ok_or(RingError::Outside {
+            let p = mem.uva(a, len).ok_or(RingError::Outside {
                 ring,
                 addr: a.0,
                 len,
-            })
+            })?;
+            // the accesses are to the host pointer: its alignment is what
+            // counts (a region mapped at an odd offset shifts it)
+            if !(p as u64).is_multiple_of(align) {
+                return Err(RingError::MisalignedMapping {
+                    ring,
+                    addr: a.0,
+                    align,
+                });
+            }
+            Ok(p)
         };
         let desc = ring("descriptor table", desc, 16 * n, 16)?;
         let avail = ring("avail ring", avail, 6 + 2 * n, 2)?;
