@@ -623,6 +623,13 @@ impl QueueQos {
         ok
     }
 
+    /// Try again once a bucket of `rate` (thousandths per ms) has accrued
+    /// `missing` thousandths (within the shortest and longest pause).
+    fn retry_when_accrued(&mut self, now: u64, missing: i64, rate: i64) {
+        let wait = missing.max(0) as u64 * 1_000_000 / rate.max(1) as u64;
+        self.retry_at = now + wait.clamp(RETRY_MIN_NS, RETRY_MAX_NS);
+    }
+
     fn grant_and_spend(&mut self, kind: IoKind, bytes: u64, now: u64) -> bool {
         for j in 0..self.active.len() {
             let a = self.active[j];
@@ -654,8 +661,7 @@ impl QueueQos {
             let batch = want.min(a.cap.max(MILLI));
             let have = lim.buckets[a.bi].tokens.load(Ordering::Relaxed);
             if have < batch {
-                let wait = (batch - have.max(0)) as u64 * 1_000_000 / a.rate.max(1) as u64;
-                self.retry_at = now + wait.clamp(RETRY_MIN_NS, RETRY_MAX_NS);
+                self.retry_when_accrued(now, batch - have.max(0), a.rate);
                 return false;
             }
             // (less than a batch would be left: take that too, so that a
@@ -665,9 +671,7 @@ impl QueueQos {
             if self.credit[j] < need {
                 // still short: keep the turn until the bucket has accrued
                 // what is missing
-                let missing = (need - self.credit[j]) as u64;
-                let wait = missing * 1_000_000 / a.rate.max(1) as u64;
-                self.retry_at = now + wait.clamp(RETRY_MIN_NS, RETRY_MAX_NS);
+                self.retry_when_accrued(now, need - self.credit[j], a.rate);
                 return false;
             }
             self.release(j, now);

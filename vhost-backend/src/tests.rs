@@ -46,14 +46,25 @@ pub(crate) struct Guest {
 
 impl Guest {
     pub fn new() -> Self {
+        Guest::mapped_at(0)
+    }
+
+    /// Guest memory whose region starts `mmap_offset` bytes into its fd.
+    pub fn mapped_at(mmap_offset: u64) -> Self {
         // SAFETY: memfd_create with a static name; checked below.
         let fd = unsafe { libc::memfd_create(c"quern-test".as_ptr(), 0) };
         assert!(fd >= 0);
         // SAFETY: fresh fd.
         let f = unsafe { File::from_raw_fd(fd) };
-        f.set_len(MEM).unwrap();
+        f.set_len(MEM + mmap_offset).unwrap();
         let mem = MemTable::default()
-            .with_region(GuestAddress(GPA), MEM, FrontendAddress(UVA), 0, &f)
+            .with_region(
+                GuestAddress(GPA),
+                MEM,
+                FrontendAddress(UVA),
+                mmap_offset,
+                &f,
+            )
             .unwrap();
         Guest { mem: mem.into() }
     }
@@ -224,19 +235,7 @@ fn misaligned_rings_are_refused() {
 /// misaligned loads and stores (std's checks abort a debug build there).
 #[test]
 fn rings_misaligned_by_their_regions_mmap_offset_are_refused() {
-    // SAFETY: memfd_create with a static name; checked below.
-    let fd = unsafe { libc::memfd_create(c"quern-test".as_ptr(), 0) };
-    assert!(fd >= 0);
-    // SAFETY: fresh fd.
-    let f = unsafe { File::from_raw_fd(fd) };
-    f.set_len(MEM + 4096).unwrap();
-    let mem = MemTable::default()
-        .with_region(GuestAddress(GPA), MEM, FrontendAddress(UVA), 2, &f)
-        .unwrap();
-    let uva = |gpa: u64| FrontendAddress(gpa - GPA + UVA);
-    // SAFETY: `mem` outlives the (refused) queue.
-    let r = unsafe { SplitQueue::new(&mem, QSIZE, uva(DESC), uva(AVAIL), uva(USED), 0, false) };
-    match r {
+    match Guest::mapped_at(2).ring(QSIZE, DESC, AVAIL, USED) {
         Err(e @ RingError::MisalignedMapping { ring, .. }) => {
             assert_eq!(ring, "descriptor table");
             assert!(e.to_string().contains("mmap offset"), "{e}");
