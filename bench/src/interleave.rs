@@ -59,6 +59,12 @@ struct Tally {
     cpu_ns: Vec<f64>,
     /// Latency of every counted request, ticks.
     hist: Histogram<u64>,
+    /// The same, over the current round only.
+    round: Histogram<u64>,
+    /// The same, over the current window only (scratch).
+    win: Histogram<u64>,
+    /// The p50 of each measured window, µs.
+    p50_us: Vec<f64>,
 }
 
 impl Side {
@@ -208,7 +214,7 @@ fn window(
             if now >= t_count && now < t_end {
                 n += 1;
                 tally
-                    .hist
+                    .win
                     .saturating_record(now.saturating_sub(t_sub[slot]).max(1));
             }
             if now < t_end && failed.is_none() {
@@ -230,6 +236,13 @@ fn window(
     tally
         .iops
         .push(n as f64 / ((t_end - t_count) as f64 * scale / 1e9));
+    tally
+        .p50_us
+        .push(tally.win.value_at_quantile(0.5) as f64 * scale / 1000.0);
+    // (both share the window's bounds: adding cannot fail)
+    let _ = tally.hist.add(&tally.win);
+    let _ = tally.round.add(&tally.win);
+    tally.win.reset();
     if let (Some((c0, n0)), Some((c1, n1))) = (cpu_from, cpu_to) {
         if n1 > n0 {
             tally.cpu_ns.push((c1 - c0) as f64 / (n1 - n0) as f64);
@@ -278,8 +291,12 @@ pub fn run(
         iops: Vec::new(),
         cpu_ns: Vec::new(),
         hist: new_histogram(),
+        round: new_histogram(),
+        win: new_histogram(),
+        p50_us: Vec::new(),
     });
     let mut ratios = Vec::new();
+    let mut p50_deltas = Vec::new();
     let mut cpu_ratios = Vec::new();
     let mut rng = Rng::new(7);
     for round in 0..rounds.max(1) {
@@ -332,10 +349,16 @@ pub fn run(
             w.iter().sum::<f64>() / w.len().max(1) as f64
         };
         let rc = cpu(0) / cpu(1);
+        let p50 = |t: &Tally| t.round.value_at_quantile(0.5) as f64 * scale / 1000.0;
+        let dp50 = p50(&tallies[0]) - p50(&tallies[1]);
+        for t in &mut tallies {
+            t.round.reset();
+        }
         eprintln!(
-            "round {round}: {}/{} IOPS {r:.3}, client CPU per I/O {rc:.3}",
+            "round {round}: {}/{} IOPS {r:.3}, client CPU per I/O {rc:.3}, p50 {dp50:+.3} µs",
             tallies[0].label, tallies[1].label
         );
+        p50_deltas.push(dp50);
         ratios.push(r);
         if rc.is_finite() {
             cpu_ratios.push(rc);
@@ -393,6 +416,34 @@ pub fn run(
         median(&windows),
         us(&tallies[0].hist, 0.5) - us(&tallies[1].hist, 0.5),
         us(&tallies[0].hist, 0.99) - us(&tallies[1].hist, 0.99),
+    );
+    // The p50 above is of every request of all rounds, so a phase that
+    // happened to hold more of one backend's requests moves it; paired
+    // like the IOPS ratio it is not: the difference of each round's p50s
+    // and of each pair of adjacent windows.
+    let pair_p50: Vec<f64> = tallies[0]
+        .p50_us
+        .iter()
+        .zip(&tallies[1].p50_us)
+        .map(|(x, y)| x - y)
+        .collect();
+    let [d25, d75, d0, d100] = quartiles(&p50_deltas);
+    let [w25, w75, ..] = quartiles(&pair_p50);
+    println!(
+        "{}/{}: p50 difference, median of {} rounds {:+.3} µs (quartiles {:+.3} to {:+.3}; range {:+.3} to {:+.3}); \
+         median of {} window pairs {:+.3} µs (quartiles {:+.3} to {:+.3})",
+        tallies[0].label,
+        tallies[1].label,
+        p50_deltas.len(),
+        median(&p50_deltas),
+        d25,
+        d75,
+        d0,
+        d100,
+        pair_p50.len(),
+        median(&pair_p50),
+        w25,
+        w75,
     );
     if !cpu_ratios.is_empty() {
         let [c25, c75, c0, c100] = quartiles(&cpu_ratios);
