@@ -163,6 +163,9 @@ pub struct ReactorIo {
     /// The reactor failed: every poller, also those added later, fails
     /// its new work.
     failed: bool,
+    /// The clock reading the last cycle took after its publish, for the
+    /// next cycle if it follows at once (0: none).
+    carry: u64,
 }
 
 /// The control plane's handle on a reactor running I/O.
@@ -182,6 +185,7 @@ impl ReactorIo {
             ring_efd,
             poller_generation: 0,
             stats,
+            carry: 0,
             failed: false,
         })
     }
@@ -292,8 +296,10 @@ impl ReactorIo {
 impl Work for ReactorIo {
     fn cycle(&mut self) -> usize {
         let mut work = 0;
-        let ReactorIo { io, pollers, .. } = self;
-        io.begin_cycle();
+        let ReactorIo {
+            io, pollers, carry, ..
+        } = self;
+        io.begin_cycle_at(std::mem::take(carry));
         let submitted_before = io.stats().requests_submitted;
         for (slot, p) in pollers.iter_mut().enumerate() {
             if let Some(p) = p {
@@ -317,6 +323,9 @@ impl Work for ReactorIo {
         }
         // what is recorded after the completions are out
         self.io.end_cycle(&mut now);
+        // the next cycle starts with this reading, unless something runs
+        // in between (`clock_stale`)
+        self.carry = now;
         work + done
     }
 
@@ -333,9 +342,14 @@ impl Work for ReactorIo {
     }
 
     fn after_sleep(&mut self) {
+        self.carry = 0;
         for p in self.pollers.iter_mut().flatten() {
             p.after_sleep();
         }
+    }
+
+    fn clock_stale(&mut self) {
+        self.carry = 0;
     }
 
     fn wake_fds(&self, out: &mut Vec<RawFd>) {

@@ -291,3 +291,59 @@ fn cookies_carry_the_poller_and_its_tag() {
     let c = Cookie::new(PollerId(u16::MAX), 7);
     assert_eq!((c.poller(), c.tag()), (PollerId(u16::MAX), 7));
 }
+
+/// Sees the cycle's clock reading in `poll` and takes the end-of-cycle
+/// reading in `end_cycle`, as a device queue with histograms on does.
+struct ClockProbe {
+    seen: Arc<std::sync::Mutex<Vec<(u64, u64)>>>,
+    at_poll: u64,
+}
+
+impl IoPoller for ClockProbe {
+    fn poll(&mut self, io: &mut IoEngine, _me: PollerId) -> usize {
+        self.at_poll = io.clock();
+        1
+    }
+    fn on_complete(&mut self, _tag: u64, _result: IoResult) {}
+    fn end_cycle(&mut self, now: &mut u64) {
+        let end = quern_reactor::clock::ticks_once(now);
+        self.seen.lock().unwrap().push((self.at_poll, end));
+    }
+}
+
+/// A cycle that follows the last one at once starts with the reading the
+/// last one took after its publish (one clock read a cycle, not two); one
+/// after a sleep or after messages ran reads the clock afresh.
+#[test]
+fn a_cycle_reuses_the_last_cycles_end_reading_unless_something_ran_between() {
+    use quern_reactor::Work;
+    let mut r = ReactorIo::new(0, EngineConfig::default(), Arc::new(IoStats::default())).unwrap();
+    let seen = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let probe = ClockProbe {
+        seen: seen.clone(),
+        at_poll: 0,
+    };
+    assert!(r.add_poller(Box::new(probe)).is_ok());
+    let gap = || {
+        // a few microseconds, so a fresh reading surely differs
+        let t = Instant::now();
+        while t.elapsed() < Duration::from_micros(20) {}
+    };
+    r.cycle();
+    gap();
+    r.cycle();
+    gap();
+    r.clock_stale();
+    r.cycle();
+    gap();
+    r.after_sleep();
+    r.cycle();
+    let s = seen.lock().unwrap().clone();
+    assert_eq!(s.len(), 4);
+    assert_eq!(s[1].0, s[0].1, "a cycle straight after: {s:?}");
+    assert!(s[2].0 > s[1].1, "after messages ran: {s:?}");
+    assert!(s[3].0 > s[2].1, "after a sleep: {s:?}");
+    for (at_poll, end) in s {
+        assert!(at_poll <= end);
+    }
+}

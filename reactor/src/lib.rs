@@ -95,6 +95,10 @@ pub trait Work: 'static {
     }
     /// Woken up: disarm notifications.
     fn after_sleep(&mut self) {}
+    /// Something other than [`Work::cycle`] ran on the reactor since the
+    /// last cycle (messages): a clock reading the last cycle kept for the
+    /// next is stale.
+    fn clock_stale(&mut self) {}
     /// Fds that become readable when there is work (the reactor drains
     /// eventfds it is woken by). Read again whenever
     /// [`Work::wake_generation`] changes.

@@ -458,6 +458,9 @@ impl<W: Work> Reactor<W> {
         for inbox in &mut self.inboxes {
             work += mailbox::drain(inbox, &mut self.work);
         }
+        if work > 0 {
+            self.work.clock_stale();
+        }
         work += self.work.cycle();
         // In-flight work counts as work for the spin decision (a completion
         // is usually microseconds away), except in interrupt mode, which

@@ -682,8 +682,10 @@ impl QueuePoller {
         n
     }
 
-    /// The take time of requests taken now, as stamped (0 with histograms
-    /// off: no clock read).
+    /// The take time of requests taken now, as stamped: the cycle's clock
+    /// reading, which may be the last cycle's end reading
+    /// (`IoEngine::begin_cycle_at`); 0 with histograms off (no clock
+    /// read).
     #[inline]
     fn take_time(&self, io: &mut IoEngine) -> u64 {
         if self.timing {
