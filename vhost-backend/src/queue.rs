@@ -848,7 +848,10 @@ impl IoPoller for QueuePoller {
             self.log_used(log);
         }
         let publishing = self.q.unpublished().1 > 0;
-        if self.q.publish() {
+        // with completions to time, the clock is read inside the publish,
+        // in the shadow of its fence
+        let timed = self.timing && !self.returned_list.is_empty();
+        if self.q.publish(timed.then_some(&mut *now)) {
             self.signal();
             self.late_signal = 0;
         } else if publishing && !self.q.event_idx && self.late_signal == 0 {
@@ -859,11 +862,12 @@ impl IoPoller for QueuePoller {
         }
         // one pass over the cycle's completions: their heads may be taken
         // again, and, with histograms on, their latencies are recorded,
-        // after the used ring is published so neither the clock reading
-        // nor the recording is in the guest's way; the time is when they
-        // became visible (a reading after the publish, shared with the
-        // other pollers of the cycle)
-        if self.timing && !self.returned_list.is_empty() {
+        // after the used ring is published so the recording is not in the
+        // guest's way; the time is when they went on the used ring (the
+        // reading the publish took as it stored the used index, shared
+        // with the other pollers of the cycle)
+        if timed {
+            // (read in the publish; here if nothing was published)
             let now = clock::ticks_once(now);
             // requests taken in one cycle and completed in one have one
             // latency: recorded once per run of them, not once each

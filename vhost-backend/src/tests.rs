@@ -811,6 +811,32 @@ fn dirty_logging_marks_exactly_the_pages_written() {
     assert_eq!(run(false), Vec::<u64>::new());
 }
 
+/// A publish asked for the clock reads it once the used index is stored
+/// (the end of the requests' time, taken in the shadow of its fence), keeps
+/// a reading already taken in the cycle, and reads nothing when it has
+/// nothing to publish.
+#[test]
+fn a_publish_reads_the_clock_only_when_it_publishes() {
+    let g = Guest::new();
+    let mut q = g.queue();
+    let mut now = 0;
+    assert!(!q.publish(Some(&mut now)));
+    assert_eq!(now, 0, "nothing published: no reading");
+    q.push_used(0, 1);
+    let before = quern_reactor::clock::ticks();
+    q.publish(Some(&mut now));
+    let after = quern_reactor::clock::ticks();
+    assert_eq!(g.read(USED + 2, 2), [1, 0], "published");
+    assert!((before..=after).contains(&now), "{before} {now} {after}");
+    let first = now;
+    q.push_used(3, 1);
+    q.publish(Some(&mut now));
+    assert_eq!(now, first, "the cycle's reading is kept");
+    q.push_used(6, 1);
+    q.publish(None);
+    assert_eq!(g.read(USED + 2, 2), [3, 0], "published without a reading");
+}
+
 /// Without EVENT_IDX, a publish that the driver's NO_INTERRUPT flag
 /// suppressed owes it one signal a millisecond later (a driver that does
 /// not fence after clearing the flag may be asleep on it), or at once when

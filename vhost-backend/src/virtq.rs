@@ -449,14 +449,20 @@ impl SplitQueue {
     }
 
     /// Make pushed entries visible; returns whether the guest wants an
-    /// interrupt for them.
-    pub fn publish(&mut self) -> bool {
+    /// interrupt for them. With `clock`, the clock is read into it (if it
+    /// holds 0) once the used index is stored, before the fence that
+    /// follows: the reading is the moment the entries are on the used
+    /// ring, and it is taken while the fence waits for the stores.
+    pub fn publish(&mut self, clock: Option<&mut u64>) -> bool {
         if self.used_idx == self.signalled_used {
             return false;
         }
         fence(Ordering::Release);
         // SAFETY: used+2 is the used index.
         unsafe { wr16(self.used.add(2), self.used_idx) };
+        if let Some(c) = clock {
+            quern_reactor::clock::ticks_once(c);
+        }
         fence(Ordering::SeqCst);
         let old = self.signalled_used;
         self.signalled_used = self.used_idx;
