@@ -580,7 +580,7 @@ impl IoEngine {
 
     /// A new reactor cycle that follows the last one at once (no sleep,
     /// no message run in between): its clock reading is `reading`, the
-    /// one the last cycle took after publishing its completions (0: none
+    /// one the last cycle took as it published its completions (0: none
     /// taken, read when first needed). A busy queue then reads the clock
     /// once a cycle rather than twice; what it times starts at most one
     /// cycle's tail early.

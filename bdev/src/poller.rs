@@ -163,7 +163,7 @@ pub struct ReactorIo {
     /// The reactor failed: every poller, also those added later, fails
     /// its new work.
     failed: bool,
-    /// The clock reading the last cycle took after its publish, for the
+    /// The clock reading the last cycle took as it published, for the
     /// next cycle if it follows at once (0: none).
     carry: u64,
 }
