@@ -62,13 +62,39 @@ pub enum Flavor {
     NoEventIdx,
 }
 
+impl Flavor {
+    /// The flavor by its backend name's suffix (`bare`, `hist`, `metered`,
+    /// `noevidx`; empty: the default).
+    pub fn from_suffix(suffix: &str) -> Option<Flavor> {
+        Some(match suffix {
+            "" => Flavor::Default,
+            "bare" => Flavor::Bare,
+            "hist" => Flavor::Histograms,
+            "metered" => Flavor::Metered,
+            "noevidx" => Flavor::NoEventIdx,
+            _ => return None,
+        })
+    }
+
+    /// The suffix of its rows' labels (`-noevidx`; empty for the default).
+    fn suffix(self) -> &'static str {
+        match self {
+            Flavor::Default => "",
+            Flavor::Bare => "-bare",
+            Flavor::Histograms => "-hist",
+            Flavor::Metered => "-metered",
+            Flavor::NoEventIdx => "-noevidx",
+        }
+    }
+}
+
 /// One backend to measure.
 #[derive(Clone, Debug)]
 pub enum Backend {
     Quern(Flavor),
-    /// Another build of Quern (`--quern-base`), as configured by default:
-    /// a change measured against the build before it, in the same run.
-    QuernBase(PathBuf),
+    /// Another build of Quern (`--quern-base`), in one of the flavors: a
+    /// change measured against the build before it, in the same run.
+    QuernBase(PathBuf, Flavor),
     /// A qemu-storage-daemon binary and its version (`10.0.2`).
     Qsd {
         bin: PathBuf,
@@ -96,18 +122,13 @@ impl Backend {
                 "quern-{}-merge{}{}",
                 s.poll,
                 if s.merge { "on" } else { "off" },
-                match f {
-                    Flavor::Default => "",
-                    Flavor::Bare => "-bare",
-                    Flavor::Histograms => "-hist",
-                    Flavor::Metered => "-metered",
-                    Flavor::NoEventIdx => "-noevidx",
-                }
+                f.suffix()
             ),
-            Backend::QuernBase(_) => format!(
-                "quern-base-{}-merge{}",
+            Backend::QuernBase(_, f) => format!(
+                "quern-base-{}-merge{}{}",
                 s.poll,
-                if s.merge { "on" } else { "off" }
+                if s.merge { "on" } else { "off" },
+                f.suffix()
             ),
             Backend::Qsd { version, .. } => format!("qsd-{version}"),
             Backend::Spdk { .. } => "spdk".into(),
@@ -117,7 +138,7 @@ impl Backend {
     }
 
     pub fn is_quern(&self) -> bool {
-        matches!(self, Backend::Quern(_) | Backend::QuernBase(_))
+        matches!(self, Backend::Quern(_) | Backend::QuernBase(..))
     }
 }
 
@@ -150,7 +171,7 @@ pub fn measure(b: &Backend, job: &Job, s: &Setup) -> Result<Option<Measured>, St
         Backend::Fio { .. } if s.null => Ok(None),
         Backend::Fio { spin } => run_fio(job, s, *spin).map(Some),
         Backend::Quern(f) => run_quern(&s.quern, job, s, *f).map(Some),
-        Backend::QuernBase(bin) => run_quern(bin, job, s, Flavor::Default).map(Some),
+        Backend::QuernBase(bin, f) => run_quern(bin, job, s, *f).map(Some),
         Backend::Qsd { bin, .. } => run_qsd(bin, job, s).map(Some),
         Backend::Spdk { vhost, rpc } => run_spdk(vhost, rpc, job, s).map(Some),
     }

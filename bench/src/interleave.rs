@@ -33,7 +33,7 @@ use std::time::Duration;
 use blkio::{Blkio, Completion, ReqFlags};
 use hdrhistogram::Histogram;
 
-use crate::backends::{quern_toml, start_spdk, taskset, Backend, Flavor, Proc, Setup};
+use crate::backends::{quern_toml, start_spdk, taskset, Backend, Proc, Setup};
 use crate::client::{blkio_err, connect, new_histogram, thread_cpu_ns};
 use crate::clock::{ns_per_tick, ticks};
 use crate::job::Job;
@@ -127,9 +127,9 @@ fn start(job: &Job, s: &Setup, b: &Backend, i: usize) -> Result<Side, String> {
                 let (p, sock, _) = start_spdk(vhost, rpc, s, &dir)?;
                 (p, sock)
             }
-            Backend::Quern(_) | Backend::QuernBase(_) => {
+            Backend::Quern(_) | Backend::QuernBase(..) => {
                 let (bin, flavor) = match b {
-                    Backend::QuernBase(p) => (p.clone(), Flavor::Default),
+                    Backend::QuernBase(p, f) => (p.clone(), *f),
                     Backend::Quern(f) => (s.quern.clone(), *f),
                     _ => unreachable!("matched above"),
                 };
@@ -150,7 +150,7 @@ fn start(job: &Job, s: &Setup, b: &Backend, i: usize) -> Result<Side, String> {
             }
             _ => return Err(
                 "--interleave-ms compares Quern builds or flavors and SPDK (quern, quern-bare, \
-                 quern-hist, quern-metered, quern-noevidx, quern-base, spdk)"
+                 quern-hist, quern-metered, quern-noevidx, quern-base[-flavor], spdk)"
                     .into(),
             ),
         };

@@ -437,9 +437,10 @@ fn vhost_bench_interleaves_two_quern_flavors_in_short_windows() {
     );
 }
 
-/// A build against another build (`--quern-base`, here the same binary)
-/// with a sleeping client: both run, the summary has their ratio, and the
-/// client's mode is in the header; a missing base is a message.
+/// A build against another build (`--quern-base`, here the same binary,
+/// in a flavor) with a sleeping client: both run, the summary has their
+/// ratio, and the client's mode is in the header; a missing base and an
+/// unknown flavor are messages.
 #[test]
 fn vhost_bench_compares_a_build_with_a_base_build_and_a_sleeping_client() {
     let dir = disk_tempdir();
@@ -450,7 +451,7 @@ fn vhost_bench_compares_a_build_with_a_base_build_and_a_sleeping_client() {
             "--null",
             "--client-wait",
             "--backends",
-            "quern,quern-base",
+            "quern,quern-base-noevidx",
             "--quern-base",
             base.to_str().unwrap(),
         ],
@@ -462,7 +463,7 @@ fn vhost_bench_compares_a_build_with_a_base_build_and_a_sleeping_client() {
         show(&o)
     );
     let s = summary(dir.path(), "randread-4k-qd32-null-summary.json");
-    let r = &s["ratios"]["quern-busy-mergeon/quern-base-busy-mergeon"];
+    let r = &s["ratios"]["quern-busy-mergeon/quern-base-busy-mergeon-noevidx"];
     let iops = r["IOPS"]["median"]
         .as_f64()
         .unwrap_or_else(|| panic!("{s}"));
@@ -482,6 +483,23 @@ fn vhost_bench_compares_a_build_with_a_base_build_and_a_sleeping_client() {
     assert!(
         String::from_utf8_lossy(&o.stderr)
             .contains("--quern-base /nonexistent/quern does not exist"),
+        "{}",
+        show(&o)
+    );
+
+    let o = compare(
+        dir.path(),
+        &[
+            "--null",
+            "--backends",
+            "quern-base-fast",
+            "--quern-base",
+            base.to_str().unwrap(),
+        ],
+    );
+    assert!(!o.status.success());
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("unknown backend quern-base-fast"),
         "{}",
         show(&o)
     );

@@ -86,7 +86,8 @@ struct CompareArgs {
     /// (latency histograms on) and quern-metered (histograms and a QoS limit that
     /// never binds) measure what those features cost; quern-noevidx is
     /// Quern not offering EVENT_IDX (`event_idx = false`); quern-base runs the
-    /// `--quern-base` build, to measure a change against the build before it;
+    /// `--quern-base` build, to measure a change against the build before it
+    /// (quern-base-bare, -hist, -metered, -noevidx: that build in a flavor);
     /// fio-spin is fio with a thread spinning on the client's core, the load
     /// a polling client puts on it (a busy vCPU can slow a VM's own disk).
     #[arg(long, default_value = "quern,qsd,spdk,fio", value_delimiter = ',')]
@@ -238,19 +239,28 @@ fn run_compare(a: CompareArgs) -> Result<(), String> {
                         setup.quern.display()
                     ));
                 }
-                backends.push(Backend::Quern(match name.as_str() {
-                    "quern-bare" => Flavor::Bare,
-                    "quern-hist" => Flavor::Histograms,
-                    "quern-metered" => Flavor::Metered,
-                    "quern-noevidx" => Flavor::NoEventIdx,
-                    _ => Flavor::Default,
-                }))
+                let flavor = name.strip_prefix("quern").unwrap_or("");
+                let flavor = flavor.strip_prefix('-').unwrap_or(flavor);
+                backends.push(Backend::Quern(
+                    Flavor::from_suffix(flavor).unwrap_or(Flavor::Default),
+                ))
             }
-            "quern-base" => match &a.quern_base {
-                Some(b) if b.exists() => backends.push(Backend::QuernBase(b.clone())),
-                Some(b) => return Err(format!("--quern-base {} does not exist", b.display())),
-                None => return Err("the backend quern-base needs --quern-base PATH".into()),
-            },
+            base if base == "quern-base" || base.starts_with("quern-base-") => {
+                let suffix = base["quern-base".len()..].trim_start_matches('-');
+                let flavor = Flavor::from_suffix(suffix).ok_or_else(|| {
+                    format!(
+                        "unknown backend {base}: quern-base takes the suffixes of the Quern \
+                         flavors (-bare, -hist, -metered, -noevidx)"
+                    )
+                })?;
+                match &a.quern_base {
+                    Some(b) if b.exists() => backends.push(Backend::QuernBase(b.clone(), flavor)),
+                    Some(b) => {
+                        return Err(format!("--quern-base {} does not exist", b.display()));
+                    }
+                    None => return Err(format!("the backend {base} needs --quern-base PATH")),
+                }
+            }
             "qsd" => backends.extend(qsd_backends(&a.qsd)),
             "spdk" => match (&a.spdk_vhost, &a.spdk_rpc) {
                 (Some(v), Some(r)) if v.exists() && r.exists() => backends.push(Backend::Spdk {
