@@ -191,6 +191,7 @@ impl Proc {
             .stdout(Stdio::null())
             .spawn()
             .map_err(|e| format!("start {what}: {e}"))?;
+        crate::watchdog::adopt(child.id());
         Ok(Proc {
             child,
             what: what.into(),
@@ -217,8 +218,14 @@ impl Proc {
         Ok(())
     }
 
-    /// SIGTERM (SIGINT for SPDK), then SIGKILL after 10 s; always reaped.
+    /// SIGTERM (SIGINT for SPDK), then SIGKILL after 10 s; always reaped
+    /// (and then no longer the watchdog's to kill).
     fn stop(&mut self, sig: i32) {
+        self.stop_and_reap(sig);
+        crate::watchdog::disown(self.pid());
+    }
+
+    fn stop_and_reap(&mut self, sig: i32) {
         if let Ok(Some(_)) = self.child.try_wait() {
             return;
         }

@@ -301,6 +301,11 @@ fn queue_thread(
         None => Vec::new(),
     };
     let mut failed = None;
+    // a sleeping client is watched from another thread (it blocks with no
+    // timeout); a polling one gives up by itself after as long
+    let watch = wait.then(crate::watchdog::watch);
+    let stuck = crate::watchdog::stuck_ticks();
+    let mut answered = ticks();
     while inflight > 0 {
         let t_poll = ticks();
         let k = q
@@ -313,9 +318,19 @@ fn queue_thread(
             if !stopping {
                 empty_polls += 1;
             }
+            if t_poll.saturating_sub(answered) > stuck {
+                return Err(format!(
+                    "queue {qi}: {inflight} requests unanswered for {} s",
+                    crate::watchdog::stuck_secs()
+                ));
+            }
             continue;
         }
         let now = ticks();
+        answered = now;
+        if let Some(w) = &watch {
+            w.progress(now);
+        }
         if !stopping && now >= end {
             stopping = true;
             tick_end = t_poll;

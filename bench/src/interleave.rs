@@ -26,9 +26,6 @@
 
 use std::mem::MaybeUninit;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Mutex;
-use std::time::Duration;
 
 use blkio::{Blkio, Completion, ReqFlags};
 use hdrhistogram::Histogram;
@@ -42,42 +39,6 @@ use crate::{pin_to_cpu, Rng};
 
 /// Ticks not counted at the start of a window.
 const WARM_MS: f64 = 2.0;
-
-/// A sleeping client (`--client-wait`) blocks in `do_io` with no timeout,
-/// as a guest's driver waits for its interrupt: a timeout arms a timer at
-/// every wait, which on a VM costs the client more than the I/O itself
-/// (measured at QD1: 2.3 -> 4.2 µs of client CPU per I/O) and weighs
-/// differently on different backends. A backend that stops answering is
-/// caught by [`watchdog`] instead.
-const STUCK_SECS: u64 = 10;
-
-/// The client's clock at its last completion in a window (0: not in a
-/// window), and the pids of the backends of the round.
-static PROGRESS: AtomicU64 = AtomicU64::new(0);
-static BACKENDS: Mutex<Vec<i32>> = Mutex::new(Vec::new());
-
-/// Watches a sleeping client: if a window sees no completion for
-/// [`STUCK_SECS`], the backends are killed (a stopped process takes
-/// SIGKILL too) and the run ends with a message, since the client is
-/// blocked where it cannot be told.
-fn watchdog(scale: f64) {
-    let limit = (STUCK_SECS as f64 * 1e9 / scale) as u64;
-    std::thread::spawn(move || loop {
-        std::thread::sleep(Duration::from_millis(500));
-        let last = PROGRESS.load(Ordering::Relaxed);
-        if last != 0 && ticks().saturating_sub(last) > limit {
-            eprintln!(
-                "vhost-bench: a backend answered nothing for {STUCK_SECS} s in a window; \
-                 killing the backends and giving up"
-            );
-            for &pid in BACKENDS.lock().unwrap_or_else(|e| e.into_inner()).iter() {
-                // SAFETY: signalling a child of ours by pid.
-                unsafe { libc::kill(pid, libc::SIGKILL) };
-            }
-            std::process::exit(1);
-        }
-    });
-}
 
 /// One of the two backends in one round: its process and its client.
 struct Side {
@@ -192,17 +153,9 @@ fn window(
     let mut t_sub = vec![0u64; job.iodepth];
     side.signal(libc::SIGCONT);
     let t0 = ticks();
-    // the watchdog watches this window until it returns, by any path
-    struct Watched;
-    impl Drop for Watched {
-        fn drop(&mut self) {
-            PROGRESS.store(0, Ordering::Relaxed);
-        }
-    }
-    let _watched = wait.then(|| {
-        PROGRESS.store(t0, Ordering::Relaxed);
-        Watched
-    });
+    // a sleeping client is watched in this window until it returns, by
+    // any path (`watchdog`: it waits with no timeout)
+    let watch = wait.then(crate::watchdog::watch);
     let (t_count, t_end) = (t0 + warm, t0 + win);
     let give_up = (5e9 / scale) as u64;
     let submit = |q: &mut blkio::Blkioq, slot: usize, off: u64| {
@@ -223,7 +176,7 @@ fn window(
     let (mut cpu_from, mut cpu_to) = (None, None);
     while inflight > 0 {
         let k = if wait {
-            // no timeout: see STUCK_SECS
+            // no timeout: see `watchdog`
             side.q
                 .do_io(&mut comps, 1, None, None)
                 .map_err(|e| format!("{}: do_io: {e}", side.label))?
@@ -243,8 +196,8 @@ fn window(
             continue;
         }
         let now = ticks();
-        if wait {
-            PROGRESS.store(now, Ordering::Relaxed);
+        if let Some(w) = &watch {
+            w.progress(now);
         }
         if now >= t_count && cpu_from.is_none() {
             cpu_from = Some((thread_cpu_ns(), n));
@@ -331,9 +284,6 @@ pub fn run(
     let scale = ns_per_tick();
     std::fs::create_dir_all(&s.out).map_err(|e| format!("{}: {e}", s.out.display()))?;
     let _ = pin_to_cpu(s.client_cpu);
-    if s.client_wait {
-        watchdog(scale);
-    }
     let win = (window_ms as f64 * 1e6 / scale) as u64;
     let warm = (WARM_MS * 1e6 / scale) as u64;
     if win <= warm {
@@ -361,8 +311,6 @@ pub fn run(
             let y = start(job, s, b, 1)?;
             [start(job, s, a, 0)?, y]
         };
-        *BACKENDS.lock().unwrap_or_else(|e| e.into_inner()) =
-            sides.iter().map(|x| x.proc.pid() as i32).collect();
         // (asks the backends: before they are stopped)
         let mut capacity = u64::MAX;
         for side in &sides {

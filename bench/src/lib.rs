@@ -12,6 +12,7 @@ pub mod plot;
 pub mod proc;
 pub mod quern;
 pub mod report;
+pub mod watchdog;
 
 /// Pin the calling thread to one CPU.
 pub fn pin_to_cpu(cpu: usize) -> std::io::Result<()> {

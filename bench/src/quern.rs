@@ -51,6 +51,7 @@ impl QuernChild {
             .stderr(std::fs::File::create(&log).map_err(|e| format!("{}: {e}", log.display()))?)
             .spawn()
             .map_err(|e| format!("start {}: {e}", quern.display()))?;
+        crate::watchdog::adopt(child.id());
         let q = QuernChild {
             child,
             socket: dir.join("quern.sock"),
@@ -80,6 +81,7 @@ impl Drop for QuernChild {
         // SAFETY: signalling our own child.
         unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
         let _ = self.child.wait();
+        crate::watchdog::disown(self.child.id());
     }
 }
 

@@ -232,28 +232,27 @@ fn vhost_bench_compare_refuses_to_measure_beside_another_backend() {
         .exists());
 }
 
-#[test]
-fn vhost_bench_run_and_idle_drive_a_read_only_device() {
-    // a read-only device offers VIRTIO_BLK_F_RO: read jobs must open it
-    // read-only (rbd-bench serves its image so)
-    let dir = disk_tempdir();
-    let sock = dir.path().join("ro.sock");
-    let cfg = dir.path().join("quern.toml");
+/// Start `quern` in `dir` with one device, `dev.sock`, on one bdev whose
+/// keys (after `name`) are `bdev`; `reactor`: more `[reactor]` lines.
+/// Returns once the socket exists (or after 5 s).
+fn start_quern(dir: &Path, reactor: &str, bdev: &str) -> (std::process::Child, PathBuf) {
+    let sock = dir.join("dev.sock");
+    let cfg = dir.join("quern.toml");
     std::fs::write(
         &cfg,
         format!(
-            "state_dir = \"{d}\"\n[reactor]\ncores = [1]\n\
-             [[bdev]]\nname = \"m\"\ndriver = \"malloc\"\nsize = \"16M\"\nread_only = true\n\
-             [[vhost_blk]]\nname = \"ro\"\nbdev = \"m\"\nsocket = \"{s}\"\n",
-            d = dir.path().display(),
+            "state_dir = \"{d}\"\n[reactor]\ncores = [1]\n{reactor}\
+             [[bdev]]\nname = \"b\"\n{bdev}\n\
+             [[vhost_blk]]\nname = \"dev\"\nbdev = \"b\"\nsocket = \"{s}\"\n",
+            d = dir.display(),
             s = sock.display()
         ),
     )
     .expect("config");
-    let mut quern = Command::new(quern_bin())
+    let quern = Command::new(quern_bin())
         .arg("--config")
         .arg(&cfg)
-        .stderr(std::fs::File::create(dir.path().join("quern.log")).expect("log"))
+        .stderr(std::fs::File::create(dir.join("quern.log")).expect("log"))
         .spawn()
         .expect("start quern");
     for _ in 0..500 {
@@ -262,6 +261,19 @@ fn vhost_bench_run_and_idle_drive_a_read_only_device() {
         }
         std::thread::sleep(std::time::Duration::from_millis(10));
     }
+    (quern, sock)
+}
+
+#[test]
+fn vhost_bench_run_and_idle_drive_a_read_only_device() {
+    // a read-only device offers VIRTIO_BLK_F_RO: read jobs must open it
+    // read-only (rbd-bench serves its image so)
+    let dir = disk_tempdir();
+    let (mut quern, sock) = start_quern(
+        dir.path(),
+        "",
+        "driver = \"malloc\"\nsize = \"16M\"\nread_only = true",
+    );
     let run = Command::new(env!("CARGO_BIN_EXE_vhost-bench"))
         .arg("run")
         .arg(root().join("bench/jobs/randread-4k-qd32.fio"))
@@ -303,6 +315,61 @@ fn vhost_bench_run_and_idle_drive_a_read_only_device() {
     let err = String::from_utf8_lossy(&write.stderr);
     assert!(err.starts_with("vhost-bench: "), "{}", show(&write));
     assert!(!err.contains("panicked"), "{}", show(&write));
+}
+
+/// A backend that stops answering (here stopped with SIGSTOP mid-run)
+/// ends `run` with a message and exit status 1, with a polling client
+/// and with a sleeping one (which blocks with no timeout: the watchdog
+/// ends it), instead of hanging the benchmark.
+#[test]
+fn vhost_bench_run_gives_up_on_a_backend_that_stops_answering() {
+    let dir = disk_tempdir();
+    let (mut quern, sock) = start_quern(
+        dir.path(),
+        "poll_mode = \"interrupt\"\n",
+        "driver = \"null\"\nsize = \"16M\"",
+    );
+    let pid = quern.id() as i32;
+    let mut outcomes = Vec::new();
+    for wait in [true, false] {
+        let mut run = Command::new(env!("CARGO_BIN_EXE_vhost-bench"));
+        run.arg("run")
+            .arg(root().join("bench/jobs/randread-4k-qd1.fio"))
+            .arg("--socket")
+            .arg(&sock)
+            .args(["--runtime", "60"])
+            .env("QUERN_BENCH_STUCK_SECS", "1")
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped());
+        if wait {
+            run.arg("--wait");
+        }
+        let child = run.spawn().expect("vhost-bench run");
+        std::thread::sleep(std::time::Duration::from_millis(700));
+        // SAFETY: signalling our own child.
+        unsafe { libc::kill(pid, libc::SIGSTOP) };
+        let t = std::time::Instant::now();
+        let o = child.wait_with_output().expect("vhost-bench run");
+        let took = t.elapsed();
+        // SAFETY: as above.
+        unsafe { libc::kill(pid, libc::SIGCONT) };
+        outcomes.push((wait, o, took));
+    }
+    // SAFETY: signalling our own child.
+    unsafe { libc::kill(pid, libc::SIGTERM) };
+    let _ = quern.wait();
+    for (wait, o, took) in outcomes {
+        assert!(!o.status.success(), "wait {wait}: {}", show(&o));
+        assert!(took.as_secs() < 20, "wait {wait}: {took:?}: {}", show(&o));
+        let err = String::from_utf8_lossy(&o.stderr);
+        let expect = if wait {
+            "the backend answered nothing for 1 s"
+        } else {
+            "unanswered for 1 s"
+        };
+        assert!(err.contains(expect), "wait {wait}: {}", show(&o));
+        assert!(!err.contains("panicked"), "wait {wait}: {}", show(&o));
+    }
 }
 
 #[test]
