@@ -84,13 +84,9 @@ fn temp_uring(direct: bool, size: u64) -> (tempfile::TempDir, BdevRef) {
         .tempdir_in("/var/tmp")
         .unwrap();
     let b = UringBdev::open(&UringOptions {
-        name: "u".into(),
-        path: dir.path().join("disk.img"),
         create_size: Some(size),
         direct,
-        read_only: false,
-        block_size: None,
-        delay_us: 0,
+        ..UringOptions::new("u", dir.path().join("disk.img"))
     })
     .unwrap();
     (dir, Arc::new(b))
@@ -331,17 +327,9 @@ fn a_misaligned_request_larger_than_a_bounce_buffer_is_served_in_pieces() {
 
 #[test]
 fn missing_file_without_size_is_refused() {
-    let err = UringBdev::open(&UringOptions {
-        name: "x".into(),
-        path: "/nonexistent/quern/x.img".into(),
-        create_size: None,
-        direct: true,
-        read_only: false,
-        block_size: None,
-        delay_us: 0,
-    })
-    .err()
-    .unwrap();
+    let err = UringBdev::open(&UringOptions::new("x", "/nonexistent/quern/x.img"))
+        .err()
+        .unwrap();
     assert!(err.to_string().contains("does not exist"), "{err}");
 }
 
@@ -651,13 +639,9 @@ fn slow_uring(delay_us: u32) -> (tempfile::TempDir, UringBdev) {
         .tempdir_in("/var/tmp")
         .unwrap();
     let b = UringBdev::open(&UringOptions {
-        name: "slow".into(),
-        path: dir.path().join("disk.img"),
         create_size: Some(1 << 20),
-        direct: true,
-        read_only: false,
-        block_size: None,
         delay_us,
+        ..UringOptions::new("slow", dir.path().join("disk.img"))
     })
     .unwrap();
     (dir, b)

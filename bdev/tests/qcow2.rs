@@ -52,13 +52,8 @@ fn base(dir: &Path, data: &[u8]) -> BdevRef {
     }
     Arc::new(
         UringBdev::open(&UringOptions {
-            name: "base".into(),
-            path,
-            create_size: None,
-            direct: true,
             read_only: true,
-            block_size: None,
-            delay_us: 0,
+            ..UringOptions::new("base", path)
         })
         .unwrap(),
     )
@@ -1082,13 +1077,9 @@ fn delayed_base(dir: &Path, data: &[u8], delay_us: u32) -> BdevRef {
     std::fs::write(&path, data).unwrap();
     Arc::new(
         UringBdev::open(&UringOptions {
-            name: "base".into(),
-            path,
-            create_size: None,
-            direct: true,
             read_only: true,
-            block_size: None,
             delay_us,
+            ..UringOptions::new("base", path)
         })
         .unwrap(),
     )

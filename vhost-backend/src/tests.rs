@@ -1065,13 +1065,10 @@ fn histograms_switched_at_run_time_record_only_requests_taken_while_on() {
         .tempdir_in("/var/tmp")
         .unwrap();
     let slow = UringBdev::open(&UringOptions {
-        name: "slow".into(),
-        path: dir.path().join("disk.img"),
         create_size: Some(1 << 20),
         direct: false,
-        read_only: false,
-        block_size: None,
         delay_us: 20_000,
+        ..UringOptions::new("slow", dir.path().join("disk.img"))
     })
     .unwrap();
     let g = Guest::new();

@@ -65,13 +65,10 @@ fn call_fd_change_and_memory_hotplug_finish_under_load() {
     // 200 µs per request, so requests are always in flight
     let bdev: BdevRef = Arc::new(
         UringBdev::open(&UringOptions {
-            name: "slow".into(),
-            path: dir.path().join("disk.img"),
             create_size: Some(64 << 20),
             direct: false,
-            read_only: false,
-            block_size: None,
             delay_us: 200,
+            ..UringOptions::new("slow", dir.path().join("disk.img"))
         })
         .unwrap(),
     );

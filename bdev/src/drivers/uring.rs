@@ -30,6 +30,23 @@ pub struct UringOptions {
     pub delay_us: u32,
 }
 
+impl UringOptions {
+    /// `name` on the file at `path`, which must exist: O_DIRECT,
+    /// read-write, the device's block size, no added latency (change the
+    /// rest with struct update syntax).
+    pub fn new(name: impl Into<String>, path: impl Into<PathBuf>) -> Self {
+        UringOptions {
+            name: name.into(),
+            path: path.into(),
+            create_size: None,
+            direct: true,
+            read_only: false,
+            block_size: None,
+            delay_us: 0,
+        }
+    }
+}
+
 pub struct UringBdev {
     info: BdevInfo,
     file: File,

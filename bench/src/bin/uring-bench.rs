@@ -106,13 +106,8 @@ impl Drop for Buffers {
 
 fn run_quern(o: &Opts, kind: IoKind, qd: usize) -> Result<Figures, String> {
     let bdev = UringBdev::open(&UringOptions {
-        name: "bench".into(),
-        path: o.file.clone(),
-        create_size: None,
-        direct: true,
-        read_only: false,
         block_size: Some(4096),
-        delay_us: 0,
+        ..UringOptions::new("bench", o.file.clone())
     })
     .map_err(|e| format!("open {}: {e}", o.file.display()))?;
     if !bdev.is_direct() {
