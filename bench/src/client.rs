@@ -87,6 +87,9 @@ pub fn connect(
         b.set_bool("read-only", true)
             .map_err(blkio_err("read-only"))?;
     }
+    // the handshake blocks on the backend's answers: watched, so a
+    // backend that never answers ends the run instead of hanging it
+    let _watch = crate::watchdog::watch();
     b.connect()
         .map_err(|e| format!("connect to {}: {e}", socket.display()))?;
     b.set_i32("num-queues", queues as i32)

@@ -9,8 +9,9 @@
 //! blocked so that its backend has gone quiet, so a thread watches its
 //! progress: when a watched client sees no completion for [`stuck_secs`],
 //! the backends this process started are killed (a stopped one too) and
-//! the process ends with a message and exit status 1. A polling client
-//! checks the same limit itself (see `client`).
+//! the process ends with a message and exit status 1. The vhost-user
+//! handshake is watched the same way; a polling client checks the same
+//! limit itself (see `client`).
 
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Mutex, Once};

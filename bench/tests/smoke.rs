@@ -317,10 +317,11 @@ fn vhost_bench_run_and_idle_drive_a_read_only_device() {
     assert!(!err.contains("panicked"), "{}", show(&write));
 }
 
-/// A backend that stops answering (here stopped with SIGSTOP mid-run)
-/// ends `run` with a message and exit status 1, with a polling client
-/// and with a sleeping one (which blocks with no timeout: the watchdog
-/// ends it), instead of hanging the benchmark.
+/// A backend that stops answering (here stopped with SIGSTOP) ends `run`
+/// with a message and exit status 1 instead of hanging the benchmark:
+/// mid-run with a polling client, mid-run with a sleeping one (which
+/// blocks with no timeout: the watchdog ends it), and in the vhost-user
+/// handshake.
 #[test]
 fn vhost_bench_run_gives_up_on_a_backend_that_stops_answering() {
     let dir = disk_tempdir();
@@ -330,8 +331,26 @@ fn vhost_bench_run_gives_up_on_a_backend_that_stops_answering() {
         "driver = \"null\"\nsize = \"16M\"",
     );
     let pid = quern.id() as i32;
+    let cfg = dir.path().join("quern.toml");
+    let completed = || {
+        let o = Command::new(quern_bin())
+            .args(["ctl", "--config"])
+            .arg(&cfg)
+            .args(["rpc", "stats"])
+            .output()
+            .expect("quern ctl");
+        let v: Value = serde_json::from_slice(&o.stdout).unwrap_or(Value::Null);
+        v["devices"][0]["queues"][0]["completed"]
+            .as_u64()
+            .unwrap_or(0)
+    };
     let mut outcomes = Vec::new();
-    for wait in [true, false] {
+    for case in ["sleeping", "polling", "handshake"] {
+        let before = completed();
+        if case == "handshake" {
+            // SAFETY: signalling our own child.
+            unsafe { libc::kill(pid, libc::SIGSTOP) };
+        }
         let mut run = Command::new(env!("CARGO_BIN_EXE_vhost-bench"));
         run.arg("run")
             .arg(root().join("bench/jobs/randread-4k-qd1.fio"))
@@ -341,34 +360,40 @@ fn vhost_bench_run_gives_up_on_a_backend_that_stops_answering() {
             .env("QUERN_BENCH_STUCK_SECS", "1")
             .stdout(std::process::Stdio::piped())
             .stderr(std::process::Stdio::piped());
-        if wait {
+        if case == "sleeping" {
             run.arg("--wait");
         }
         let child = run.spawn().expect("vhost-bench run");
-        std::thread::sleep(std::time::Duration::from_millis(700));
-        // SAFETY: signalling our own child.
-        unsafe { libc::kill(pid, libc::SIGSTOP) };
+        if case != "handshake" {
+            // stopped once it serves the run
+            let t = std::time::Instant::now();
+            while completed() <= before && t.elapsed().as_secs() < 30 {
+                std::thread::sleep(std::time::Duration::from_millis(50));
+            }
+            // SAFETY: signalling our own child.
+            unsafe { libc::kill(pid, libc::SIGSTOP) };
+        }
         let t = std::time::Instant::now();
         let o = child.wait_with_output().expect("vhost-bench run");
         let took = t.elapsed();
         // SAFETY: as above.
         unsafe { libc::kill(pid, libc::SIGCONT) };
-        outcomes.push((wait, o, took));
+        outcomes.push((case, o, took));
     }
     // SAFETY: signalling our own child.
     unsafe { libc::kill(pid, libc::SIGTERM) };
     let _ = quern.wait();
-    for (wait, o, took) in outcomes {
-        assert!(!o.status.success(), "wait {wait}: {}", show(&o));
-        assert!(took.as_secs() < 20, "wait {wait}: {took:?}: {}", show(&o));
+    for (case, o, took) in outcomes {
+        assert!(!o.status.success(), "{case}: {}", show(&o));
+        assert!(took.as_secs() < 20, "{case}: {took:?}: {}", show(&o));
         let err = String::from_utf8_lossy(&o.stderr);
-        let expect = if wait {
-            "the backend answered nothing for 1 s"
-        } else {
+        let expect = if case == "polling" {
             "unanswered for 1 s"
+        } else {
+            "the backend answered nothing for 1 s"
         };
-        assert!(err.contains(expect), "wait {wait}: {}", show(&o));
-        assert!(!err.contains("panicked"), "wait {wait}: {}", show(&o));
+        assert!(err.contains(expect), "{case}: {}", show(&o));
+        assert!(!err.contains("panicked"), "{case}: {}", show(&o));
     }
 }
 
