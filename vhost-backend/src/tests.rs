@@ -820,20 +820,20 @@ fn a_publish_reads_the_clock_only_when_it_publishes() {
     let g = Guest::new();
     let mut q = g.queue();
     let mut now = 0;
-    assert!(!q.publish(Some(&mut now)));
+    assert!(!q.publish(Some(&mut now), false));
     assert_eq!(now, 0, "nothing published: no reading");
     q.push_used(0, 1);
     let before = quern_reactor::clock::ticks();
-    q.publish(Some(&mut now));
+    q.publish(Some(&mut now), false);
     let after = quern_reactor::clock::ticks();
     assert_eq!(g.read(USED + 2, 2), [1, 0], "published");
     assert!((before..=after).contains(&now), "{before} {now} {after}");
     let first = now;
     q.push_used(3, 1);
-    q.publish(Some(&mut now));
+    q.publish(Some(&mut now), false);
     assert_eq!(now, first, "the cycle's reading is kept");
     q.push_used(6, 1);
-    q.publish(None);
+    q.publish(None, true);
     assert_eq!(g.read(USED + 2, 2), [3, 0], "published without a reading");
 }
 
