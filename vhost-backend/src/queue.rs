@@ -68,7 +68,7 @@ const LATE_SIGNAL_NS: u64 = 1_000_000;
 /// waiting on what it submitted alone (a shallow queue): the publish of
 /// those requests pushes the lines it writes out to the shared cache
 /// (CLDEMOTE), where a polling client at depth 1 reads them sooner
-/// (`bench/RESULTS.md`: p50 0.06-0.08 µs lower, 6-7 % more IOPS). With the
+/// (`bench/RESULTS.md`: p50 0.05-0.09 µs lower, 5-9 % more IOPS). With the
 /// ring seldom empty (a deep queue) the reactor writes the same lines
 /// again at once; pushing them out at every publish cost 1 % of the IOPS
 /// at depth 32, so it is not done there.
