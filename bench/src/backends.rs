@@ -63,17 +63,22 @@ pub enum Flavor {
 }
 
 impl Flavor {
-    /// The flavor by its backend name's suffix (`bare`, `hist`, `metered`,
-    /// `noevidx`; empty: the default).
-    pub fn from_suffix(suffix: &str) -> Option<Flavor> {
-        Some(match suffix {
-            "" => Flavor::Default,
-            "bare" => Flavor::Bare,
-            "hist" => Flavor::Histograms,
-            "metered" => Flavor::Metered,
-            "noevidx" => Flavor::NoEventIdx,
-            _ => return None,
-        })
+    /// The flavor a backend name gives after `prefix` (`quern`,
+    /// `quern-base`): the default with nothing after it, else `-bare`,
+    /// `-hist`, `-metered` or `-noevidx`; `None` for anything else.
+    pub fn from_name(name: &str, prefix: &str) -> Option<Flavor> {
+        let rest = name.strip_prefix(prefix)?;
+        if rest.is_empty() {
+            return Some(Flavor::Default);
+        }
+        [
+            Flavor::Bare,
+            Flavor::Histograms,
+            Flavor::Metered,
+            Flavor::NoEventIdx,
+        ]
+        .into_iter()
+        .find(|f| f.suffix() == rest)
     }
 
     /// The suffix of its rows' labels (`-noevidx`; empty for the default).

@@ -264,6 +264,17 @@ fn start_quern(dir: &Path, reactor: &str, bdev: &str) -> (std::process::Child, P
     (quern, sock)
 }
 
+/// `vhost-bench run` of `bench/jobs/JOB` against `sock` for `runtime` s.
+fn vhost_bench_run(job: &str, sock: &Path, runtime: &str) -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_vhost-bench"));
+    c.arg("run")
+        .arg(root().join("bench/jobs").join(job))
+        .arg("--socket")
+        .arg(sock)
+        .args(["--runtime", runtime]);
+    c
+}
+
 #[test]
 fn vhost_bench_run_and_idle_drive_a_read_only_device() {
     // a read-only device offers VIRTIO_BLK_F_RO: read jobs must open it
@@ -274,12 +285,7 @@ fn vhost_bench_run_and_idle_drive_a_read_only_device() {
         "",
         "driver = \"malloc\"\nsize = \"16M\"\nread_only = true",
     );
-    let run = Command::new(env!("CARGO_BIN_EXE_vhost-bench"))
-        .arg("run")
-        .arg(root().join("bench/jobs/randread-4k-qd32.fio"))
-        .arg("--socket")
-        .arg(&sock)
-        .args(["--runtime", "1"])
+    let run = vhost_bench_run("randread-4k-qd32.fio", &sock, "1")
         .output()
         .expect("vhost-bench run");
     let idle = Command::new(env!("CARGO_BIN_EXE_vhost-bench"))
@@ -290,12 +296,7 @@ fn vhost_bench_run_and_idle_drive_a_read_only_device() {
         .output()
         .expect("vhost-bench idle");
     // a write job against it fails with a message, not a panic
-    let write = Command::new(env!("CARGO_BIN_EXE_vhost-bench"))
-        .arg("run")
-        .arg(root().join("bench/jobs/randwrite-4k-qd1.fio"))
-        .arg("--socket")
-        .arg(&sock)
-        .args(["--runtime", "1"])
+    let write = vhost_bench_run("randwrite-4k-qd1.fio", &sock, "1")
         .output()
         .expect("vhost-bench run");
     // SAFETY: signalling our own child.
@@ -351,13 +352,8 @@ fn vhost_bench_run_gives_up_on_a_backend_that_stops_answering() {
             // SAFETY: signalling our own child.
             unsafe { libc::kill(pid, libc::SIGSTOP) };
         }
-        let mut run = Command::new(env!("CARGO_BIN_EXE_vhost-bench"));
-        run.arg("run")
-            .arg(root().join("bench/jobs/randread-4k-qd1.fio"))
-            .arg("--socket")
-            .arg(&sock)
-            .args(["--runtime", "60"])
-            .env("QUERN_BENCH_STUCK_SECS", "1")
+        let mut run = vhost_bench_run("randread-4k-qd1.fio", &sock, "60");
+        run.env("QUERN_BENCH_STUCK_SECS", "1")
             .stdout(std::process::Stdio::piped())
             .stderr(std::process::Stdio::piped());
         if case == "sleeping" {

@@ -231,36 +231,31 @@ fn run_compare(a: CompareArgs) -> Result<(), String> {
     };
     let mut backends = Vec::new();
     for name in &a.backends {
+        if let Some(flavor) = Flavor::from_name(name, "quern") {
+            if !setup.quern.exists() {
+                return Err(format!(
+                    "{} missing: cargo build --release -p quern",
+                    setup.quern.display()
+                ));
+            }
+            backends.push(Backend::Quern(flavor));
+            continue;
+        }
+        if name == "quern-base" || name.starts_with("quern-base-") {
+            let flavor = Flavor::from_name(name, "quern-base").ok_or_else(|| {
+                format!(
+                    "unknown backend {name}: quern-base takes the suffixes of the Quern \
+                     flavors (-bare, -hist, -metered, -noevidx)"
+                )
+            })?;
+            match &a.quern_base {
+                Some(b) if b.exists() => backends.push(Backend::QuernBase(b.clone(), flavor)),
+                Some(b) => return Err(format!("--quern-base {} does not exist", b.display())),
+                None => return Err(format!("the backend {name} needs --quern-base PATH")),
+            }
+            continue;
+        }
         match name.as_str() {
-            "quern" | "quern-bare" | "quern-hist" | "quern-metered" | "quern-noevidx" => {
-                if !setup.quern.exists() {
-                    return Err(format!(
-                        "{} missing: cargo build --release -p quern",
-                        setup.quern.display()
-                    ));
-                }
-                let flavor = name.strip_prefix("quern").unwrap_or("");
-                let flavor = flavor.strip_prefix('-').unwrap_or(flavor);
-                backends.push(Backend::Quern(
-                    Flavor::from_suffix(flavor).unwrap_or(Flavor::Default),
-                ))
-            }
-            base if base == "quern-base" || base.starts_with("quern-base-") => {
-                let suffix = base["quern-base".len()..].trim_start_matches('-');
-                let flavor = Flavor::from_suffix(suffix).ok_or_else(|| {
-                    format!(
-                        "unknown backend {base}: quern-base takes the suffixes of the Quern \
-                         flavors (-bare, -hist, -metered, -noevidx)"
-                    )
-                })?;
-                match &a.quern_base {
-                    Some(b) if b.exists() => backends.push(Backend::QuernBase(b.clone(), flavor)),
-                    Some(b) => {
-                        return Err(format!("--quern-base {} does not exist", b.display()));
-                    }
-                    None => return Err(format!("the backend {base} needs --quern-base PATH")),
-                }
-            }
             "qsd" => backends.extend(qsd_backends(&a.qsd)),
             "spdk" => match (&a.spdk_vhost, &a.spdk_rpc) {
                 (Some(v), Some(r)) if v.exists() && r.exists() => backends.push(Backend::Spdk {
@@ -289,7 +284,7 @@ fn run_compare(a: CompareArgs) -> Result<(), String> {
             }
             other => {
                 return Err(format!(
-                    "unknown backend `{other}` (quern, quern-bare, quern-hist, quern-metered, quern-noevidx, quern-base, qsd, spdk, fio or fio-spin)"
+                    "unknown backend `{other}` (quern, quern-bare, quern-hist, quern-metered, quern-noevidx, quern-base[-flavor], qsd, spdk, fio or fio-spin)"
                 ))
             }
         }
